@@ -1,0 +1,1 @@
+"""Command-line commands: parse, validate, call the engine, render its events."""

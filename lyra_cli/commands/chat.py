@@ -1,0 +1,217 @@
+"""`lyra chat`: one-shot answers, or a multi-turn REPL on a terminal.
+
+One-shot: the inputs go into one user turn in the order the flags appear on the command line
+(`--image a.jpg --speech q.mp3` is the official image-then-speech layout). The answer streams to
+stdout. With `--json`, one JSON object per turn is printed instead (answer, timings, token counts).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from lyra_cli.commands import common
+from lyra_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from lyra_cli.engine.events import Done
+    from lyra_cli.engine.generate import SamplingConfig
+    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.prompt import Conversation
+
+MEDIA_FLAGS = {"--image": "image", "--video": "video", "--speech": "speech", "--text": "text"}
+REPL_HELP = "each line is a question · /image PATH · /video PATH · /speech PATH · /reset · /exit"
+
+
+@dataclass(frozen=True)
+class InputItem:
+    kind: str  # "image" | "video" | "speech" | "text"
+    value: str
+
+
+def order_inputs(argv: list[str], given: dict[str, list[str]]) -> list[InputItem]:
+    """The inputs in command-line order. Typer groups repeated options per flag; argv keeps the order."""
+    ordered: list[InputItem] = []
+    for i, token in enumerate(argv):
+        flag, _, inline = token.partition("=")
+        if flag in MEDIA_FLAGS and (inline or i + 1 < len(argv)):
+            ordered.append(InputItem(MEDIA_FLAGS[flag], inline or argv[i + 1]))
+    expected = [InputItem(k, v) for k, values in given.items() for v in values]
+    # fall back to a fixed order (visual, speech, text: the official one) when argv is not ours (tests, wrappers)
+    if sorted(ordered, key=repr) != sorted(expected, key=repr):
+        rank = {"image": 0, "video": 0, "speech": 1, "text": 2}
+        return sorted(expected, key=lambda item: rank[item.kind])
+    return ordered
+
+
+def chat(
+    image: list[Path] = typer.Option([], "--image", "-i", help="Image file (repeatable)."),
+    video: list[Path] = typer.Option([], "--video", help="Video file: mp4, mov, webm, mkv (repeatable)."),
+    speech: list[Path] = typer.Option([], "--speech", "-s", help="Speech audio: wav, flac, ogg, mp3, m4a… (repeatable)."),
+    text: list[str] = typer.Option([], "--text", "-t", help="Question or instruction text (repeatable)."),
+    system: str | None = typer.Option(None, "--system", help="System prompt (default: the official one)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per turn instead of streaming text."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No header or progress on stderr."),
+    model: str = common.ModelOption,
+    device: str = common.DeviceOption,
+    dtype: str = common.DtypeOption,
+    load_8bit: bool = common.Load8bitOption,
+    load_4bit: bool = common.Load4bitOption,
+    temperature: float | None = common.TemperatureOption,
+    top_p: float | None = common.TopPOption,
+    top_k: int | None = common.TopKOption,
+    repetition_penalty: float | None = common.RepetitionOption,
+    max_new_tokens: int | None = common.MaxNewTokensOption,
+    seed: int | None = common.SeedOption,
+) -> None:
+    """Ask Lyra about images, video and speech."""
+    items = order_inputs(common.ARGV, {"image": [str(p) for p in image], "video": [str(p) for p in video],
+                                        "speech": [str(p) for p in speech], "text": text})  # fmt: skip
+    has_question = any(item.kind in ("text", "speech") for item in items)
+    interactive = not has_question and sys.stdin.isatty()
+    if not has_question and not interactive:
+        piped = sys.stdin.read().strip() if not sys.stdin.isatty() else ""
+        if not piped:
+            raise UsageError("no question: give --text or --speech, or pipe text on stdin", "e.g. --text 'describe it'")
+        items.append(InputItem("text", piped))
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    common.check_sampling_flags(sampling_flags)
+
+    from lyra_cli.engine.pipeline import read_media
+
+    decoded = [(item, read_media(item.kind, item.value)) if item.kind != "text" else (item, None) for item in items]
+    engine, sampling = _load(model, request, quiet, sampling_flags)
+    conversation = _conversation(system)
+    parts = _encode(engine, decoded)
+    if interactive:
+        run_repl(engine, conversation, sampling, _stdin_lines(), json_out=json_out, pending=parts)
+    else:
+        _answer(engine, conversation, parts, sampling, json_out=json_out)
+
+
+def _conversation(system: str | None) -> "Conversation":
+    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
+
+    return Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT)
+
+
+def _load(model: str, request, quiet: bool, sampling_flags: dict) -> tuple["Engine", "SamplingConfig"]:  # noqa: ANN001
+    from lyra_cli.console import info
+    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.runtime import resolve_runtime
+
+    model_dir = common.model_dir_for(model)
+    runtime = resolve_runtime(request)
+    engine = Engine.load(model_dir, runtime)
+    sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
+    if not quiet:
+        for line in common.header_lines(engine.loaded, model):
+            info(line)
+        info(f"decoding {'greedy' if sampling.greedy else f'sampling T={sampling.temperature}'}, "
+             f"repetition penalty {sampling.repetition_penalty}, at most {sampling.max_new_tokens} new tokens")  # fmt: skip
+    return engine, sampling
+
+
+def _encode(engine: "Engine", decoded: list) -> list:  # noqa: ANN001
+    from lyra_cli.engine.prompt import TextPart
+
+    return [TextPart(item.value) if media is None else engine.encode(media) for item, media in decoded]
+
+
+def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig", *,
+            json_out: bool) -> "Done":  # fmt: skip
+    from lyra_cli.console import write_answer
+    from lyra_cli.engine.events import Done, TextDelta
+
+    done = None
+    for event in engine.respond(conversation, parts, sampling):
+        if isinstance(event, TextDelta) and not json_out:
+            write_answer(event.text)
+        elif isinstance(event, Done):
+            done = event
+    assert done is not None  # respond always ends with Done
+    if json_out:
+        write_answer(json.dumps(turn_json(done, parts), ensure_ascii=False) + "\n")
+    else:
+        write_answer("\n")
+    return done
+
+
+def turn_json(done: "Done", parts: list) -> dict:
+    return {
+        "answer": done.text,
+        "adapter": done.adapter,
+        "prompt_tokens": done.prompt_tokens,
+        "new_tokens": done.new_tokens,
+        "stop_reason": done.stop_reason,
+        "timings": {k: round(v, 4) for k, v in done.timings.items()},
+        "tokens_per_s": round(done.tokens_per_s, 2),
+        "inputs": [_describe_part(p) for p in parts],
+    }
+
+
+def _describe_part(part) -> dict:  # noqa: ANN001
+    from lyra_cli.engine.prompt import SpeechPart, TextPart
+
+    if isinstance(part, TextPart):
+        return {"kind": "text", "text": part.text}
+    if isinstance(part, SpeechPart):
+        return {"kind": "speech", "source": part.source, "seconds": round(part.duration_s, 3), "windows": part.n_windows}
+    return {"kind": part.kind, "source": part.source, "tokens": int(part.tokens.shape[0])}
+
+
+def _stdin_lines() -> Iterator[str]:
+    from lyra_cli.console import ui
+
+    while True:
+        try:
+            yield ui.input("[bold]you>[/bold] ")
+        except EOFError:
+            return
+
+
+def run_repl(engine: "Engine", conversation: "Conversation", sampling: "SamplingConfig", lines: Iterable[str], *,
+             json_out: bool = False, pending: list | None = None) -> None:  # fmt: skip
+    """The multi-turn loop: media commands queue parts for the next question; /reset clears the history."""
+    from lyra_cli.console import error, info
+    from lyra_cli.engine.pipeline import read_media
+    from lyra_cli.engine.prompt import TextPart
+    from lyra_cli.errors import LyraError
+
+    queued = list(pending or [])
+    info(REPL_HELP)
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        command, _, arg = line.partition(" ")
+        try:
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                conversation.reset()
+                queued.clear()
+                info("conversation cleared")
+            elif command in ("/image", "/video", "/speech"):
+                if not arg.strip():
+                    raise UsageError(f"{command} needs a path", f"e.g. {command} examples/extreme_ironing.jpg")
+                queued.append(engine.encode(read_media(command[1:], arg.strip())))
+                info(f"{command[1:]} `{arg.strip()}` added to the next question")
+                if command == "/speech":  # speech is a question by itself (the official image+speech turn)
+                    _answer(engine, conversation, queued, sampling, json_out=json_out)
+                    queued = []
+            elif command.startswith("/"):
+                raise UsageError(f"unknown command `{command}`", REPL_HELP)
+            else:
+                _answer(engine, conversation, [*queued, TextPart(line)], sampling, json_out=json_out)
+                queued = []
+        except LyraError as exc:  # a bad file or command ends the line, not the session
+            error(exc.message, exc.hint)

@@ -1,0 +1,93 @@
+"""Options and steps shared by the commands that load a model. Imports no torch at module level."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from lyra_cli.errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    from lyra_cli.engine.generate import SamplingConfig
+    from lyra_cli.engine.loader import LoadedModel
+    from lyra_cli.engine.runtime import RuntimeRequest
+
+TINY = "tiny"
+# The raw arguments of this invocation, set by `lyra_cli.main.run`: typer groups repeated options
+# per flag, and `chat` needs their command-line order.
+ARGV: list[str] = []
+
+ModelOption = typer.Option(
+    TINY, "--model", "-m", help="Model folder in the Lyra release layout, or `tiny` for a small random model."
+)
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | mps.")
+DtypeOption = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).")
+Load8bitOption = typer.Option(False, "--load-8bit", help="Load the decoder's linear layers in 8-bit (bitsandbytes).")
+Load4bitOption = typer.Option(
+    False, "--load-4bit", help="Load the decoder's linear layers in 4-bit NF4 with double quantization (bitsandbytes)."
+)
+TemperatureOption = typer.Option(None, "--temperature", help="0 = greedy. Default: the model's generation_config.")
+TopPOption = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --temperature > 0).")
+TopKOption = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
+RepetitionOption = typer.Option(None, "--repetition-penalty", help="1 = off. Default: the model's generation_config.")
+MaxNewTokensOption = typer.Option(None, "--max-new-tokens", help="Most tokens to generate per answer (default 512).")
+SeedOption = typer.Option(None, "--seed", help="Random seed for sampling (answers repeat with the same seed).")
+
+
+def model_dir_for(spec: str) -> Path:
+    """`tiny` → the cached tiny checkpoint (built on first use); a path → that folder, checked."""
+    if spec == TINY:
+        from lyra_cli.engine.tiny import tiny_model_dir
+
+        return tiny_model_dir()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model folder `{spec}` does not exist", "give a Lyra release folder, or --model tiny")
+    if not path.is_dir():
+        raise CheckpointError(f"`{spec}` is a file, not a model folder", "give the folder holding config.json")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"`{spec}` has no config.json", "give the folder of a Lyra release (e.g. Lyra_Base_9B)")
+    return path
+
+
+def runtime_request(device: str, dtype: str, load_8bit: bool, load_4bit: bool) -> "RuntimeRequest":
+    from lyra_cli.engine.runtime import RuntimeRequest
+
+    if load_8bit and load_4bit:
+        raise UsageError("--load-8bit and --load-4bit exclude each other", "pick one")
+    quantization = "8bit" if load_8bit else "4bit" if load_4bit else "none"
+    request = RuntimeRequest(device=device, dtype=dtype, quantization=quantization)
+    request.validate()
+    return request
+
+
+def sampling_config(defaults: "SamplingConfig", **overrides: Any) -> "SamplingConfig":
+    """The model's generation_config defaults with every flag the user gave on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    config = replace(defaults, **given)
+    config.validate()
+    return config
+
+
+def check_sampling_flags(flags: dict[str, Any]) -> None:
+    """Validate the sampling flags on their own, before any weights load."""
+    from lyra_cli.engine.generate import SamplingConfig
+
+    sampling_config(SamplingConfig(), **flags)
+
+
+def header_lines(loaded: "LoadedModel", model_spec: str) -> list[str]:
+    runtime = loaded.runtime
+    name = "tiny (random weights: answers are noise)" if model_spec == TINY else str(loaded.model_dir)
+    lines = [f"lyra · model {name} · loaded in {loaded.load_s:.1f}s", f"runtime {runtime.describe()}"]
+    lines += [f"  {reason}" for reason in runtime.reasons]
+    if runtime.quantization != "none":
+        from lyra_cli.engine.quant import describe_quantization
+
+        lines.append(f"  {describe_quantization(runtime.quantization, runtime.dtype)}")  # type: ignore[arg-type]
+    adapters = ", ".join(a.value for a in loaded.adapters.available) or "none"
+    lines.append(f"adapters {adapters} (chosen per turn: none for text/image/video, speech ≤ 30 s, long_speech beyond)")
+    return lines

@@ -1,0 +1,1 @@
+"""The lyra library: model, loading, preprocessing, generation. Never prints; logs through `logging`."""

@@ -1,0 +1,171 @@
+"""Multi-modality LoRA: one PEFT adapter per speech regime, each with its own speech projector.
+
+Routing (official-lyra.md §5, issue #8 of the authors): text / image / video run on the plain LLM;
+speech that fits one 30 s window uses `speech`; longer speech uses `long_speech`. Unlike the
+authors' CLI, the choice is made again for every turn (their adapters stay disabled after round
+one) and the projectors are never overwritten: each adapter keeps its own module.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lyra_cli.engine.config import LyraConfig, read_json
+from lyra_cli.engine.model import LyraForCausalLM, SpeechProjector
+from lyra_cli.errors import CheckpointError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+
+class Adapter(str, Enum):
+    NONE = "none"
+    SPEECH = "speech"
+    LONG_SPEECH = "long_speech"
+
+
+ADAPTER_DIRS: dict[Adapter, str] = {Adapter.SPEECH: "speech_lora", Adapter.LONG_SPEECH: "long_speech_lora"}
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PROJECTOR_FILE = "non_lora_trainables.bin"
+PROJECTOR_KEY = "mm_speech_projector."
+# PEFT prefixes saved keys with the wrapper path; our module tree starts at the inner model.
+PEFT_KEY_PREFIX = "base_model.model."
+# LoRA only ever targets the LLM decoder (the authors' suffix match also wrapped Whisper and the
+# speech generator, with no weights there: numerically a no-op, so we leave those modules alone).
+DECODER_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+
+def route(speech_windows: Iterable[int]) -> Adapter:
+    """The adapter for a prompt holding speech clips of these window counts (none: no speech)."""
+    counts = list(speech_windows)
+    if not counts:
+        return Adapter.NONE
+    return Adapter.LONG_SPEECH if max(counts) > 1 else Adapter.SPEECH
+
+
+@dataclass
+class AdapterBank:
+    """The adapters a model folder ships, and the speech projector to use with each."""
+
+    available: tuple[Adapter, ...]
+    projectors: dict[Adapter, SpeechProjector]
+    active: Adapter = Adapter.NONE
+
+    def projector(self, adapter: Adapter) -> SpeechProjector:
+        return self.projectors.get(adapter, self.projectors[Adapter.NONE])
+
+
+def _projector_state(path: Path) -> dict[str, torch.Tensor]:
+    """`non_lora_trainables.bin`: keys like `model.model.mm_speech_projector.linear1.weight` → `linear1.weight`."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip or a pickle that needs code: never executed
+        raise CheckpointError(f"`{path}` cannot be read safely ({exc.__class__.__name__})", "re-download it") from exc
+    state = {k.split(PROJECTOR_KEY, 1)[1]: v for k, v in raw.items() if PROJECTOR_KEY in k}
+    if not state:
+        raise CheckpointError(f"`{path}` holds no `{PROJECTOR_KEY}*` weights", "is it a Lyra adapter folder?")
+    return state
+
+
+def _load_projector(config: LyraConfig, like: SpeechProjector, path: Path) -> SpeechProjector:
+    weight = like.linear1.weight
+    projector = SpeechProjector(config.speech, config.text.hidden_size).to(device=weight.device, dtype=weight.dtype)
+    state = _projector_state(path)
+    expected = set(projector.state_dict())
+    if set(state) != expected:
+        raise CheckpointError(
+            f"`{path}` has projector keys {sorted(state)}, expected {sorted(expected)}", "re-download the adapter"
+        )
+    projector.load_state_dict(state)
+    return projector.eval()
+
+
+def _lora_state(folder: Path, adapter: Adapter) -> dict[str, torch.Tensor]:
+    path = folder / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"`{path}` is missing", f"the `{folder.name}` adapter folder is incomplete")
+    state = load_file(str(path))
+    return {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()}
+
+
+def _inject(model: LyraForCausalLM, folder: Path, adapter: Adapter, dtype: torch.dtype) -> None:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    except ImportError as exc:
+        raise MissingDependencyError("peft", "LoRA adapters") from exc
+    cfg = read_json(folder / ADAPTER_CONFIG_FILE)
+    lora = LoraConfig(
+        r=int(cfg.get("r", 8)),
+        lora_alpha=float(cfg.get("lora_alpha", 8)),
+        lora_dropout=0.0,  # inference only; dropout is a training concern
+        target_modules=DECODER_TARGETS,
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        # PEFT warns when a second adapter joins the first: that is exactly the multi-adapter design
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        inject_adapter_in_model(lora, model, adapter_name=adapter.value)
+    state = _lora_state(folder, adapter)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter.value)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if f".{adapter.value}." in k and "lora_" in k]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"adapter `{folder.name}` does not fit this model: {len(missing)} missing, {len(unexpected)} unexpected LoRA weights",
+            f"e.g. `{(missing or unexpected)[0]}`; was it trained on this base model?",
+        )
+    for name, param in model.named_parameters():
+        if f".{adapter.value}." in name and "lora_" in name:
+            param.data = param.data.to(dtype)
+
+
+def load_adapters(model: LyraForCausalLM, model_dir: Path, config: LyraConfig, dtype: torch.dtype) -> AdapterBank:
+    """Inject every adapter folder present and load its projector; none active afterwards."""
+    base = model.model.mm_speech_projector
+    projectors: dict[Adapter, SpeechProjector] = {Adapter.NONE: base} if base is not None else {}
+    available = []
+    for adapter, dirname in ADAPTER_DIRS.items():
+        folder = model_dir / dirname
+        if not folder.is_dir():
+            log.info("no `%s` folder: the %s adapter is unavailable", dirname, adapter.value)
+            continue
+        _inject(model, folder, adapter, dtype)
+        if base is not None and (folder / PROJECTOR_FILE).is_file():
+            projectors[adapter] = _load_projector(config, base, folder / PROJECTOR_FILE)
+        available.append(adapter)
+    bank = AdapterBank(tuple(available), projectors)
+    activate(model, bank, Adapter.NONE)
+    return bank
+
+
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def activate(model: nn.Module, bank: AdapterBank, adapter: Adapter) -> Adapter:
+    """Switch the LoRA layers to `adapter` (or off). Falls back to no adapter when it is not shipped."""
+    if adapter is not Adapter.NONE and adapter not in bank.available:
+        log.warning("the %s adapter is not in this model folder; using the plain LLM", adapter.value)
+        adapter = Adapter.NONE
+    for layer in _tuner_layers(model):
+        if adapter is Adapter.NONE:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer.set_adapter(adapter.value)
+    bank.active = adapter
+    return adapter

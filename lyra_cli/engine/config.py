@@ -1,0 +1,249 @@
+"""Typed configuration of a Lyra checkpoint, parsed once from the release `config.json`.
+
+One frozen dataclass per component, composed into `LyraConfig`. Keys we do not use are kept in
+`LyraConfig.extra` so a config can be written back unchanged; they are logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lyra_cli.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+# model_type values of the three official classes; all share one layout (official-lyra.md §1.2).
+LYRA_MODEL_TYPES = ("Lyra_Qwen2VL", "Lyra_Qwen2VL_Extractor", "Lyra_Qwen2VL_SpeechGenerator")
+DEFAULT_MROPE_SECTION = (16, 24, 24)
+# The extractor is off in every released config: one "block" longer than the model.
+EXTRACTOR_OFF_GAP = 33
+# Hidden width of the concat-5 speech projector (`linear1` out, `linear2` in) in every release.
+SPEECH_PROJECTOR_HIDDEN = 2048
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    """The Qwen2-VL language model (decoder) hyper-parameters."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, int, int] = DEFAULT_MROPE_SECTION
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"inconsistent attention shape: hidden `{self.hidden_size}`, heads `{self.num_heads}`, "
+                f"kv heads `{self.num_kv_heads}`",
+                "hidden_size must divide by num_attention_heads, and heads by num_key_value_heads",
+            )
+        if 2 * sum(self.mrope_section) != self.head_dim:
+            raise CheckpointError(
+                f"mrope_section `{list(self.mrope_section)}` does not cover head_dim `{self.head_dim}`",
+                "the three sections must sum to head_dim / 2",
+            )
+
+
+@dataclass(frozen=True)
+class SpeechConfig:
+    """Speech input side: Whisper tower location and the concat-k MLP projector."""
+
+    tower: str  # `mm_speech_tower`, a path (usually relative to the model folder)
+    projector_type: str = "simple_mlp"
+    ds_rate: int = 5  # `speech_encoder_ds_rate`: encoder frames concatenated per token
+    encoder_hidden_size: int = 1280  # `speech_encoder_hidden_size`
+    projector_hidden: int = SPEECH_PROJECTOR_HIDDEN
+    speech_norm: bool = False
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Vision side: the Qwen2-VL ViT (with merger) and its image processor."""
+
+    tower: str  # `mm_vision_tower`
+    tower_config: dict[str, Any]  # Qwen2-VL `vision_config`, passed to transformers as-is
+    projector_type: str = "identity"
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """Latent multi-modality extractor (official-lyra.md §3): off when `keep_rate >= 1`."""
+
+    compress_gap: int = EXTRACTOR_OFF_GAP
+    keep_rate: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_rate < 1.0
+
+
+@dataclass(frozen=True)
+class SpeechGeneratorConfig:
+    """CTC speech generator: `ctc_decoder_config` "(layers,dims,heads,inter)" parsed once."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    upsample_factor: int = 25
+    unit_vocab_size: int = 1000
+
+    @classmethod
+    def parse(cls, spec: str, upsample_factor: int, unit_vocab_size: int) -> "SpeechGeneratorConfig":
+        numbers = [int(n) for n in re.findall(r"\d+", spec)]
+        if len(numbers) != 4:
+            raise CheckpointError(
+                f"cannot parse ctc_decoder_config `{spec}`", 'expected "(layers,dims,heads,intermediate)"'
+            )
+        return cls(*numbers, upsample_factor=upsample_factor, unit_vocab_size=unit_vocab_size)
+
+
+@dataclass(frozen=True)
+class LyraConfig:
+    model_type: str
+    text: TextModelConfig
+    speech: SpeechConfig | None
+    vision: VisionConfig | None
+    extractor: ExtractorConfig
+    speech_generator: SpeechGeneratorConfig | None
+    max_length: int | None  # `tokenizer_model_max_length`: the official silent truncation limit
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+_TEXT_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_position_embeddings", "tie_word_embeddings",
+}  # fmt: skip
+_KNOWN_KEYS = _TEXT_KEYS | {
+    "model_type", "mm_vision_tower", "mm_speech_tower", "mm_projector_type", "mm_speech_projector_type",
+    "speech_encoder_ds_rate", "speech_encoder_hidden_size", "speech_norm", "vision_config", "compress_gap",
+    "keep_rate", "speech_generator_type", "ctc_decoder_config", "ctc_upsample_factor", "unit_vocab_size",
+    "tokenizer_model_max_length", "text_config",
+}  # fmt: skip
+
+
+def _mrope_section(raw: dict[str, Any]) -> tuple[int, int, int]:
+    for key in ("rope_parameters", "rope_scaling"):
+        section = (raw.get(key) or {}).get("mrope_section")
+        if section:
+            return tuple(int(s) for s in section)  # type: ignore[return-value]
+    return DEFAULT_MROPE_SECTION
+
+
+def _rope_theta(raw: dict[str, Any]) -> float:
+    theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta")
+    return float(theta or 1_000_000.0)
+
+
+def parse_text_config(raw: dict[str, Any]) -> TextModelConfig:
+    # transformers >= 4.52 may nest the language model under `text_config`; the release is flat.
+    src = {**raw, **(raw.get("text_config") or {})}
+    try:
+        return TextModelConfig(
+            vocab_size=int(src["vocab_size"]),
+            hidden_size=int(src["hidden_size"]),
+            intermediate_size=int(src["intermediate_size"]),
+            num_layers=int(src["num_hidden_layers"]),
+            num_heads=int(src["num_attention_heads"]),
+            num_kv_heads=int(src.get("num_key_value_heads") or src["num_attention_heads"]),
+            rms_norm_eps=float(src.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(src),
+            mrope_section=_mrope_section(src),
+            max_position_embeddings=int(src.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"config.json lacks `{exc.args[0]}`", "is this a Lyra / Qwen2-VL model folder?") from exc
+
+
+def _speech_config(raw: dict[str, Any]) -> SpeechConfig | None:
+    if not raw.get("mm_speech_tower"):
+        return None
+    return SpeechConfig(
+        tower=str(raw["mm_speech_tower"]),
+        projector_type=str(raw.get("mm_speech_projector_type", "simple_mlp")),
+        ds_rate=int(raw.get("speech_encoder_ds_rate", 5)),
+        encoder_hidden_size=int(raw.get("speech_encoder_hidden_size", 1280)),
+        speech_norm=bool(raw.get("speech_norm", False)),
+    )
+
+
+def _vision_config(raw: dict[str, Any]) -> VisionConfig | None:
+    if not raw.get("mm_vision_tower"):
+        return None
+    return VisionConfig(
+        tower=str(raw["mm_vision_tower"]),
+        tower_config=dict(raw.get("vision_config") or {}),
+        projector_type=str(raw.get("mm_projector_type", "identity")),
+    )
+
+
+def _generator_config(raw: dict[str, Any]) -> SpeechGeneratorConfig | None:
+    if raw.get("speech_generator_type") != "ctc" or not raw.get("ctc_decoder_config"):
+        return None
+    return SpeechGeneratorConfig.parse(
+        str(raw["ctc_decoder_config"]),
+        upsample_factor=int(raw.get("ctc_upsample_factor", 25)),
+        unit_vocab_size=int(raw.get("unit_vocab_size", 1000)),
+    )
+
+
+def parse_config(raw: dict[str, Any]) -> LyraConfig:
+    model_type = str(raw.get("model_type", ""))
+    if model_type not in LYRA_MODEL_TYPES:
+        raise CheckpointError(
+            f"config.json has model_type `{model_type}`, not a Lyra model",
+            f"expected one of {', '.join(LYRA_MODEL_TYPES)}",
+        )
+    unknown = sorted(set(raw) - _KNOWN_KEYS)
+    log.debug("config keys kept but unused: %s", ", ".join(unknown))
+    max_length = raw.get("tokenizer_model_max_length")
+    return LyraConfig(
+        model_type=model_type,
+        text=parse_text_config(raw),
+        speech=_speech_config(raw),
+        vision=_vision_config(raw),
+        extractor=ExtractorConfig(
+            compress_gap=int(raw.get("compress_gap", EXTRACTOR_OFF_GAP)), keep_rate=float(raw.get("keep_rate", 1.0))
+        ),
+        speech_generator=_generator_config(raw),
+        max_length=int(max_length) if max_length else None,
+        raw=raw,
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object from a model folder, with a `CheckpointError` when it is missing or broken."""
+    if not path.is_file():
+        raise CheckpointError(f"`{path}` is missing", "point --model at a folder in the Lyra release layout")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"`{path}` is not valid JSON ({exc})", "re-download or re-export the model") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"`{path}` does not hold a JSON object", "re-download or re-export the model")
+    return data
+
+
+def load_config(model_dir: Path) -> LyraConfig:
+    return parse_config(read_json(model_dir / CONFIG_FILE))

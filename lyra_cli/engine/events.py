@@ -1,0 +1,42 @@
+"""Typed events of the pipeline. Commands render them; tests assert on them; nothing else is printed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New answer text, in order; the concatenation of all deltas is the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Long work under way: `done` of `total` in `unit` (e.g. seconds of audio)."""
+
+    stage: str
+    done: float
+    total: float
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The turn finished. Timings in seconds, token counts exact."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    adapter: str
+    stop_reason: str  # "end" (an end token) | "length" (max new tokens)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.timings.get("decode_s", 0.0)
+        return self.new_tokens / decode_s if decode_s > 0 else 0.0
+
+
+Event = TextDelta | Progress | Done

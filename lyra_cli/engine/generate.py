@@ -1,0 +1,164 @@
+"""Our decoding loop: prefill once, then one token at a time on the KV cache.
+
+`stream_steps` yields every generated token with the final-norm hidden state that predicted it (the
+speech generator consumes those, official-lyra.md §6.1); `TextStreamer` turns ids into text deltas
+that never split a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from lyra_cli.engine.llm import KVCache
+from lyra_cli.engine.model import LyraForCausalLM
+from lyra_cli.engine.prompt import PromptInputs
+from lyra_cli.errors import UsageError
+
+DEFAULT_MAX_NEW_TOKENS = 512
+REPLACEMENT_CHAR = "\ufffd"  # what a tokenizer returns for an incomplete UTF-8 sequence
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy when `temperature == 0` (the default); otherwise temperature / top-k / top-p sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature >= 0, "--temperature", "must be ≥ 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "--top-p", "must be in (0, 1]"),
+            (self.top_k >= 0, "--top-k", "must be ≥ 0 (0 = off)"),
+            (self.repetition_penalty > 0, "--repetition-penalty", "must be > 0 (1 = off)"),
+            (self.max_new_tokens >= 1, "--max-new-tokens", "must be ≥ 1"),
+        ]
+        for ok, flag, rule in checks:
+            if not ok:
+                raise UsageError(f"bad {flag} value `{getattr(self, flag[2:].replace('-', '_'))}`", f"{flag} {rule}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sampling_from_generation_config(gen: dict[str, Any]) -> SamplingConfig:
+    """The checkpoint's `generation_config.json` as our defaults (flags override them).
+
+    The release's file turns sampling on with `top_k: 1`, which is greedy in effect; we keep that
+    meaning exactly, and its `repetition_penalty` applies as it does for the authors."""
+    base = SamplingConfig()
+    sample = bool(gen.get("do_sample", False))
+    return replace(
+        base,
+        temperature=float(gen.get("temperature", 1.0)) if sample else 0.0,
+        top_p=float(gen.get("top_p", 1.0)) if sample else 1.0,
+        top_k=int(gen.get("top_k", 0) or 0) if sample else 0,
+        repetition_penalty=float(gen.get("repetition_penalty", 1.0)),
+        max_new_tokens=int(gen.get("max_new_tokens", base.max_new_tokens)),
+    )
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on the tokens in `seen`.
+
+    Only generated tokens count: the authors generate from `inputs_embeds` with an empty `input_ids`
+    (official-lyra.md §2.5), so their penalty never sees the prompt."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(-1, seen, scores)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p; the first always stays
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def choose_token(
+    logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> int:
+    """logits (V,) fp32 → next token id."""
+    logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return int(logits.argmax())
+    logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class Step:
+    token_id: int
+    hidden: torch.Tensor  # (H,) final-norm state that predicted this token
+    is_end: bool
+
+
+def _generator(cfg: SamplingConfig) -> torch.Generator | None:
+    if cfg.greedy or cfg.seed is None:
+        return None
+    return torch.Generator().manual_seed(cfg.seed)
+
+
+@torch.inference_mode()
+def stream_steps(
+    model: LyraForCausalLM,
+    inputs: PromptInputs,
+    *,
+    cfg: SamplingConfig,
+    end_ids: set[int],
+) -> Iterator[Step]:
+    """Prefill `inputs`, then yield tokens until an end id (yielded with `is_end`) or `max_new_tokens`."""
+    backbone = model.model
+    cache = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens)
+    hidden = backbone(inputs.embeds, inputs.positions, cache)[:, -1]  # (1, H)
+    generator = _generator(cfg)
+    seen = torch.empty(0, dtype=torch.long, device=hidden.device)
+    for step in range(cfg.max_new_tokens):
+        token = choose_token(model.logits(hidden)[0], seen, cfg, generator)
+        is_end = token in end_ids
+        yield Step(token, hidden[0], is_end)
+        if is_end:
+            return
+        seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
+        position = torch.full((3, 1, 1), inputs.next_position + step, device=hidden.device, dtype=torch.long)
+        embeds = backbone.embed_tokens(torch.tensor([[token]], device=hidden.device))
+        hidden = backbone(embeds, position, cache)[:, -1]
+
+
+class TextStreamer:
+    """Turns generated ids into text deltas; holds back text that ends in an incomplete character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta

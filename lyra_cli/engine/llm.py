@@ -1,0 +1,333 @@
+"""The Qwen2-VL language model (text decoder) with our own decoder loop and KV cache.
+
+Reads top to bottom: RMSNorm -> MRoPE (3-D rotary positions) -> Attention (GQA, SDPA) -> MLP ->
+DecoderLayer -> KVCache -> LyraTextModel. Module names match the checkpoint keys (official-lyra.md §1.5)
+and transformers' `Qwen2VLTextModel`, so a state dict loads into either with `strict=True`.
+
+We own this loop (DESIGN.md decision 2) because the latent multi-modality extractor needs per-layer control
+of the token set and of the KV cache: each layer's cache may hold a different number of tokens, and
+`LyraTextModel.forward_layer` is the seam where a subclass can shrink the token set between layers.
+
+Shapes: B batch, T new tokens, L tokens in a layer's cache (past + new), H hidden, nh query heads,
+nkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lyra_cli.engine.config import TextModelConfig
+
+# Qwen2's initializer_range: used only for random (tiny / test) models.
+INIT_STD = 0.02
+# KV cache storage grows in whole blocks of tokens, by this factor, so appends are amortised O(1).
+CACHE_BLOCK_TOKENS = 256
+CACHE_GROWTH_FACTOR = 1.5
+N_ROPE_AXES = 3  # M-RoPE position rows: temporal, height, width
+
+Rope = tuple[Tensor, Tensor]  # (cos, sin), each (B, T, hs)
+
+
+class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm: normalise in fp32 for stability, cast back, then scale."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(config: TextModelConfig) -> Tensor:
+    """Inverse frequencies of standard RoPE, always fp32: (hs/2,)."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+    return 1.0 / (config.rope_theta**exponents)
+
+
+class MRoPE(nn.Module):
+    """Qwen2-VL's multimodal rotary embedding.
+
+    The hs/2 frequencies are split into three sections (`mrope_section`, e.g. 16/24/24): the first section
+    rotates by the temporal position, the second by the height position, the third by the width position.
+    For text all three rows are equal, which reduces to ordinary 1-D RoPE.
+    """
+
+    def __init__(self, config: TextModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Which position row (0=t, 1=h, 2=w) drives each frequency: (hs/2,)
+        axis = torch.repeat_interleave(torch.arange(N_ROPE_AXES), torch.tensor(config.mrope_section))
+        self.register_buffer("axis_of_freq", axis, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # A model-wide `.to(bfloat16)` would round the frequencies; rebuild them in fp32 on the new device.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
+    @torch.no_grad()
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> Rope:
+        """position_ids (3, B, T) -> (cos, sin), each (B, T, hs) in `dtype`."""
+        positions = position_ids.permute(1, 2, 0)[..., self.axis_of_freq]  # (B, T, hs/2)
+        freqs = positions.float() * self.inv_freq  # (B, T, hs/2), fp32 like transformers
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): both halves of rotate_half share frequencies
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """x (B, h, T, hs) rotated by its positions; cos/sin (B, T, hs) broadcast over heads."""
+    cos, sin = (r.unsqueeze(1) for r in rope)  # (B, 1, T, hs)
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """Bool mask (T, L) for a query block that comes after `kv_len - q_len` cached keys.
+
+    Query i sits at absolute index kv_len - q_len + i and sees every key up to itself. (SDPA's `is_causal`
+    aligns the triangle top-left, which is only right when q_len == kv_len.)
+    """
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention of new queries over all keys of the layer.
+
+    q (B, nh, T, hs); k, v (B, nkv, L, hs) with the T new keys last -> (B, nh, T, hs).
+    """
+    B, nh, T, hs = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    if T == 1:
+        # Decode: one query sees every key, so no mask. Fold each kv head's query group into the query
+        # axis, (B, nkv, nh/nkv, hs): one plain SDPA call, no copies of k/v (faster than enable_gqa).
+        y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v)
+        return y.reshape(B, nh, 1, hs)
+    if T == L:  # prefill into an empty cache (or no cache): SDPA's own causal path, no mask to build
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nh != nkv)
+    mask = causal_mask(T, L, q.device)  # chunked prefill
+    if nh != nkv and q.device.type != "cpu":
+        # On CUDA, enable_gqa with a mask falls back to the math kernel; expanded k/v keep the fast kernels.
+        k, v = (t.repeat_interleave(nh // nkv, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        hidden, kv_width = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, config.num_heads * config.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=True)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=True)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, hidden, bias=False)
+
+    def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, H) -> q (B, nh, T, hs), k and v (B, nkv, T, hs); q and k rotated (post-RoPE)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, H) -> (B, T, H); appends this layer's new keys/values to `cache`."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, L, hs)
+        y = attend(q, k, v)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class KVCache:
+    """Keys and values of every layer, each layer with its own length.
+
+    Storage per layer is a preallocated (B, nkv, capacity, hs) buffer that grows by
+    `CACHE_GROWTH_FACTOR` in whole `CACHE_BLOCK_TOKENS` blocks, so appending a token costs no copy of the
+    whole cache. A layer's buffer is allocated on its first append, on the device and in the dtype of the
+    keys it receives (so layers placed on different devices keep their cache there). Layers may hold
+    different numbers of tokens after `select` (the extractor drops tokens from deeper layers only);
+    `seq_length` counts every token the model has processed, independent of any dropping.
+    """
+
+    def __init__(self, num_layers: int, capacity: int = 0) -> None:
+        self.num_layers = num_layers
+        self.capacity_hint = capacity  # tokens to reserve on first allocation (prompt + new tokens)
+        self._keys: list[Tensor | None] = [None] * num_layers  # (B, nkv, capacity, hs)
+        self._values: list[Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+        self._seen = 0
+
+    @classmethod
+    def empty(cls, config: TextModelConfig, capacity: int = 0) -> KVCache:
+        """An empty cache for `config`; pass `capacity` = prompt + new tokens to avoid any regrowth."""
+        return cls(config.num_layers, capacity)
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens processed so far (the uncompressed count, as layer 0 sees it)."""
+        return self._seen
+
+    def layer_length(self, layer: int) -> int:
+        return self._lengths[layer]
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Valid keys and values of `layer`: views (B, nkv, L, hs)."""
+        keys, values, n = self._keys[layer], self._values[layer], self._lengths[layer]
+        if keys is None or values is None:
+            raise ValueError(f"layer {layer} of the KV cache is empty")
+        return keys[:, :, :n], values[:, :, :n]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add new k, v (B, nkv, T, hs) after the layer's tokens; returns all of them, (B, nkv, L, hs)."""
+        start, T = self._lengths[layer], k.shape[2]
+        self._reserve(layer, k, start + T)
+        keys, values = self._keys[layer], self._values[layer]
+        assert keys is not None and values is not None
+        keys[:, :, start : start + T] = k
+        values[:, :, start : start + T] = v
+        self._lengths[layer] = start + T
+        if layer == 0:
+            self._seen += T
+        return keys[:, :, : start + T], values[:, :, : start + T]
+
+    def select(self, layer: int, index: Tensor) -> None:
+        """Keep only the cached tokens at `index` of `layer`, in that order.
+
+        `index` is (L',) for the same tokens in every batch row, or (B, L') per row.
+        """
+        keys, values = self.get(layer)
+        kept = [_take_tokens(t, index) for t in (keys, values)]  # (B, nkv, L', hs), fresh copies
+        n = kept[0].shape[2]
+        self._keys[layer][:, :, :n] = kept[0]  # type: ignore[index]
+        self._values[layer][:, :, :n] = kept[1]  # type: ignore[index]
+        self._lengths[layer] = n
+
+    def _reserve(self, layer: int, like: Tensor, needed: int) -> None:
+        keys = self._keys[layer]
+        capacity = 0 if keys is None else keys.shape[2]
+        if needed <= capacity:
+            return
+        new_capacity = _round_up(max(needed, int(capacity * CACHE_GROWTH_FACTOR), self.capacity_hint), CACHE_BLOCK_TOKENS)
+        B, nkv, _, hs = like.shape
+        for store in (self._keys, self._values):
+            grown = like.new_empty(B, nkv, new_capacity, hs)
+            old = store[layer]
+            if old is not None:
+                grown[:, :, : self._lengths[layer]] = old[:, :, : self._lengths[layer]]
+            store[layer] = grown
+
+
+def _take_tokens(t: Tensor, index: Tensor) -> Tensor:
+    """Gather tokens (dim 2) of t (B, nkv, L, hs) by index (L',) or (B, L')."""
+    index = index.to(t.device)
+    if index.dim() == 1:
+        return t.index_select(2, index)
+    B, nkv, _, hs = t.shape
+    return t.gather(2, index[:, None, :, None].expand(B, nkv, index.shape[1], hs))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class LyraTextModel(nn.Module):
+    """The Qwen2-VL language model: embeddings, decoder layers, final norm (no lm_head).
+
+    State dict keys equal transformers' `Qwen2VLTextModel` (the rotary tables are non-persistent). The
+    checkpoint nests it as `model.*`; a subclass adds the vision/speech towers there, and the top-level
+    model adds `lm_head`.
+    """
+
+    def __init__(self, config: TextModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = MRoPE(config)
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """inputs_embeds (B, T, H), position_ids (3, B, T) -> final-normed hidden states (B, T, H).
+
+        With a cache, the T tokens come after those already cached (prefill in one go or in chunks, or
+        a decode step with T == 1); their positions are the caller's (3-D M-RoPE, official-lyra.md §2.5).
+        """
+        x = inputs_embeds
+        rope = self.rotary(position_ids, x.dtype)  # once per forward, shared by all layers
+        for i in range(len(self.layers)):
+            x, rope = self.forward_layer(i, x, rope, cache)
+        return self.norm(x)
+
+    def forward_layer(self, i: int, x: Tensor, rope: Rope, cache: KVCache | None) -> tuple[Tensor, Rope]:
+        """Run decoder layer i on x (B, T, H).
+
+        The seam for the extractor: a subclass may drop tokens after a layer, returning the shorter
+        x (B, T', H) together with the matching rope rows (B, T', hs), and `cache.select` the deeper layers.
+        """
+        return self.layers[i](x, rope, cache), rope
+
+    def init_weights(self, std: float = INIT_STD) -> None:
+        """Qwen2's random initialisation (normal weights, zero biases, unit norms), for tiny models."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)

@@ -1,0 +1,183 @@
+"""The engine's front door: encode media, build the prompt, pick the adapter, stream events.
+
+    media = [read_media("image", p), read_media("speech", q)]      # decode + validate, no model yet
+    engine = Engine.load(model_dir, runtime)
+    conv = Conversation()
+    parts = [engine.encode(m) for m in media] + [TextPart("...")]
+    for event in engine.respond(conv, parts, sampling):
+        ...   # TextDelta ... Done
+
+`respond` appends the turn (with its answer) to the conversation, so the next call continues it.
+Each turn re-renders the whole conversation: media are encoded once and kept, but the adapter is
+chosen afresh for the prompt as it now stands, and speech is re-projected with that adapter's
+projector, so every turn runs exactly as the checkpoint expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio, require_speech
+from lyra_cli.audio.windows import split_windows
+from lyra_cli.engine.adapters import Adapter, activate, route
+from lyra_cli.engine.events import Done, Event, Progress, TextDelta
+from lyra_cli.engine.generate import SamplingConfig, TextStreamer, stream_steps
+from lyra_cli.engine.loader import LoadedModel, load_model
+from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
+from lyra_cli.engine.runtime import Runtime
+from lyra_cli.engine.speech import encode_windows, project_frames
+from lyra_cli.engine.tokenizer import encode_chunk
+from lyra_cli.engine.vision import encode_visual, load_image, load_video_frames
+from lyra_cli.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    image: Image.Image
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedVideo:
+    frames: np.ndarray  # (T, H, W, 3) uint8, already sampled and sized to the official budget
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedSpeech:
+    wav: np.ndarray  # (n,) float32 mono at SAMPLE_RATE_HZ
+    source: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.wav) / SAMPLE_RATE_HZ
+
+
+Media = DecodedImage | DecodedVideo | DecodedSpeech
+MEDIA_KINDS = ("image", "video", "speech")
+
+
+def read_media(kind: str, path: str | Path) -> Media:
+    """Decode and validate one input file; needs no model, so bad input fails before weights load."""
+    if kind == "image":
+        return DecodedImage(load_image(path), str(path))
+    if kind == "video":
+        frames, _fps = load_video_frames(path)
+        return DecodedVideo(frames, str(path))
+    if kind == "speech":
+        wav = load_audio(path)
+        require_speech(wav, path)
+        return DecodedSpeech(wav, str(path))
+    raise ValueError(f"unknown media kind {kind!r}; expected one of {MEDIA_KINDS}")
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+
+    @classmethod
+    def load(cls, model_dir: Path, runtime: Runtime) -> "Engine":
+        return cls(load_model(model_dir, runtime))
+
+    # -- media --------------------------------------------------------------------------------
+
+    def _vision(self):  # noqa: ANN202
+        tower = self.model.model.vision_tower
+        if tower is None or self.loaded.visual is None:
+            raise InputError("this model has no vision tower", "drop --image/--video for this model")
+        return tower.vision_tower, self.loaded.visual
+
+    def encode(self, media: Media) -> Part:
+        """Decoded media → an encoded prompt part (ViT tokens, or Whisper frames for speech)."""
+        if isinstance(media, DecodedSpeech):
+            tower = self.model.model.speech_tower
+            if tower is None:
+                raise InputError("this model has no speech tower", "drop --speech for this model")
+            frames = encode_windows(tower.speech_tower, split_windows(media.wav))
+            return SpeechPart(frames, frames.shape[0], media.duration_s, media.source)
+        tower, processor = self._vision()
+        if isinstance(media, DecodedImage):
+            visual = processor.images([media.image])
+        else:
+            visual = processor.video(media.frames)
+        return VisualPart(encode_visual(tower, visual), _grid(visual.grid_thw), visual.kind, media.source)
+
+    # -- prompt -------------------------------------------------------------------------------
+
+    def prepare(self, conversation: Conversation) -> tuple[PromptInputs, Adapter]:
+        """Render the conversation, activate the routed adapter and build the prefill inputs."""
+        adapter = route(part.n_windows for part in conversation.speech_parts())
+        adapter = activate(self.model, self.loaded.adapters, adapter)
+        projector = self.loaded.adapters.projector(adapter)
+        embed = self.model.model.embed_tokens
+        inputs = build_inputs(
+            render(conversation),
+            encode_text=lambda text: encode_chunk(self.loaded.tokenizer, text),
+            embed_ids=lambda ids: embed(ids.to(embed.weight.device)),
+            project_speech=lambda part: project_frames(projector, part.frames),
+        )
+        return inputs, adapter
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def respond(
+        self, conversation: Conversation, parts: Sequence[Part], sampling: SamplingConfig
+    ) -> Iterator[Event]:
+        """Add a user turn, stream the answer, and record it in the conversation."""
+        if not parts:
+            raise InputError("nothing to answer: the turn has no text, image, video or speech", "give --text or media")
+        turn = Turn(list(parts))
+        conversation.turns.append(turn)
+        try:
+            yield from self._answer(conversation, turn, sampling)
+        finally:
+            if turn.answer is None:  # interrupted: the turn never happened
+                conversation.turns.remove(turn)
+
+    def _answer(self, conversation: Conversation, turn: Turn, sampling: SamplingConfig) -> Iterator[Event]:
+        start = time.perf_counter()
+        inputs, adapter = self.prepare(conversation)
+        yield Progress("prefill", 0, inputs.n_tokens, "tokens")
+        streamer = TextStreamer(self.loaded.tokenizer)
+        first_token_s = None
+        n_new, stop = 0, "length"
+        for step in stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids):
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - start
+            if step.is_end:
+                stop = "end"
+                break
+            n_new += 1
+            delta = streamer.push(step.token_id)
+            if delta:
+                yield TextDelta(delta)
+        tail = streamer.flush()
+        if tail:
+            yield TextDelta(tail)
+        total = time.perf_counter() - start
+        turn.answer = streamer.emitted.strip()
+        first = first_token_s if first_token_s is not None else total
+        yield Done(
+            text=turn.answer,
+            prompt_tokens=inputs.n_tokens,
+            new_tokens=n_new,
+            adapter=adapter.value,
+            stop_reason=stop,
+            timings={"first_token_s": first, "decode_s": total - first, "total_s": total},
+        )
+
+
+def _grid(grid_thw: torch.Tensor) -> tuple[int, int, int]:
+    t, h, w = (int(v) for v in grid_thw.reshape(-1, 3)[0])
+    return t, h, w

@@ -1,0 +1,167 @@
+"""Chat template, placeholder splicing and 3-D M-RoPE positions (official-lyra.md §2.3–2.5).
+
+A conversation renders to a flat list of segments: text strings and media items. Text strings are
+tokenised one by one (so BPE never merges across a placeholder, §2.4), media items contribute their
+encoded tokens, and positions follow the official rule: text and speech advance one per token,
+an image or video occupies a (t, h, w) grid starting at the running position, and whatever follows
+starts at the grid's maximum + 1. Any number and order of images, videos and speech clips is allowed
+(the authors' code takes at most one image followed by one speech clip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from lyra_cli.engine.vision import image_positions
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+
+
+class TokenKind(IntEnum):
+    """What each prompt position holds; the extractor scores IMAGE and SPEECH tokens."""
+
+    TEXT = 0
+    IMAGE = 1
+    SPEECH = 2
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, eq=False)
+class VisualPart:
+    """An encoded image or video: `tokens` (n, H) from the ViT merger, `grid_thw` (3,) before merging."""
+
+    tokens: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    kind: str  # "image" | "video"
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class SpeechPart:
+    """An encoded speech clip: Whisper frames (n_windows, 1500, E), projected when the prompt is built."""
+
+    frames: torch.Tensor
+    n_windows: int
+    duration_s: float
+    source: str
+
+
+Part = TextPart | VisualPart | SpeechPart
+Segment = str | VisualPart | SpeechPart
+
+
+@dataclass
+class Turn:
+    user: list[Part]
+    answer: str | None = None
+
+
+@dataclass
+class Conversation:
+    system: str = DEFAULT_SYSTEM_PROMPT
+    turns: list[Turn] = field(default_factory=list)
+
+    def speech_parts(self) -> list[SpeechPart]:
+        return [p for t in self.turns for p in t.user if isinstance(p, SpeechPart)]
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+
+def render_user(parts: Sequence[Part]) -> list[Segment]:
+    """One user turn: `<|vision_start|>[visual]<|vision_end|>` per visual item, `[speech]` per clip,
+    and a newline between a speech clip and text that follows it — the official layouts
+    (`<|vision_start|><image><|vision_end|><speech>`, `<speech>\\n{text}`) as special cases."""
+    segments: list[Segment] = []
+    for i, part in enumerate(parts):
+        if isinstance(part, VisualPart):
+            segments += [VISION_START, part, VISION_END]
+        elif isinstance(part, SpeechPart):
+            segments.append(part)
+            if i + 1 < len(parts) and isinstance(parts[i + 1], TextPart):
+                segments.append("\n")
+        else:
+            segments.append(part.text)
+    return segments
+
+
+def render(conversation: Conversation) -> list[Segment]:
+    """The whole conversation, ending with the assistant header of the turn to answer."""
+    segments: list[Segment] = [f"{IM_START}system\n{conversation.system}{IM_END}\n"]
+    for turn in conversation.turns:
+        segments += [f"{IM_START}user\n", *render_user(turn.user), f"{IM_END}\n{IM_START}assistant\n"]
+        if turn.answer is not None:
+            segments.append(f"{turn.answer}{IM_END}\n")
+    return _merge_text(segments)
+
+
+def _merge_text(segments: list[Segment]) -> list[Segment]:
+    merged: list[Segment] = []
+    for seg in segments:
+        if isinstance(seg, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += seg
+        else:
+            merged.append(seg)
+    return merged
+
+
+@dataclass
+class PromptInputs:
+    """Everything prefill needs. `positions` (3, 1, T); `kinds` (T,) TokenKind; `embeds` (1, T, H)."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    kinds: torch.Tensor
+    next_position: int  # the first decode step's position: max(positions) + 1
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeds.shape[1]
+
+
+def build_inputs(
+    segments: Sequence[Segment],
+    *,
+    encode_text: Callable[[str], list[int]],
+    embed_ids: Callable[[torch.Tensor], torch.Tensor],
+    project_speech: Callable[[SpeechPart], torch.Tensor],
+) -> PromptInputs:
+    """Splice text embeddings and media tokens; assign positions with a running maximum."""
+    embeds, positions, kinds = [], [], []
+    next_pos = 0
+    for seg in segments:
+        if isinstance(seg, str):
+            ids = torch.tensor(encode_text(seg), dtype=torch.long)
+            if ids.numel() == 0:
+                continue
+            emb, kind = embed_ids(ids), TokenKind.TEXT
+            pos = (torch.arange(ids.numel()) + next_pos).expand(3, -1)
+        elif isinstance(seg, VisualPart):
+            emb, kind = seg.tokens, TokenKind.IMAGE
+            pos = image_positions(torch.tensor(seg.grid_thw), start=next_pos)
+        else:
+            emb, kind = project_speech(seg), TokenKind.SPEECH
+            pos = (torch.arange(emb.shape[0]) + next_pos).expand(3, -1)
+        embeds.append(emb)
+        positions.append(pos)
+        kinds.append(torch.full((emb.shape[0],), int(kind), dtype=torch.long))
+        next_pos = int(pos.max()) + 1
+    target = embeds[0]
+    return PromptInputs(
+        embeds=torch.cat([e.to(device=target.device, dtype=target.dtype) for e in embeds])[None],
+        positions=torch.cat(positions, dim=1)[:, None, :].to(target.device),
+        kinds=torch.cat(kinds),
+        next_position=next_pos,
+    )

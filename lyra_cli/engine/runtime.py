@@ -1,0 +1,111 @@
+"""Device, dtype, quantization and placement: resolved once, each with the reason it was chosen.
+
+Nothing below this module calls `.cuda()` or names a float type: everything asks the `Runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lyra_cli.errors import RuntimeSetupError, UsageError
+
+log = logging.getLogger(__name__)
+
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
+Quantization = Literal["none", "8bit", "4bit"]
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class RuntimeRequest:
+    """What the user asked for on the command line."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str = "none"
+
+    def validate(self) -> None:
+        _check_choice("--device", self.device, DEVICES)
+        _check_choice("--dtype", self.dtype, ("auto", *DTYPES))
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved placement and numeric format of a model, with reasons for the header."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str
+    reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    def describe(self) -> str:
+        quant = "" if self.quantization == "none" else f", {self.quantization}"
+        return f"{self.device.type}, {self.dtype_name}{quant}"
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {flag} value `{value}`", f"choose one of: {', '.join(choices)}")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _resolve_device(name: str) -> tuple[torch.device, str]:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "cuda: a CUDA GPU is available"
+        if _mps_available():
+            return torch.device("mps"), "mps: Apple GPU available, no CUDA"
+        return torch.device("cpu"), "cpu: no CUDA or MPS device found"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeSetupError("`--device cuda` was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    if name == "mps" and not _mps_available():
+        raise RuntimeSetupError("`--device mps` was asked for but MPS is not available", "use --device cpu or auto")
+    return torch.device(name), f"{name}: requested"
+
+
+def _resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    if name != "auto":
+        dtype = DTYPES[name]
+        if device.type == "cpu" and dtype == torch.float16:
+            return dtype, "fp16: requested (slow on CPU; bf16 or fp32 are faster there)"
+        return dtype, f"{name}: requested"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            # The release weights are stored in bf16; bf16 keeps their range (the authors' fp16 can overflow).
+            return torch.bfloat16, "bf16: the weights' own format, supported by this GPU"
+        return torch.float16, "fp16: this GPU has no bf16"
+    if device.type == "mps":
+        return torch.float16, "fp16: the fastest format MPS supports"
+    return torch.float32, "fp32: CPU kernels are fastest and exact in fp32"
+
+
+def resolve_runtime(request: RuntimeRequest) -> Runtime:
+    """Turn the user's request into a concrete runtime, or fail with a reason before any weights load."""
+    request.validate()
+    device, device_reason = _resolve_device(request.device)
+    dtype, dtype_reason = _resolve_dtype(request.dtype, device)
+    reasons = [f"device {device_reason}", f"dtype {dtype_reason}"]
+    if request.quantization != "none":
+        if device.type == "mps":
+            raise RuntimeSetupError("8/4-bit loading is not supported on MPS", "use --device cpu or a CUDA GPU")
+        reasons.append(f"quantization {request.quantization}: requested (bitsandbytes)")
+    runtime = Runtime(device, dtype, request.quantization, tuple(reasons))
+    log.info("runtime: %s (%s)", runtime.describe(), "; ".join(reasons))
+    return runtime

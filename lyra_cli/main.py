@@ -1,0 +1,94 @@
+"""`lyra`: the command-line entry point.
+
+Commands are registered here and imported lazily inside their functions' modules, so `lyra --help`
+never imports torch. Every `LyraError` becomes one `error:` line and one `hint:` line on stderr with
+its exit code (1, or 2 for usage); a traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import typer
+
+from lyra_cli import __version__
+from lyra_cli.commands import common
+from lyra_cli.commands.chat import chat
+from lyra_cli.commands.info import info
+from lyra_cli.errors import LyraError
+
+EXIT_INTERRUPTED = 130
+NOISY_LIBRARIES = ("transformers", "bitsandbytes", "peft", "accelerate")
+
+app = typer.Typer(
+    name="lyra",
+    help="Run Lyra, the speech-centric omni-modal model (arXiv 2412.09501): images, video, speech and text in, "
+    "streamed text out. Without --model, commands use a tiny random model of the release layout.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(help="Ask about images, video and speech, one-shot or in a multi-turn REPL.")(chat)
+app.command(help="Describe a model folder: config, weights, adapters, tokenizer.")(info)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lyra {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show engine logs (info level) on stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not debug:
+        # Libraries log about internals a user cannot act on (config validation of tower configs,
+        # optional CPU kernels); our own loader reports what matters.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers resets its level on import
+        for name in NOISY_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used by tests)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    common.ARGV[:] = args
+    try:
+        # click returns (rather than raises) the code of `typer.Exit` when standalone_mode is off
+        code = app(args=args, prog_name="lyra", standalone_mode=False)
+    except LyraError as exc:
+        if debug:
+            raise
+        from lyra_cli.console import error
+
+        error(exc.message, exc.hint)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.UsageError as exc:
+        exc.show()
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        from lyra_cli.console import ui
+
+        ui.print("interrupted")
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Sampling rules and the text streamer, checked on hand-made logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lyra_cli.engine.generate import (
+    SamplingConfig,
+    TextStreamer,
+    apply_repetition_penalty,
+    choose_token,
+    filter_top_k_top_p,
+    sampling_from_generation_config,
+)
+from lyra_cli.errors import UsageError
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_top_k_and_top_p_filters() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [False, False, True, True]
+    # top_p 0.7: 0.5 alone is below, 0.5 + 0.3 reaches it → keep two
+    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.7)).tolist() == [False, False, True, True]
+    # the most likely token always survives
+    assert not math.isinf(filter_top_k_top_p(logits, 0, 0.01)[0])
+
+
+def test_greedy_and_seeded_sampling() -> None:
+    logits = torch.tensor([0.1, 3.0, 0.2])
+    assert choose_token(logits, torch.empty(0, dtype=torch.long), SamplingConfig(), None) == 1
+    cfg = SamplingConfig(temperature=5.0, seed=3)
+    draws = [choose_token(logits, torch.empty(0, dtype=torch.long), cfg, torch.Generator().manual_seed(3)) for _ in range(3)]
+    assert len(set(draws)) == 1  # same seed, same draw
+
+
+def test_generation_config_top_k_1_is_greedy() -> None:
+    cfg = sampling_from_generation_config({"do_sample": True, "temperature": 0.1, "top_k": 1, "top_p": 0.001,
+                                           "repetition_penalty": 1.05})  # fmt: skip
+    assert cfg.greedy and cfg.repetition_penalty == 1.05
+    assert sampling_from_generation_config({}).greedy
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("max_new_tokens", 0)])
+def test_bad_sampling_values_are_usage_errors(field: str, value: float) -> None:
+    with pytest.raises(UsageError):
+        SamplingConfig(**{field: value}).validate()
+
+
+class _ByteTokenizer:
+    """Each id is one UTF-8 byte: multi-byte characters arrive in pieces."""
+
+    def decode(self, ids, skip_special_tokens=True):  # noqa: ANN001, ARG002
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamer_never_splits_a_character() -> None:
+    streamer = TextStreamer(_ByteTokenizer())
+    deltas = [streamer.push(b) for b in "é中🙂!".encode()]
+    deltas.append(streamer.flush())
+    assert "".join(deltas) == "é中🙂!"
+    assert all("\ufffd" not in d for d in deltas)
