@@ -24,3 +24,53 @@ def error(message: str, hint: str | None) -> None:
     ui.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
         ui.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+
+
+def clock(seconds: float) -> str:
+    """hh:mm:ss, the way people read recording times."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class AudioProgress:
+    """A stderr progress bar counted in audio time: position, speed as × real time, ETA.
+
+    Feed it `update(done_s, total_s)`; it renders nothing when `enabled` is false (`--quiet`)."""
+
+    def __init__(self, label: str, *, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[position]}  {task.fields[speed]}  ETA {task.fields[eta]}"),
+            console=ui,
+            transient=False,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task(label, total=None, position="", speed="", eta="--:--:--")
+        self._start = 0.0
+
+    def __enter__(self) -> "AudioProgress":
+        import time
+
+        self._start = time.perf_counter()
+        self._started = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self._progress.stop()
+
+    def update(self, done_s: float, total_s: float) -> None:
+        import time
+
+        if not self._started:  # started on the first report: a cache hit shows no empty bar
+            self._progress.start()
+            self._started = True
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        speed = done_s / elapsed
+        eta = clock((total_s - done_s) / speed) if speed > 0 and total_s >= done_s else "--:--:--"
+        self._progress.update(self._task, completed=done_s, total=total_s or None,
+                              position=f"{clock(done_s)} of {clock(total_s)}", speed=f"{speed:.1f}× real time", eta=eta)  # fmt: skip

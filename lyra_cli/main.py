@@ -16,8 +16,10 @@ import typer
 
 from lyra_cli import __version__
 from lyra_cli.commands import common
+from lyra_cli.commands.cache import cache_app
 from lyra_cli.commands.chat import chat
 from lyra_cli.commands.info import info
+from lyra_cli.commands.longspeech import longspeech
 from lyra_cli.errors import LyraError
 
 EXIT_INTERRUPTED = 130
@@ -33,7 +35,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command(help="Ask about images, video and speech, one-shot or in a multi-turn REPL.")(chat)
+app.command(help="Ask questions about a long recording (minutes to hours), with a speech-token cache.")(longspeech)
 app.command(help="Describe a model folder: config, weights, adapters, tokenizer.")(info)
+app.add_typer(cache_app, name="cache")
 
 
 def _version(value: bool) -> None:

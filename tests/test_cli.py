@@ -61,7 +61,7 @@ def test_json_output_has_answer_timings_and_counts(capsys, tiny_dir: Path) -> No
     record = json.loads(out)
     assert record["adapter"] == "speech" and record["new_tokens"] <= 4
     assert record["prompt_tokens"] > 300  # one 30 s window = 300 speech tokens, plus the template
-    assert set(record["timings"]) == {"first_token_s", "decode_s", "total_s"}
+    assert set(record["timings"]) == {"first_token_s", "prefill_s", "decode_s", "total_s"}
     assert [i["kind"] for i in record["inputs"]] == ["speech", "text"]
     assert record["inputs"][0]["windows"] == 1
 

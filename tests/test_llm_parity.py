@@ -100,7 +100,10 @@ def build_positions(pieces: list[tuple[str, object]]) -> Tensor:
             rows.append(text_positions(size, next_pos))  # type: ignore[arg-type]
             next_pos += size  # type: ignore[operator]
             continue
-        block = grid_positions(*size, start=next_pos) if kind == "image" else text_positions(size, next_pos)  # type: ignore[misc,arg-type]
+        if kind == "image":
+            block = grid_positions(*size, start=next_pos)  # type: ignore[misc]
+        else:  # speech: 1-D like text, but the next piece starts at max + 1
+            block = text_positions(size, next_pos)  # type: ignore[arg-type]
         rows.append(block)
         next_pos = int(block.max()) + 1
     return torch.cat(rows, dim=1)[:, None, :]
@@ -177,6 +180,24 @@ def test_no_cache_equals_cache(models) -> None:
     positions = positions.expand(3, 2, -1)
     with torch.no_grad():
         assert torch.equal(ours(embeds, positions), ours(embeds, positions, KVCache.empty(CONFIG)))
+
+
+def test_bf16_is_as_close_to_fp32_as_transformers() -> None:
+    """In bf16 both implementations round differently; ours must not drift further from fp32 than theirs."""
+    theirs = Qwen2VLTextModel(hf_config(CONFIG, "sdpa")).eval()
+    randomize_(theirs, seed=4)
+    ours = LyraTextModel(CONFIG).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    positions = build_positions(LAYOUTS["image"])
+    embeds = torch.randn(1, positions.shape[-1], CONFIG.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = ours(embeds, positions)
+        ours_bf16 = ours.to(torch.bfloat16)(embeds.bfloat16(), positions)
+        theirs_bf16 = theirs.to(torch.bfloat16)(inputs_embeds=embeds.bfloat16(), position_ids=positions)
+    assert ours_bf16.dtype == torch.bfloat16  # compute dtype follows the weights
+    ours_error = ((ours_bf16.float() - reference).norm() / reference.norm()).item()
+    theirs_error = ((theirs_bf16.last_hidden_state.float() - reference).norm() / reference.norm()).item()
+    assert ours_error <= 1.25 * theirs_error + 1e-3, (ours_error, theirs_error)
 
 
 def test_rope_frequencies_stay_fp32_after_cast() -> None:

@@ -24,7 +24,7 @@ def _visual(t: int, h: int, w: int) -> VisualPart:
 
 
 def _speech(windows: int) -> SpeechPart:
-    return SpeechPart(torch.zeros(windows, 1500, 8), windows, 30.0 * windows, "q.mp3")
+    return SpeechPart(windows, 30.0 * windows, "q.mp3", frames=torch.zeros(windows, 1500, 8))
 
 
 def _build(segments):

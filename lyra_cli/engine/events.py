@@ -32,6 +32,13 @@ class Done:
     adapter: str
     stop_reason: str  # "end" (an end token) | "length" (max new tokens)
     timings: dict[str, float] = field(default_factory=dict)
+    kept_tokens: int = 0  # prompt tokens left after the extractor (= prompt_tokens when it is off)
+    # per speech clip (in prompt order): its source and the (start_s, end_s) spans the extractor kept
+    evidence: list[dict] = field(default_factory=list)
+
+    @property
+    def evidence_text(self) -> str:
+        return "; ".join(f"{e['source']}: {e['text'] or 'nothing kept'}" for e in self.evidence)
 
     @property
     def tokens_per_s(self) -> float:

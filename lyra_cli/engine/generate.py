@@ -7,14 +7,16 @@ that never split a UTF-8 character.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.model import LyraForCausalLM
+from lyra_cli.engine.prefill import PrefillResult, ProgressFn, prefill
 from lyra_cli.engine.prompt import PromptInputs
 from lyra_cli.errors import UsageError
 
@@ -123,11 +125,21 @@ def stream_steps(
     *,
     cfg: SamplingConfig,
     end_ids: set[int],
+    extractor: ExtractorConfig | None = None,
+    chunk_tokens: int | None = None,
+    on_prefill_progress: ProgressFn | None = None,
+    on_prefilled: Callable[[PrefillResult], None] | None = None,
 ) -> Iterator[Step]:
-    """Prefill `inputs`, then yield tokens until an end id (yielded with `is_end`) or `max_new_tokens`."""
+    """Prefill `inputs` (chunked, with the extractor when given), then yield tokens until an end id
+    (yielded with `is_end`) or `max_new_tokens`. Decoding runs on the caches the prefill left, which
+    the extractor may have shortened; new tokens keep the original position numbering."""
     backbone = model.model
     cache = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens)
-    hidden = backbone(inputs.embeds, inputs.positions, cache)[:, -1]  # (1, H)
+    result = prefill(backbone, inputs.embeds, inputs.positions, cache, kinds=inputs.kinds, extractor=extractor,
+                     chunk_tokens=chunk_tokens, on_progress=on_prefill_progress)  # fmt: skip
+    if on_prefilled is not None:
+        on_prefilled(result)
+    hidden = result.last_hidden  # (1, H)
     generator = _generator(cfg)
     seen = torch.empty(0, dtype=torch.long, device=hidden.device)
     for step in range(cfg.max_new_tokens):

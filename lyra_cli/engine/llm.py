@@ -5,8 +5,9 @@ DecoderLayer -> KVCache -> LyraTextModel. Module names match the checkpoint keys
 and transformers' `Qwen2VLTextModel`, so a state dict loads into either with `strict=True`.
 
 We own this loop (DESIGN.md decision 2) because the latent multi-modality extractor needs per-layer control
-of the token set and of the KV cache: each layer's cache may hold a different number of tokens, and
-`LyraTextModel.forward_layer` is the seam where a subclass can shrink the token set between layers.
+of the token set and of the KV cache: each layer's cache may hold a different number of tokens.
+`engine.prefill` drives the layers block by block through `LyraTextModel.forward_layer` and shrinks the
+token set between blocks; decoding is the plain `forward`, each layer attending over its own cache.
 
 Shapes: B batch, T new tokens, L tokens in a layer's cache (past + new), H hidden, nh query heads,
 nkv key/value heads, hs head size.
@@ -202,13 +203,14 @@ class KVCache:
     `CACHE_GROWTH_FACTOR` in whole `CACHE_BLOCK_TOKENS` blocks, so appending a token costs no copy of the
     whole cache. A layer's buffer is allocated on its first append, on the device and in the dtype of the
     keys it receives (so layers placed on different devices keep their cache there). Layers may hold
-    different numbers of tokens after `select` (the extractor drops tokens from deeper layers only);
-    `seq_length` counts every token the model has processed, independent of any dropping.
+    different numbers of tokens after `select` or when the extractor's prefill fills deeper layers with
+    fewer tokens; `seq_length` counts every token the model has processed, independent of any dropping.
     """
 
     def __init__(self, num_layers: int, capacity: int = 0) -> None:
         self.num_layers = num_layers
         self.capacity_hint = capacity  # tokens to reserve on first allocation (prompt + new tokens)
+        self._layer_capacity = [capacity] * num_layers  # the same, per layer: `reserve_fewer` lowers it
         self._keys: list[Tensor | None] = [None] * num_layers  # (B, nkv, capacity, hs)
         self._values: list[Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
@@ -253,18 +255,27 @@ class KVCache:
         `index` is (L',) for the same tokens in every batch row, or (B, L') per row.
         """
         keys, values = self.get(layer)
-        kept = [_take_tokens(t, index) for t in (keys, values)]  # (B, nkv, L', hs), fresh copies
-        n = kept[0].shape[2]
-        self._keys[layer][:, :, :n] = kept[0]  # type: ignore[index]
-        self._values[layer][:, :, :n] = kept[1]  # type: ignore[index]
+        kept_keys, kept_values = _take_tokens(keys, index), _take_tokens(values, index)  # (B, nkv, L', hs) copies
+        n = kept_keys.shape[2]
+        keys[:, :, :n] = kept_keys  # views of the storage: compact the kept tokens to the front
+        values[:, :, :n] = kept_values
         self._lengths[layer] = n
+
+    def reserve_fewer(self, layer: int, n_tokens: int) -> None:
+        """Reserve `n_tokens` fewer for `layer` when it is first allocated.
+
+        The extractor's prefill drops tokens before it fills the deeper layers; without this each of
+        them would still reserve the full prompt, and LMME would save no cache memory.
+        """
+        self._layer_capacity[layer] = max(0, self._layer_capacity[layer] - n_tokens)
 
     def _reserve(self, layer: int, like: Tensor, needed: int) -> None:
         keys = self._keys[layer]
         capacity = 0 if keys is None else keys.shape[2]
         if needed <= capacity:
             return
-        new_capacity = _round_up(max(needed, int(capacity * CACHE_GROWTH_FACTOR), self.capacity_hint), CACHE_BLOCK_TOKENS)
+        grown_to = max(needed, int(capacity * CACHE_GROWTH_FACTOR), self._layer_capacity[layer])
+        new_capacity = _round_up(grown_to, CACHE_BLOCK_TOKENS)
         B, nkv, _, hs = like.shape
         for store in (self._keys, self._values):
             grown = like.new_empty(B, nkv, new_capacity, hs)

@@ -28,9 +28,12 @@ from PIL import Image
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio, require_speech
 from lyra_cli.audio.windows import split_windows
 from lyra_cli.engine.adapters import Adapter, activate, route
+from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.events import Done, Event, Progress, TextDelta
+from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import SamplingConfig, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
+from lyra_cli.engine.prefill import PrefillResult
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
 from lyra_cli.engine.runtime import Runtime
 from lyra_cli.engine.speech import encode_windows, project_frames
@@ -105,7 +108,7 @@ class Engine:
             if tower is None:
                 raise InputError("this model has no speech tower", "drop --speech for this model")
             frames = encode_windows(tower.speech_tower, split_windows(media.wav))
-            return SpeechPart(frames, frames.shape[0], media.duration_s, media.source)
+            return SpeechPart(frames.shape[0], media.duration_s, media.source, frames=frames)
         tower, processor = self._vision()
         if isinstance(media, DecodedImage):
             visual = processor.images([media.image])
@@ -125,34 +128,59 @@ class Engine:
             render(conversation),
             encode_text=lambda text: encode_chunk(self.loaded.tokenizer, text),
             embed_ids=lambda ids: embed(ids.to(embed.weight.device)),
-            project_speech=lambda part: project_frames(projector, part.frames),
+            project_speech=lambda part: speech_tokens(part, adapter, projector),
         )
         return inputs, adapter
 
     # -- generation ---------------------------------------------------------------------------
 
     def respond(
-        self, conversation: Conversation, parts: Sequence[Part], sampling: SamplingConfig
+        self,
+        conversation: Conversation,
+        parts: Sequence[Part],
+        sampling: SamplingConfig,
+        *,
+        extractor: ExtractorConfig | None = None,
+        chunk_tokens: int | None = None,
     ) -> Iterator[Event]:
-        """Add a user turn, stream the answer, and record it in the conversation."""
+        """Add a user turn, stream the answer, and record it in the conversation.
+
+        `extractor` (None: the config's, which the release ships off) drops multimodal tokens block by
+        block during prefill; `chunk_tokens` bounds prefill activations for long prompts."""
         if not parts:
             raise InputError("nothing to answer: the turn has no text, image, video or speech", "give --text or media")
         turn = Turn(list(parts))
         conversation.turns.append(turn)
         try:
-            yield from self._answer(conversation, turn, sampling)
+            if extractor is None and self.loaded.config.extractor.enabled:
+                extractor = self.loaded.config.extractor
+            yield from self._answer(conversation, turn, sampling, extractor, chunk_tokens)
         finally:
             if turn.answer is None:  # interrupted: the turn never happened
                 conversation.turns.remove(turn)
 
-    def _answer(self, conversation: Conversation, turn: Turn, sampling: SamplingConfig) -> Iterator[Event]:
+    def _answer(
+        self,
+        conversation: Conversation,
+        turn: Turn,
+        sampling: SamplingConfig,
+        extractor: ExtractorConfig | None,
+        chunk_tokens: int | None,
+    ) -> Iterator[Event]:
         start = time.perf_counter()
         inputs, adapter = self.prepare(conversation)
         yield Progress("prefill", 0, inputs.n_tokens, "tokens")
         streamer = TextStreamer(self.loaded.tokenizer)
         first_token_s = None
         n_new, stop = 0, "length"
-        for step in stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids):
+        prefilled: list[tuple[PrefillResult, float]] = []
+
+        def on_prefilled(result: PrefillResult) -> None:
+            prefilled.append((result, time.perf_counter() - start))
+
+        steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
+                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled)  # fmt: skip
+        for step in steps:
             if first_token_s is None:
                 first_token_s = time.perf_counter() - start
             if step.is_end:
@@ -168,14 +196,43 @@ class Engine:
         total = time.perf_counter() - start
         turn.answer = streamer.emitted.strip()
         first = first_token_s if first_token_s is not None else total
+        kept = prefilled[0][0].kept_index if prefilled else torch.arange(inputs.n_tokens)
+        prefill_s = prefilled[0][1] if prefilled else total
         yield Done(
             text=turn.answer,
             prompt_tokens=inputs.n_tokens,
             new_tokens=n_new,
             adapter=adapter.value,
             stop_reason=stop,
-            timings={"first_token_s": first, "decode_s": total - first, "total_s": total},
+            timings={"first_token_s": first, "prefill_s": prefill_s, "decode_s": total - first, "total_s": total},
+            kept_tokens=int(kept.numel()),
+            evidence=_evidence(inputs, kept) if extractor is not None and extractor.enabled else [],
         )
+
+
+def speech_tokens(part: SpeechPart, adapter: Adapter, projector: torch.nn.Module) -> torch.Tensor:
+    """The clip's tokens for `adapter`: stored ones when the clip was projected already, else its frames."""
+    if adapter.value in part.tokens:
+        return part.tokens[adapter.value]
+    if part.frames is None:
+        raise InputError(
+            f"`{part.source}` was encoded for the {', '.join(part.tokens)} adapter only",
+            "ask about a long recording in its own conversation (/reset first)",
+        )
+    return project_frames(projector, part.frames)
+
+
+def _evidence(inputs: PromptInputs, kept: torch.Tensor) -> list[dict]:
+    """The seconds of each speech clip that survived the extractor's last drop.
+
+    Spans are clipped to the recording: the zero padding of its last window has tokens too, and a
+    kept padding token says nothing about what was heard."""
+    spans = evidence_spans(kept, inputs.kinds, inputs.clip_index, inputs.token_in_clip)
+    evidence = []
+    for i, (source, duration_s) in enumerate(inputs.speech_sources):
+        clipped = [(start, min(end, duration_s)) for start, end in spans.get(i, []) if start < duration_s]
+        evidence.append({"source": source, "spans": [list(s) for s in clipped], "text": format_spans(clipped)})
+    return evidence
 
 
 def _grid(grid_thw: torch.Tensor) -> tuple[int, int, int]:

@@ -50,12 +50,19 @@ class VisualPart:
 
 @dataclass(frozen=True, eq=False)
 class SpeechPart:
-    """An encoded speech clip: Whisper frames (n_windows, 1500, E), projected when the prompt is built."""
+    """An encoded speech clip.
 
-    frames: torch.Tensor
+    A short clip keeps its Whisper frames (n_windows, 1500, E) and is projected when the prompt is
+    built, by whichever adapter's projector the turn uses. A long recording keeps only its projected
+    tokens (n_windows·300, H) per adapter: frames for hours of audio would not fit in memory, and a
+    multi-window clip always routes to the long-speech adapter anyway.
+    """
+
     n_windows: int
     duration_s: float
     source: str
+    frames: torch.Tensor | None = None
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 Part = TextPart | VisualPart | SpeechPart
@@ -119,12 +126,19 @@ def _merge_text(segments: list[Segment]) -> list[Segment]:
 
 @dataclass
 class PromptInputs:
-    """Everything prefill needs. `positions` (3, 1, T); `kinds` (T,) TokenKind; `embeds` (1, T, H)."""
+    """Everything prefill needs. `positions` (3, 1, T); `kinds` (T,) TokenKind; `embeds` (1, T, H).
+
+    `clip_index` / `token_in_clip` (T,) say which speech clip (in prompt order) each speech token belongs
+    to and which of its tokens it is (-1 elsewhere): the extractor's evidence maps kept tokens to seconds.
+    """
 
     embeds: torch.Tensor
     positions: torch.Tensor
     kinds: torch.Tensor
     next_position: int  # the first decode step's position: max(positions) + 1
+    clip_index: torch.Tensor
+    token_in_clip: torch.Tensor
+    speech_sources: list[tuple[str, float]]  # (source, duration_s) per speech clip, in prompt order
 
     @property
     def n_tokens(self) -> int:
@@ -139,7 +153,7 @@ def build_inputs(
     project_speech: Callable[[SpeechPart], torch.Tensor],
 ) -> PromptInputs:
     """Splice text embeddings and media tokens; assign positions with a running maximum."""
-    embeds, positions, kinds = [], [], []
+    embeds, positions, kinds, clips, offsets, sources = [], [], [], [], [], []
     next_pos = 0
     for seg in segments:
         if isinstance(seg, str):
@@ -154,9 +168,15 @@ def build_inputs(
         else:
             emb, kind = project_speech(seg), TokenKind.SPEECH
             pos = (torch.arange(emb.shape[0]) + next_pos).expand(3, -1)
+        n = emb.shape[0]
         embeds.append(emb)
         positions.append(pos)
-        kinds.append(torch.full((emb.shape[0],), int(kind), dtype=torch.long))
+        kinds.append(torch.full((n,), int(kind), dtype=torch.long))
+        is_speech = kind is TokenKind.SPEECH
+        clips.append(torch.full((n,), len(sources) if is_speech else -1, dtype=torch.long))
+        offsets.append(torch.arange(n) if is_speech else torch.full((n,), -1, dtype=torch.long))
+        if is_speech:
+            sources.append((seg.source, seg.duration_s))  # type: ignore[union-attr]
         next_pos = int(pos.max()) + 1
     target = embeds[0]
     return PromptInputs(
@@ -164,4 +184,7 @@ def build_inputs(
         positions=torch.cat(positions, dim=1)[:, None, :].to(target.device),
         kinds=torch.cat(kinds),
         next_position=next_pos,
+        clip_index=torch.cat(clips),
+        token_in_clip=torch.cat(offsets),
+        speech_sources=sources,
     )

@@ -1,0 +1,29 @@
+"""`lyra cache`: where the speech-token cache lives, how big it is, and clearing it."""
+
+from __future__ import annotations
+
+import typer
+
+cache_app = typer.Typer(help="Inspect or clear the speech-token cache ($LYRA_CACHE_DIR/speech).", no_args_is_help=True)
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Print the cache folder, its entry count and size."""
+    from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
+    from lyra_cli.console import write_answer
+
+    root = default_cache_dir()
+    cache = SpeechTokenCache(root)
+    entries = len(list(root.glob("*.safetensors"))) if root.is_dir() else 0
+    write_answer(f"{root}\n{entries} entries, {cache.size_bytes() / 1e6:.1f} MB\n")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached recording (they are rebuilt on the next question)."""
+    from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
+    from lyra_cli.console import info
+
+    removed = SpeechTokenCache(default_cache_dir()).clear()
+    info(f"removed {removed} cached recording(s)")

@@ -1,0 +1,153 @@
+"""Hours of audio on one machine: streamed decoding, batched encoding, a disk cache of speech tokens.
+
+The recording is decoded block by block, regrouped into 30 s windows, encoded `encode_batch`
+windows at a time and projected at once, so the audio and encoder stage holds a bounded amount of
+memory whatever the length; only the 300 tokens per window accumulate. The projected tokens are cached
+on disk by audio content, model identity and every setting that changes them, so a second question
+about the same recording skips decoding and encoding entirely.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lyra_cli.audio.cache import CacheKey, SpeechTokenCache, file_digest, model_fingerprint
+from lyra_cli.audio.features import TOKENS_PER_WINDOW
+from lyra_cli.audio.io import SAMPLE_RATE_HZ, open_audio_stream, require_speech
+from lyra_cli.audio.windows import WINDOW_SECONDS, iter_window_batches, iter_windows
+from lyra_cli.engine.adapters import Adapter
+from lyra_cli.engine.events import Progress
+from lyra_cli.engine.prompt import SpeechPart
+from lyra_cli.engine.speech import DEFAULT_ENCODE_BATCH, encode_windows, project_frames
+from lyra_cli.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class LongSpeechSettings:
+    """Everything that changes the speech tokens of a recording (all of it goes into the cache key)."""
+
+    channel_mix: str = "mean"
+    official_extra_window: bool = False
+    max_audio_s: float | None = None
+    encode_batch: int = DEFAULT_ENCODE_BATCH
+    use_cache: bool = True
+
+    def key_settings(self, adapter: Adapter, dtype: torch.dtype) -> dict[str, str | float | bool]:
+        return {
+            "adapter": adapter.value,
+            "dtype": str(dtype),
+            "channel_mix": self.channel_mix,
+            "official_extra_window": self.official_extra_window,
+            "max_audio_s": self.max_audio_s if self.max_audio_s is not None else "none",
+        }
+
+
+def estimated_tokens(duration_s: float) -> int:
+    """Speech tokens for a recording of this length (our windowing: ⌈d / 30 s⌉ windows)."""
+    return max(1, math.ceil(duration_s / WINDOW_SECONDS)) * TOKENS_PER_WINDOW
+
+
+def _cut(blocks: Iterator[np.ndarray], max_samples: int | None) -> Iterator[np.ndarray]:
+    """Stop the block stream after `max_samples` (the explicit `--max-audio` cut)."""
+    remaining = max_samples
+    for block in blocks:
+        if remaining is not None:
+            if remaining <= 0:
+                return
+            block = block[:remaining]
+            remaining -= len(block)
+        yield block
+
+
+class RecordingEncoder:
+    """Turns a recording into a `SpeechPart` of projected tokens, through the cache when allowed."""
+
+    def __init__(self, engine, settings: LongSpeechSettings, cache: SpeechTokenCache | None) -> None:  # noqa: ANN001
+        self.engine = engine
+        self.settings = settings
+        self.cache = cache if settings.use_cache else None
+        self._fingerprint: str | None = None
+
+    def _key(self, digest: str, adapter: Adapter) -> CacheKey:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.engine.loaded.model_dir)
+        dtype = self.engine.loaded.runtime.dtype
+        return CacheKey(digest, self._fingerprint, self.settings.key_settings(adapter, dtype))
+
+    def _lookup(self, digest: str, source: str) -> SpeechPart | None:
+        assert self.cache is not None
+        for adapter in (Adapter.LONG_SPEECH, Adapter.SPEECH):
+            hit = self.cache.get(self._key(digest, adapter))
+            if hit is not None:
+                device = self.engine.model.model.embed_tokens.weight.device
+                meta = hit.meta
+                return SpeechPart(int(meta["n_windows"]), float(meta["duration_s"]), source,
+                                  tokens={adapter.value: hit.tokens.to(device)})  # fmt: skip
+        return None
+
+    def encode(self, path: str | Path, on_progress: ProgressCallback | None = None) -> tuple[SpeechPart, bool]:
+        """(the recording's speech part, whether it came from the cache)."""
+        digest = file_digest(Path(path)) if self.cache is not None else ""
+        if self.cache is not None:
+            cached = self._lookup(digest, str(path))
+            if cached is not None:
+                return cached, True
+        part, adapter = self._encode_stream(path, on_progress)
+        if self.cache is not None:
+            meta = {"n_windows": part.n_windows, "duration_s": part.duration_s, "source": Path(path).name}
+            self.cache.put(self._key(digest, adapter), part.tokens[adapter.value], meta)
+        return part, False
+
+    def _encode_stream(self, path: str | Path, on_progress: ProgressCallback | None) -> tuple[SpeechPart, Adapter]:
+        stream = open_audio_stream(path, channel_mix=self.settings.channel_mix)  # type: ignore[arg-type]
+        max_samples = None if self.settings.max_audio_s is None else int(self.settings.max_audio_s * SAMPLE_RATE_HZ)
+        total_s = stream.duration_s
+        if total_s is not None and self.settings.max_audio_s is not None:
+            total_s = min(total_s, self.settings.max_audio_s)
+        windows = iter_windows(_cut(iter(stream), max_samples), official_extra_window=self.settings.official_extra_window)
+        return self._encode_windows(windows, str(path), total_s, on_progress)
+
+    def _encode_windows(
+        self, windows: Iterator[np.ndarray], source: str, total_s: float | None, on_progress: ProgressCallback | None
+    ) -> tuple[SpeechPart, Adapter]:
+        tower = self.engine.model.model.speech_tower.speech_tower
+        bank = self.engine.loaded.adapters
+        pending: torch.Tensor | None = None  # frames of the first window, until we know if there is a second
+        tokens: list[torch.Tensor] = []
+        n_windows, n_samples, peak = 0, 0, 0.0
+        adapter = Adapter.SPEECH
+        for batch in iter_window_batches(windows, self.settings.encode_batch):
+            peak = max(peak, max((float(np.abs(w).max()) for w in batch if len(w)), default=0.0))
+            frames = encode_windows(tower, batch)  # (b, 1500, E)
+            n_windows += len(batch)
+            n_samples += sum(len(w) for w in batch)
+            if pending is not None or n_windows > 1:
+                adapter = Adapter.LONG_SPEECH
+                projector = bank.projector(adapter)
+                if pending is not None:
+                    tokens.append(project_frames(projector, pending))
+                    pending = None
+                tokens.append(project_frames(projector, frames))
+            else:
+                pending = frames
+            if on_progress is not None:
+                done_s = n_samples / SAMPLE_RATE_HZ
+                on_progress(Progress("encode", done_s, max(total_s or 0.0, done_s), "s"))
+        if n_windows == 0 or n_samples == 0:
+            raise InputError(f"`{source}` contains no audio samples (0-second audio)", "check the recording")
+        require_speech(np.array([peak], dtype=np.float32), source)
+        if pending is not None:  # a single window: the short-speech adapter and its projector
+            tokens.append(project_frames(bank.projector(adapter), pending))
+        part = SpeechPart(n_windows, n_samples / SAMPLE_RATE_HZ, source, tokens={adapter.value: torch.cat(tokens)})
+        return part, adapter

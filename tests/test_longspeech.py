@@ -1,0 +1,99 @@
+"""`lyra longspeech` end to end on the tiny model, with a 10-minute recording made of real clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
+from lyra_cli.commands.longspeech import check_length, parse_duration
+from lyra_cli.engine.config import ExtractorConfig
+from lyra_cli.errors import LyraError, UsageError
+from lyra_cli.main import run
+
+TEN_MINUTES_S = 600
+
+
+@pytest.fixture(scope="module")
+def ten_minutes(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real clips, one after another with short pauses, repeated to 10 minutes (FLAC, 16 kHz)."""
+    pause = np.zeros(SAMPLE_RATE_HZ // 2, dtype=np.float32)
+    clips = [load_audio(real / name) for name in ("jfk.flac", "extreme_ironing.mp3", "Hi.mp3", "movement.mp3",
+                                                  "Chinese_painting.mp3", "pred_round0.wav")]  # fmt: skip
+    cycle = np.concatenate([x for clip in clips for x in (clip, pause)])
+    n = TEN_MINUTES_S * SAMPLE_RATE_HZ
+    audio = np.tile(cycle, n // len(cycle) + 1)[:n]
+    path = tmp_path_factory.mktemp("long") / "ten_minutes.flac"
+    sf.write(path, audio, SAMPLE_RATE_HZ)
+    return path
+
+
+def test_ten_minute_recording_end_to_end_with_cache(ten_minutes: Path, tiny_dir: Path, capsys) -> None:  # noqa: ANN001
+    args = ["longspeech", str(ten_minutes), "--ask", "summarize", "--ask", "who speaks first?", "--json",
+            "--max-new-tokens", "4", "--extract", "2x0.5"]  # fmt: skip
+    assert run(args) == 0
+    out, err = capsys.readouterr()
+    first = [json.loads(line) for line in out.splitlines()]
+    assert [r["question"] for r in first] == ["summarize", "who speaks first?"]
+    assert all(r["adapter"] == "long_speech" for r in first)
+    assert first[0]["prompt_tokens"] > 20 * 300  # 20 windows of 300 speech tokens, plus the template
+    assert first[0]["kept_tokens"] < first[0]["prompt_tokens"]
+    spans = first[0]["evidence"][0]["spans"]
+    assert spans and all(0 <= s < e <= TEN_MINUTES_S for s, e in spans)
+    assert "20 window(s), 6,000 speech tokens, encoded" in err
+    assert run(args) == 0  # the same file again: straight from the cache, same answers
+    out, err = capsys.readouterr()
+    assert "from the cache" in err
+    assert [json.loads(line)["answer"] for line in out.splitlines()] == [r["answer"] for r in first]
+
+
+def test_corrupt_cache_entry_is_rebuilt(ten_minutes: Path, tiny_dir: Path, capsys, tmp_path: Path,  # noqa: ANN001
+                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("LYRA_CACHE_DIR", str(tmp_path))
+    args = ["longspeech", str(ten_minutes), "--ask", "q", "--max-new-tokens", "2", "--max-audio", "65", "-q"]
+    assert run(args) == 0
+    entry = next((tmp_path / "speech").glob("*.safetensors"))
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    assert run([*args[:-1]]) == 0
+    _, err = capsys.readouterr()
+    assert "encoded at" in err and "from the cache" not in err  # rebuilt, not used
+    assert "3 window(s)" in err  # --max-audio 65 s → 3 windows
+
+
+def test_short_clip_uses_the_speech_adapter(real: Path, tiny_dir: Path, capsys) -> None:  # noqa: ANN001
+    assert run(["longspeech", str(real / "Hi.mp3"), "--ask", "hi?", "--json", "--max-new-tokens", "2",
+                "--no-cache", "-q"]) == 0  # fmt: skip
+    record = json.loads(capsys.readouterr().out)
+    assert record["adapter"] == "speech" and record["evidence"] == []  # extractor off: no evidence
+
+
+def test_too_long_without_extractor_is_refused_with_options() -> None:
+    with pytest.raises(LyraError, match="beyond the model's 32,768 positions") as info:
+        check_length(72_064, 32_768, None)
+    assert "--extract" in info.value.hint and "--max-audio" in info.value.hint
+    check_length(72_064, 32_768, ExtractorConfig(compress_gap=7, keep_rate=0.7))  # allowed with the extractor
+    check_length(6_064, 32_768, None)
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("45m", 2700), ("1.5h", 5400), ("1:30", 90),
+                                          ("1:02:03", 3723)])  # fmt: skip
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-5", "0", "1:2:3:4"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_duration(text)
+
+
+def test_missing_recording_fails_before_loading(capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    assert run(["longspeech", str(tmp_path / "none.mp3"), "--ask", "q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "none.mp3" in err and "loaded in" not in err

@@ -1,0 +1,143 @@
+"""Chunked prefill (`engine.prefill`) against one-shot prefill, with and without the extractor.
+
+Contracts: the plain path is exactly `model(...)`; any chunk size gives the same last hidden state, the same
+kept set and the same per-layer cache lengths as one shot; decoding afterwards is the same; progress is
+counted in token-layers and ends at its announced total.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
+from lyra_cli.engine.llm import CACHE_BLOCK_TOKENS, KVCache, LyraTextModel
+from lyra_cli.engine.prefill import PrefillResult, prefill
+from lyra_cli.engine.prompt import TokenKind
+
+CONFIG = TextModelConfig(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    mrope_section=(2, 3, 3),
+)
+EXTRACTOR = ExtractorConfig(compress_gap=1, keep_rate=0.7)  # drops after layers 0, 1, 2
+# (kind, tokens): system text, speech, a gap of text, speech again, question
+PROMPT = [(TokenKind.TEXT, 5), (TokenKind.SPEECH, 60), (TokenKind.TEXT, 3), (TokenKind.SPEECH, 50), (TokenKind.TEXT, 9)]
+N_TOKENS = sum(n for _, n in PROMPT)
+CHUNK_SIZES = [1, 7, 64, N_TOKENS, 1000]
+CHUNKED_ATOL = 1e-5
+N_DECODE_STEPS = 3
+WEIGHT_STD = 0.15
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[LyraTextModel, nn.Linear, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    model, lm_head = LyraTextModel(CONFIG).eval(), nn.Linear(CONFIG.hidden_size, CONFIG.vocab_size, bias=False)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *lm_head.named_parameters()]:
+            p.copy_(float(name.endswith("norm.weight")) + WEIGHT_STD * torch.randn(p.shape, generator=gen))
+    kinds = torch.cat([torch.full((n,), int(kind)) for kind, n in PROMPT])
+    positions = torch.arange(N_TOKENS).expand(3, 1, -1)  # text and speech: one position per token
+    embeds = torch.randn(1, N_TOKENS, CONFIG.hidden_size, generator=gen)
+    return model, lm_head, embeds, positions, kinds
+
+
+def run(setup, extractor: ExtractorConfig | None, chunk_tokens: int | None) -> tuple[PrefillResult, Tensor, KVCache]:
+    """Prefill, then greedy decode steps: (result, logits (1 + N_DECODE_STEPS, V), cache)."""
+    model, lm_head, embeds, positions, kinds = setup
+    cache = KVCache.empty(CONFIG, capacity=N_TOKENS + N_DECODE_STEPS)
+    with torch.no_grad():
+        result = prefill(model, embeds, positions, cache, kinds=kinds, extractor=extractor, chunk_tokens=chunk_tokens)
+        hidden, logits = result.last_hidden, [lm_head(result.last_hidden)[0]]
+        for step in range(N_DECODE_STEPS):
+            token = model.embed_tokens(logits[-1].argmax().view(1, 1))
+            hidden = model(token, torch.full((3, 1, 1), N_TOKENS + step), cache)[:, -1]
+            logits.append(lm_head(hidden)[0])
+    return result, torch.stack(logits), cache
+
+
+def test_plain_prefill_is_exactly_the_model(setup) -> None:
+    model, _, embeds, positions, kinds = setup
+    with torch.no_grad():
+        expected = model(embeds, positions, KVCache.empty(CONFIG))[:, -1]
+        result = prefill(model, embeds, positions, KVCache.empty(CONFIG), kinds=kinds)
+    assert torch.equal(result.last_hidden, expected)
+    assert result.kept_index.tolist() == list(range(N_TOKENS)) and result.drops == []
+
+
+@pytest.mark.parametrize("extractor", [None, EXTRACTOR], ids=["plain", "extractor"])
+@pytest.mark.parametrize("chunk_tokens", CHUNK_SIZES)
+def test_chunked_prefill_equals_one_shot(setup, extractor: ExtractorConfig | None, chunk_tokens: int) -> None:
+    one_shot, one_shot_logits, one_shot_cache = run(setup, extractor, chunk_tokens=None)
+    chunked, chunked_logits, chunked_cache = run(setup, extractor, chunk_tokens=chunk_tokens)
+    assert torch.equal(chunked.kept_index, one_shot.kept_index)
+    assert chunked.drops == one_shot.drops
+    assert (chunked.last_hidden - one_shot.last_hidden).abs().max().item() <= CHUNKED_ATOL
+    assert (chunked_logits - one_shot_logits).abs().max().item() <= CHUNKED_ATOL  # decoding after it, too
+    lengths = [chunked_cache.layer_length(i) for i in range(CONFIG.num_layers)]
+    assert lengths == [one_shot_cache.layer_length(i) for i in range(CONFIG.num_layers)]
+    assert chunked_cache.seq_length == N_TOKENS + N_DECODE_STEPS
+
+
+def test_extractor_prunes_deeper_caches(setup) -> None:
+    result, _, cache = run(setup, EXTRACTOR, chunk_tokens=16)
+    n_text = sum(n for kind, n in PROMPT if kind == TokenKind.TEXT)
+    expected = [N_TOKENS, n_text + 77, n_text + 53, n_text + 37]  # 110 speech tokens -> 77 -> 53 -> 37
+    assert [d.n_after for d in result.drops] == expected[1:]
+    assert [cache.layer_length(i) - N_DECODE_STEPS for i in range(CONFIG.num_layers)] == expected
+    kinds = setup[4]
+    assert (kinds[result.kept_index] == TokenKind.TEXT).sum() == n_text  # text is never dropped
+
+
+@pytest.mark.parametrize("extractor", [None, EXTRACTOR], ids=["plain", "extractor"])
+@pytest.mark.parametrize("chunk_tokens", [None, 16])
+def test_progress_counts_token_layers_to_the_total(setup, extractor, chunk_tokens) -> None:
+    model, _, embeds, positions, kinds = setup
+    calls: list[tuple[int, int]] = []
+    with torch.no_grad():
+        result = prefill(model, embeds, positions, KVCache.empty(CONFIG), kinds=kinds, extractor=extractor,
+                         chunk_tokens=chunk_tokens, on_progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    dones, totals = [c[0] for c in calls], {c[1] for c in calls}
+    # (live tokens, layers) per block: one block of every layer, or (EXTRACTOR) one block per layer
+    blocks = [(N_TOKENS, 1)] + [(d.n_after, 1) for d in result.drops] if extractor else [(N_TOKENS, CONFIG.num_layers)]
+    assert totals == {sum(n * layers for n, layers in blocks)}
+    assert dones == sorted(dones) and dones[-1] == sum(n * layers for n, layers in blocks)
+    if chunk_tokens is not None:
+        assert len(calls) == sum(-(-n // chunk_tokens) for n, _ in blocks)  # once per chunk
+
+
+def test_rejects_bad_chunk_size(setup) -> None:
+    model, _, embeds, positions, _ = setup
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        prefill(model, embeds, positions, KVCache.empty(CONFIG), chunk_tokens=0)
+
+
+def test_prefill_after_an_earlier_turn(setup) -> None:
+    """A prompt appended to a filled cache: chunked equals one shot, scores see the earlier keys too."""
+    model, _, embeds, positions, kinds = setup
+    results = []
+    for chunk_tokens in (None, 9):
+        cache = KVCache.empty(CONFIG)
+        with torch.no_grad():
+            model(embeds[:, :20], positions[..., :20], cache)  # an earlier turn
+            results.append(prefill(model, embeds, positions + 20, cache, kinds=kinds, extractor=EXTRACTOR,
+                                   chunk_tokens=chunk_tokens))  # fmt: skip
+    assert torch.equal(results[0].kept_index, results[1].kept_index)
+    assert (results[0].last_hidden - results[1].last_hidden).abs().max().item() <= CHUNKED_ATOL
+
+
+def test_pruned_layers_reserve_only_their_tokens(setup) -> None:
+    """The capacity hint (prompt + new tokens) shrinks by what was dropped before a layer is filled."""
+    model, _, embeds, positions, kinds = setup
+    capacity = CACHE_BLOCK_TOKENS + 14  # layer 0 needs two storage blocks; after 33 dropped, one is enough
+    cache = KVCache.empty(CONFIG, capacity=capacity)
+    with torch.no_grad():
+        prefill(model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR)
+    assert [cache._keys[i].shape[2] for i in range(CONFIG.num_layers)] == [2 * CACHE_BLOCK_TOKENS] + [
+        CACHE_BLOCK_TOKENS] * 3  # fmt: skip
