@@ -35,6 +35,7 @@ class Done:
     kept_tokens: int = 0  # prompt tokens left after the extractor (= prompt_tokens when it is off)
     # per speech clip (in prompt order): its source and the (start_s, end_s) spans the extractor kept
     evidence: list[dict] = field(default_factory=list)
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous prompt's cache
 
     @property
     def evidence_text(self) -> str:

@@ -129,14 +129,21 @@ def stream_steps(
     chunk_tokens: int | None = None,
     on_prefill_progress: ProgressFn | None = None,
     on_prefilled: Callable[[PrefillResult], None] | None = None,
+    cache: KVCache | None = None,
+    reused_tokens: int = 0,
 ) -> Iterator[Step]:
     """Prefill `inputs` (chunked, with the extractor when given), then yield tokens until an end id
     (yielded with `is_end`) or `max_new_tokens`. Decoding runs on the caches the prefill left, which
-    the extractor may have shortened; new tokens keep the original position numbering."""
+    the extractor may have shortened; new tokens keep the original position numbering.
+
+    `cache` holding the first `reused_tokens` of this very prompt (a previous prompt's prefix) skips
+    their prefill; only the rest is computed."""
     backbone = model.model
-    cache = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens)
-    result = prefill(backbone, inputs.embeds, inputs.positions, cache, kinds=inputs.kinds, extractor=extractor,
-                     chunk_tokens=chunk_tokens, on_progress=on_prefill_progress)  # fmt: skip
+    if cache is None:
+        cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0
+    rest = slice(reused_tokens, None)
+    result = prefill(backbone, inputs.embeds[:, rest], inputs.positions[:, :, rest], cache, kinds=inputs.kinds[rest],
+                     extractor=extractor, chunk_tokens=chunk_tokens, on_progress=on_prefill_progress)  # fmt: skip
     if on_prefilled is not None:
         on_prefilled(result)
     hidden = result.last_hidden  # (1, H)

@@ -261,6 +261,17 @@ class KVCache:
         values[:, :, :n] = kept_values
         self._lengths[layer] = n
 
+    def truncate(self, n_tokens: int) -> None:
+        """Forget everything after the first `n_tokens` of every layer (O(1): storage is reused).
+
+        Only meaningful while all layers hold the same tokens (no extractor drop happened): then the
+        cache of a previous prompt serves as the prefill of a new prompt that shares its first tokens.
+        """
+        if len(set(self._lengths)) > 1:
+            raise ValueError("cannot truncate a cache whose layers hold different tokens (after a drop)")
+        self._lengths = [min(length, n_tokens) for length in self._lengths]
+        self._seen = min(self._seen, n_tokens)
+
     def reserve_fewer(self, layer: int, n_tokens: int) -> None:
         """Reserve `n_tokens` fewer for `layer` when it is first allocated.
 

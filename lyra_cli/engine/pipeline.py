@@ -33,6 +33,7 @@ from lyra_cli.engine.events import Done, Event, Progress, TextDelta
 from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import SamplingConfig, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
+from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.prefill import PrefillResult
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
 from lyra_cli.engine.runtime import Runtime
@@ -84,10 +85,34 @@ def read_media(kind: str, path: str | Path) -> Media:
     raise ValueError(f"unknown media kind {kind!r}; expected one of {MEDIA_KINDS}")
 
 
+@dataclass
+class PrefixCache:
+    """The KV cache of the last prompt, kept so that the next prompt sharing its beginning (a follow-up
+    question about the same recording, the next turn of a chat) prefills only what is new."""
+
+    embeds: torch.Tensor  # (1, T, H) the prompt the cache was built from
+    positions: torch.Tensor  # (3, 1, T)
+    adapter: Adapter
+    cache: KVCache
+
+    def shared_tokens(self, inputs: PromptInputs, adapter: Adapter) -> int:
+        """How many leading tokens of `inputs` this cache already holds (at most all but the last)."""
+        if adapter is not self.adapter:  # other LoRA weights: other keys and values
+            return 0
+        n = min(self.embeds.shape[1], inputs.n_tokens - 1)
+        same = (self.embeds[0, :n] == inputs.embeds[0, :n]).all(-1) & (
+            self.positions[:, 0, :n] == inputs.positions[:, 0, :n]
+        ).all(0)
+        mismatch = (~same).nonzero()
+        return int(mismatch[0]) if mismatch.numel() else n
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, reuse_prefix: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
+        self.reuse_prefix = reuse_prefix
+        self._prefix: PrefixCache | None = None
 
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime) -> "Engine":
@@ -178,8 +203,10 @@ class Engine:
         def on_prefilled(result: PrefillResult) -> None:
             prefilled.append((result, time.perf_counter() - start))
 
+        cache, reused = self._reusable(inputs, adapter, extractor, inputs.n_tokens + sampling.max_new_tokens)
         steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
-                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled)  # fmt: skip
+                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled, cache=cache,
+                             reused_tokens=reused)  # fmt: skip
         for step in steps:
             if first_token_s is None:
                 first_token_s = time.perf_counter() - start
@@ -196,7 +223,8 @@ class Engine:
         total = time.perf_counter() - start
         turn.answer = streamer.emitted.strip()
         first = first_token_s if first_token_s is not None else total
-        kept = prefilled[0][0].kept_index if prefilled else torch.arange(inputs.n_tokens)
+        result = prefilled[0][0] if prefilled else None
+        kept_tokens = reused + (int(result.kept_index.numel()) if result is not None else inputs.n_tokens - reused)
         prefill_s = prefilled[0][1] if prefilled else total
         yield Done(
             text=turn.answer,
@@ -205,9 +233,30 @@ class Engine:
             adapter=adapter.value,
             stop_reason=stop,
             timings={"first_token_s": first, "prefill_s": prefill_s, "decode_s": total - first, "total_s": total},
-            kept_tokens=int(kept.numel()),
-            evidence=_evidence(inputs, kept) if extractor is not None and extractor.enabled else [],
+            kept_tokens=kept_tokens,
+            evidence=_evidence(inputs, result.kept_index) if result is not None and result.drops else [],
+            reused_tokens=reused,
         )
+
+    def _reusable(
+        self, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig | None, capacity: int
+    ) -> tuple[KVCache | None, int]:
+        """The cache to prefill into and how many of this prompt's first tokens it already holds.
+
+        The extractor's drops depend on the question, so a prompt using it prefills in full into a fresh
+        cache, which is not kept (its layers hold different tokens)."""
+        previous, self._prefix = self._prefix, None
+        if extractor is not None and extractor.enabled:
+            return None, 0
+        reused = previous.shared_tokens(inputs, adapter) if previous is not None else 0
+        if reused:
+            cache = previous.cache  # type: ignore[union-attr]
+            cache.truncate(reused)
+        else:
+            cache = KVCache.empty(self.model.config.text, capacity=capacity)
+        if self.reuse_prefix:
+            self._prefix = PrefixCache(inputs.embeds, inputs.positions, adapter, cache)
+        return cache, reused
 
 
 def speech_tokens(part: SpeechPart, adapter: Adapter, projector: torch.nn.Module) -> torch.Tensor:
