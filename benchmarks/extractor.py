@@ -109,8 +109,8 @@ def build_prompt(model: LyraTextModel, n_tokens: int) -> Prompt:
     speech = torch.randn(n_speech, weight.shape[1], generator=gen, device=weight.device, dtype=weight.dtype)
     text = model.embed_tokens(text_ids)
     embeds = torch.cat([text[:SYSTEM_TOKENS], speech * INIT_STD, text[SYSTEM_TOKENS:]])[None]
-    kinds = torch.cat([torch.full((n,), int(k)) for k, n in
-                       [(TokenKind.TEXT, SYSTEM_TOKENS), (TokenKind.SPEECH, n_speech), (TokenKind.TEXT, QUESTION_TOKENS)]])  # fmt: skip
+    layout = [(TokenKind.TEXT, SYSTEM_TOKENS), (TokenKind.SPEECH, n_speech), (TokenKind.TEXT, QUESTION_TOKENS)]
+    kinds = torch.cat([torch.full((n,), int(kind)) for kind, n in layout])
     positions = torch.arange(n_tokens, device=weight.device).expand(3, 1, -1)  # speech counts like text (§2.5)
     return Prompt(embeds, positions, kinds)
 
@@ -159,7 +159,11 @@ def cache_bytes(cache: KVCache) -> int:
 
 @torch.inference_mode()
 def run_once(
-    model: LyraTextModel, lm_head: nn.Linear, prompt: Prompt, extractor: ExtractorConfig | None, args: argparse.Namespace
+    model: LyraTextModel,
+    lm_head: nn.Linear,
+    prompt: Prompt,
+    extractor: ExtractorConfig | None,
+    args: argparse.Namespace,
 ) -> Run:
     """One prefill (timed) and decode_tokens greedy steps (timed), inside one memory measurement."""
     n_tokens = prompt.embeds.shape[1]

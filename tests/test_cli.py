@@ -155,3 +155,17 @@ def test_no_question_without_terminal_is_a_usage_error(capsys, monkeypatch) -> N
 def test_debug_shows_the_traceback(capsys) -> None:  # noqa: ANN001
     with pytest.raises(Exception, match="missing.jpg"):
         run(["--debug", "chat", "--image", "missing.jpg", "--text", "hi"])
+
+
+def test_chat_with_the_extractor_reports_kept_tokens(capsys, tiny_dir: Path) -> None:  # noqa: ANN001
+    code, out, _ = lyra(capsys, "chat", "--image", str(IMAGE), "--speech", str(SPEECH), "--text", "what now?",
+                        "--extract", "2x0.5", "--json", *FAST)  # fmt: skip
+    record = json.loads(out)
+    assert code == 0 and record["kept_tokens"] < record["prompt_tokens"]
+    assert record["evidence"][0]["source"].endswith("extreme_ironing.mp3")
+
+
+def test_bad_extract_spec_is_a_usage_error(capsys) -> None:  # noqa: ANN001
+    code, _, err = lyra(capsys, "chat", "--text", "hi", "--extract", "3y0.5")
+    assert code == 2
+    assert_one_line_error(err, "3y0.5", "BLOCKSxRATIO")

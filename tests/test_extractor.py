@@ -249,6 +249,24 @@ def test_kept_set_and_decoding_match_brute_force(setup) -> None:
     assert (ours - torch.stack(reference)).abs().max().item() <= DECODE_ATOL
 
 
+@torch.no_grad()
+def test_prefill_after_an_earlier_turn_scores_against_every_key(setup) -> None:
+    """A prompt appended to a cache holding an earlier turn: the softmax runs over the earlier keys too, as
+    for the authors, whose scores see the whole cache. Reference: the whole conversation at once."""
+    model, lm_head, embeds, positions, kinds, _ = setup
+    n_earlier = 20
+    earlier = torch.randn(1, n_earlier, CONFIG.hidden_size, generator=torch.Generator().manual_seed(4))
+    cache = KVCache.empty(CONFIG)
+    model(earlier, torch.arange(n_earlier).expand(3, 1, -1), cache)
+    result = prefill(model, embeds, positions + n_earlier, cache, kinds=kinds, extractor=EXTRACTOR)
+
+    whole_kinds = torch.cat([torch.full((n_earlier,), int(TokenKind.TEXT)), kinds])
+    whole_positions = torch.cat([torch.arange(n_earlier).expand(3, 1, -1), positions + n_earlier], dim=2)
+    hidden, kept_sets = reference_forward(model, torch.cat([earlier, embeds], 1), whole_positions, whole_kinds, None)
+    assert set((result.kept_index + n_earlier).tolist()) == kept_sets[-1] - set(range(n_earlier))
+    assert (lm_head(result.last_hidden) - lm_head(hidden[:, -1])).abs().max().item() <= DECODE_ATOL
+
+
 def test_attention_scores_bound_memory_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scoring a few query rows at a time gives the same scores as all at once."""
     gen = torch.Generator().manual_seed(3)

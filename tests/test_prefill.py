@@ -100,9 +100,13 @@ def test_extractor_prunes_deeper_caches(setup) -> None:
 def test_progress_counts_token_layers_to_the_total(setup, extractor, chunk_tokens) -> None:
     model, _, embeds, positions, kinds = setup
     calls: list[tuple[int, int]] = []
+
+    def on_progress(done: int, total: int) -> None:
+        calls.append((done, total))
+
     with torch.no_grad():
         result = prefill(model, embeds, positions, KVCache.empty(CONFIG), kinds=kinds, extractor=extractor,
-                         chunk_tokens=chunk_tokens, on_progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+                         chunk_tokens=chunk_tokens, on_progress=on_progress)  # fmt: skip
     dones, totals = [c[0] for c in calls], {c[1] for c in calls}
     # (live tokens, layers) per block: one block of every layer, or (EXTRACTOR) one block per layer
     blocks = [(N_TOKENS, 1)] + [(d.n_after, 1) for d in result.drops] if extractor else [(N_TOKENS, CONFIG.num_layers)]

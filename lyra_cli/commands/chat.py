@@ -20,6 +20,7 @@ from lyra_cli.commands import common
 from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from lyra_cli.engine.config import ExtractorConfig
     from lyra_cli.engine.events import Done
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.pipeline import Engine
@@ -57,6 +58,9 @@ def chat(
     text: list[str] = typer.Option([], "--text", "-t", help="Question or instruction text (repeatable)."),
     system: str | None = typer.Option(None, "--system", help="System prompt (default: the official one)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per turn instead of streaming text."),
+    extract: str | None = typer.Option(
+        None, "--extract", help="Latent multi-modality extractor: BLOCKSxRATIO, e.g. 4x0.7 (default: the config's)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header or progress on stderr."),
     model: str = common.ModelOption,
     device: str = common.DeviceOption,
@@ -88,13 +92,15 @@ def chat(
     from lyra_cli.engine.pipeline import read_media
 
     decoded = [(item, read_media(item.kind, item.value)) if item.kind != "text" else (item, None) for item in items]
-    engine, sampling = _load(model, request, quiet, sampling_flags)
+    model_dir = common.model_dir_for(model)
+    extractor = common.extractor_for(extract, model_dir)
+    engine, sampling = _load(model, model_dir, request, quiet, sampling_flags)
     conversation = _conversation(system)
     parts = _encode(engine, decoded)
     if interactive:
-        run_repl(engine, conversation, sampling, _stdin_lines(), json_out=json_out, pending=parts)
+        run_repl(engine, conversation, sampling, _stdin_lines(), json_out=json_out, pending=parts, extractor=extractor)
     else:
-        _answer(engine, conversation, parts, sampling, json_out=json_out)
+        _answer(engine, conversation, parts, sampling, json_out=json_out, extractor=extractor)
 
 
 def _conversation(system: str | None) -> "Conversation":
@@ -103,12 +109,12 @@ def _conversation(system: str | None) -> "Conversation":
     return Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT)
 
 
-def _load(model: str, request, quiet: bool, sampling_flags: dict) -> tuple["Engine", "SamplingConfig"]:  # noqa: ANN001
+def _load(model: str, model_dir: Path, request, quiet: bool,  # noqa: ANN001
+          sampling_flags: dict) -> tuple["Engine", "SamplingConfig"]:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.runtime import resolve_runtime
 
-    model_dir = common.model_dir_for(model)
     runtime = resolve_runtime(request)
     engine = Engine.load(model_dir, runtime)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
@@ -127,12 +133,12 @@ def _encode(engine: "Engine", decoded: list) -> list:  # noqa: ANN001
 
 
 def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig", *,
-            json_out: bool) -> "Done":  # fmt: skip
+            json_out: bool, extractor: "ExtractorConfig | None" = None) -> "Done":  # fmt: skip
     from lyra_cli.console import write_answer
     from lyra_cli.engine.events import Done, TextDelta
 
     done = None
-    for event in engine.respond(conversation, parts, sampling):
+    for event in engine.respond(conversation, parts, sampling, extractor=extractor):
         if isinstance(event, TextDelta) and not json_out:
             write_answer(event.text)
         elif isinstance(event, Done):
@@ -154,6 +160,8 @@ def turn_json(done: "Done", parts: list) -> dict:
         "stop_reason": done.stop_reason,
         "timings": {k: round(v, 4) for k, v in done.timings.items()},
         "tokens_per_s": round(done.tokens_per_s, 2),
+        "kept_tokens": done.kept_tokens,
+        "evidence": done.evidence,
         "inputs": [_describe_part(p) for p in parts],
     }
 
@@ -179,7 +187,8 @@ def _stdin_lines() -> Iterator[str]:
 
 
 def run_repl(engine: "Engine", conversation: "Conversation", sampling: "SamplingConfig", lines: Iterable[str], *,
-             json_out: bool = False, pending: list | None = None) -> None:  # fmt: skip
+             json_out: bool = False, pending: list | None = None,
+             extractor: "ExtractorConfig | None" = None) -> None:  # fmt: skip
     """The multi-turn loop: media commands queue parts for the next question; /reset clears the history."""
     from lyra_cli.console import error, info
     from lyra_cli.engine.pipeline import read_media
@@ -206,12 +215,13 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
                 queued.append(engine.encode(read_media(command[1:], arg.strip())))
                 info(f"{command[1:]} `{arg.strip()}` added to the next question")
                 if command == "/speech":  # speech is a question by itself (the official image+speech turn)
-                    _answer(engine, conversation, queued, sampling, json_out=json_out)
+                    _answer(engine, conversation, queued, sampling, json_out=json_out, extractor=extractor)
                     queued = []
             elif command.startswith("/"):
                 raise UsageError(f"unknown command `{command}`", REPL_HELP)
             else:
-                _answer(engine, conversation, [*queued, TextPart(line)], sampling, json_out=json_out)
+                _answer(engine, conversation, [*queued, TextPart(line)], sampling, json_out=json_out,
+                        extractor=extractor)
                 queued = []
         except LyraError as exc:  # a bad file or command ends the line, not the session
             error(exc.message, exc.hint)

@@ -11,6 +11,7 @@ import typer
 from lyra_cli.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
+    from lyra_cli.engine.config import ExtractorConfig
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.loader import LoadedModel
     from lyra_cli.engine.runtime import RuntimeRequest
@@ -51,6 +52,17 @@ def model_dir_for(spec: str) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"`{spec}` has no config.json", "give the folder of a Lyra release (e.g. Lyra_Base_9B)")
     return path
+
+
+def extractor_for(spec: str | None, model_dir: Path) -> "ExtractorConfig | None":
+    """`--extract BLOCKSxRATIO` for this model (read from its config, no weights), else the config's own."""
+    from lyra_cli.engine.config import load_config
+    from lyra_cli.engine.extractor import parse_extract
+
+    config = load_config(model_dir)
+    if spec is not None:
+        return parse_extract(spec, config.text.num_layers)
+    return config.extractor if config.extractor.enabled else None
 
 
 def runtime_request(device: str, dtype: str, load_8bit: bool, load_4bit: bool) -> "RuntimeRequest":

@@ -93,7 +93,7 @@ def longspeech(
     stream = open_audio_stream(file)  # validates the file before any weights load
     model_dir = common.model_dir_for(model)
     config = load_config(model_dir)
-    extractor = _extractor(extract, config)
+    extractor = common.extractor_for(extract, model_dir)
     questions = _questions(ask)
     duration_s = stream.duration_s if max_audio_s is None else min(stream.duration_s or max_audio_s, max_audio_s)
     if duration_s is not None:
@@ -127,14 +127,6 @@ def check_length(n_tokens: int, max_positions: int, extractor: "ExtractorConfig 
         f"add --extract 4x0.7 (drops unneeded speech tokens while reading), or --max-audio {clock(fits_s)} to use "
         "only the beginning",
     )
-
-
-def _extractor(spec: str | None, config) -> "ExtractorConfig | None":  # noqa: ANN001
-    from lyra_cli.engine.extractor import parse_extract
-
-    if spec is not None:
-        return parse_extract(spec, config.text.num_layers)
-    return config.extractor if config.extractor.enabled else None
 
 
 def _questions(ask: list[str]) -> Iterable[str]:

@@ -25,6 +25,7 @@ from lyra_cli.audio.windows import WINDOW_SECONDS, iter_window_batches, iter_win
 from lyra_cli.engine.adapters import Adapter
 from lyra_cli.engine.events import Progress
 from lyra_cli.engine.prompt import SpeechPart
+from lyra_cli.engine.runtime import keep_large_buffers_off_the_heap
 from lyra_cli.engine.speech import DEFAULT_ENCODE_BATCH, encode_windows, project_frames
 from lyra_cli.errors import InputError
 
@@ -76,6 +77,7 @@ class RecordingEncoder:
     def __init__(self, engine, settings: LongSpeechSettings, cache: SpeechTokenCache | None) -> None:  # noqa: ANN001
         self.engine = engine
         self.settings = settings
+        keep_large_buffers_off_the_heap()  # else the heap grows with every encoded batch
         self.cache = cache if settings.use_cache else None
         self._fingerprint: str | None = None
 

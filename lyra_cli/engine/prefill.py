@@ -94,8 +94,9 @@ def prefill(
 
     kinds (T,) TokenKind is needed by the extractor (which tokens are image/speech, which are queries).
     chunk_tokens bounds the tokens one layer call processes (None: all at once). Without chunking and
-    without drops this is exactly `model(inputs_embeds, position_ids, cache)[:, -1]`. Inference only:
-    runs without autograd.
+    without drops this is exactly `model(inputs_embeds, position_ids, cache)[:, -1]`. on_progress(done,
+    total) is called after every chunk, in token-layers (the total is known up front, drops included).
+    Inference only: runs without autograd.
     """
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -108,18 +109,16 @@ def prefill(
         last_hidden = model(inputs_embeds, position_ids, cache)[:, -1]
         progress.advance(n_tokens * n_layers)
         return PrefillResult(last_hidden, live.original_index.cpu(), [])
+    *dropping_blocks, last_block = _blocks(drop_layers, n_layers)
     drops: list[DropRecord] = []
-    for start, stop in _blocks(drop_layers, n_layers):
-        is_last_block = stop == n_layers
-        hidden, query_inputs = _run_block(model, range(start, stop), live, cache, chunk_tokens, progress,
-                                          keep_all=not is_last_block)  # fmt: skip
-        if is_last_block:
-            break
-        live.hidden = hidden
-        live, record = _drop(model, stop - 1, live, query_inputs, cache, keep_rate)
+    for block_start, block_stop in dropping_blocks:
+        layers = range(block_start, block_stop)
+        live.hidden, query_inputs = _run_block(model, layers, live, cache, chunk_tokens, progress, keep_all=True)
+        live, record = _drop(model, layers[-1], live, query_inputs, cache, keep_rate)
         drops.append(record)
-        for deeper in range(stop, n_layers):
+        for deeper in range(block_stop, n_layers):
             cache.reserve_fewer(deeper, record.n_before - record.n_after)
+    hidden, _ = _run_block(model, range(*last_block), live, cache, chunk_tokens, progress, keep_all=False)
     last_hidden = model.norm(hidden[:, -1:])[:, -1]  # (1, H)
     return PrefillResult(last_hidden, live.original_index.cpu(), drops)
 
