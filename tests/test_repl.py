@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lyra_cli.commands.chat import run_repl
+from lyra_cli.commands.chat import TurnSettings, run_repl
 from lyra_cli.engine.generate import SamplingConfig
 from lyra_cli.engine.pipeline import Engine
 from lyra_cli.engine.prompt import Conversation
@@ -32,7 +32,7 @@ def test_repl_turns_media_reset_and_errors(engine: Engine, real: Path, capsys) -
         "/exit",
         "never answered",
     ]
-    run_repl(engine, conv, SamplingConfig(max_new_tokens=2), lines, json_out=True)
+    run_repl(engine, conv, SamplingConfig(max_new_tokens=2), lines, TurnSettings(json_out=True))
     out, err = capsys.readouterr()
     turns = [json.loads(line) for line in out.splitlines()]
     assert [t["adapter"] for t in turns] == ["none", "speech", "none"]

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from lyra_cli.commands import common
+from lyra_cli.commands import common, speech_io
 from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from lyra_cli.engine.config import ExtractorConfig
+    from lyra_cli.engine.voice import Voice
     from lyra_cli.engine.events import Done
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.pipeline import Engine
@@ -62,6 +63,13 @@ def chat(
         None, "--extract", help="Latent multi-modality extractor: BLOCKSxRATIO, e.g. 4x0.7 (default: the config's)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header or progress on stderr."),
+    speak: bool = speech_io.SpeakOption,
+    speech_out: Path | None = speech_io.SpeechOutOption,
+    output_device: str | None = speech_io.OutputDeviceOption,
+    chunk_units: int = speech_io.ChunkUnitsOption,
+    vocoder: Path | None = speech_io.VocoderOption,
+    ctc_aligned: bool = speech_io.CtcAlignedOption,
+    stats: bool = typer.Option(False, "--stats", help="Print latency per turn (first token, first audio, RTF)."),
     model: str = common.ModelOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
@@ -91,16 +99,23 @@ def chat(
 
     from lyra_cli.engine.pipeline import read_media
 
+    speech_io.check_speech_out(speech_out)
     decoded = [(item, read_media(item.kind, item.value)) if item.kind != "text" else (item, None) for item in items]
     model_dir = common.model_dir_for(model)
     extractor = common.extractor_for(extract, model_dir)
-    engine, sampling = _load(model, model_dir, request, quiet, sampling_flags)
-    conversation = _conversation(system)
-    parts = _encode(engine, decoded)
-    if interactive:
-        run_repl(engine, conversation, sampling, _stdin_lines(), json_out=json_out, pending=parts, extractor=extractor)
-    else:
-        _answer(engine, conversation, parts, sampling, json_out=json_out, extractor=extractor)
+    outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out)  # checks the device
+    try:
+        engine, sampling = _load(model, model_dir, request, quiet, sampling_flags)
+        voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
+        turn = TurnSettings(json_out=json_out, extractor=extractor, voice=voice, outputs=outputs, stats=stats)
+        conversation = _conversation(system)
+        parts = _encode(engine, decoded)
+        if interactive:
+            run_repl(engine, conversation, sampling, _stdin_lines(), turn, pending=parts)
+        else:
+            _answer(engine, conversation, parts, sampling, turn)
+    finally:
+        outputs.close()
 
 
 def _conversation(system: str | None) -> "Conversation":
@@ -132,22 +147,47 @@ def _encode(engine: "Engine", decoded: list) -> list:  # noqa: ANN001
     return [TextPart(item.value) if media is None else engine.encode(media) for item, media in decoded]
 
 
-def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig", *,
-            json_out: bool, extractor: "ExtractorConfig | None" = None) -> "Done":  # fmt: skip
-    from lyra_cli.console import write_answer
-    from lyra_cli.engine.events import Done, TextDelta
+@dataclass
+class TurnSettings:
+    """How each turn is answered and rendered (the same for every turn of a session)."""
+
+    json_out: bool = False
+    extractor: "ExtractorConfig | None" = None
+    voice: "Voice | None" = None
+    outputs: "speech_io.SpeechOutputs | None" = None
+    stats: bool = False
+
+
+def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig",
+            turn: TurnSettings) -> "Done":  # fmt: skip
+    from lyra_cli.console import info, write_answer
+    from lyra_cli.engine.events import AudioChunk, Done, TextDelta
 
     done = None
-    for event in engine.respond(conversation, parts, sampling, extractor=extractor):
-        if isinstance(event, TextDelta) and not json_out:
-            write_answer(event.text)
-        elif isinstance(event, Done):
-            done = event
+    outputs = turn.outputs if turn.voice is not None else None
+    if outputs is not None:
+        outputs.begin_turn()
+    try:
+        for event in engine.respond(conversation, parts, sampling, extractor=turn.extractor, voice=turn.voice):
+            if isinstance(event, TextDelta) and not turn.json_out:
+                write_answer(event.text)
+            elif isinstance(event, AudioChunk) and outputs is not None:
+                outputs.write(event.samples)
+            elif isinstance(event, Done):
+                done = event
+    except BaseException:
+        if outputs is not None:
+            outputs.abort_turn()  # nothing half-written
+        raise
     assert done is not None  # respond always ends with Done
-    if json_out:
+    if outputs is not None:
+        outputs.end_turn()
+    if turn.json_out:
         write_answer(json.dumps(turn_json(done, parts), ensure_ascii=False) + "\n")
     else:
         write_answer("\n")
+    if turn.stats:
+        info(speech_io.latency_line(done))
     return done
 
 
@@ -161,6 +201,8 @@ def turn_json(done: "Done", parts: list) -> dict:
         "timings": {k: round(v, 4) for k, v in done.timings.items()},
         "tokens_per_s": round(done.tokens_per_s, 2),
         "kept_tokens": done.kept_tokens,
+        "reused_tokens": done.reused_tokens,
+        "speech_units": len(done.units),
         "evidence": done.evidence,
         "inputs": [_describe_part(p) for p in parts],
     }
@@ -186,15 +228,15 @@ def _stdin_lines() -> Iterator[str]:
             return
 
 
-def run_repl(engine: "Engine", conversation: "Conversation", sampling: "SamplingConfig", lines: Iterable[str], *,
-             json_out: bool = False, pending: list | None = None,
-             extractor: "ExtractorConfig | None" = None) -> None:  # fmt: skip
+def run_repl(engine: "Engine", conversation: "Conversation", sampling: "SamplingConfig", lines: Iterable[str],
+             turn: TurnSettings | None = None, *, pending: list | None = None) -> None:  # fmt: skip
     """The multi-turn loop: media commands queue parts for the next question; /reset clears the history."""
     from lyra_cli.console import error, info
     from lyra_cli.engine.pipeline import read_media
     from lyra_cli.engine.prompt import TextPart
     from lyra_cli.errors import LyraError
 
+    turn = turn or TurnSettings()
     queued = list(pending or [])
     info(REPL_HELP)
     for raw in lines:
@@ -215,13 +257,12 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
                 queued.append(engine.encode(read_media(command[1:], arg.strip())))
                 info(f"{command[1:]} `{arg.strip()}` added to the next question")
                 if command == "/speech":  # speech is a question by itself (the official image+speech turn)
-                    _answer(engine, conversation, queued, sampling, json_out=json_out, extractor=extractor)
+                    _answer(engine, conversation, queued, sampling, turn)
                     queued = []
             elif command.startswith("/"):
                 raise UsageError(f"unknown command `{command}`", REPL_HELP)
             else:
-                _answer(engine, conversation, [*queued, TextPart(line)], sampling, json_out=json_out,
-                        extractor=extractor)
+                _answer(engine, conversation, [*queued, TextPart(line)], sampling, turn)
                 queued = []
         except LyraError as exc:  # a bad file or command ends the line, not the session
             error(exc.message, exc.hint)

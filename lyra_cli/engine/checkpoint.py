@@ -84,12 +84,12 @@ def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
         raise CheckpointError(f"weight file `{path}` is unreadable ({exc})", "re-download this shard") from exc
 
 
-def _file_keys(path: Path) -> list[str]:
+def file_keys(path: Path) -> list[str]:
     with _open(path) as handle:
         return list(handle.keys())
 
 
-def _weight_files(folder: Path) -> dict[str, Path] | None:
+def weight_files(folder: Path) -> dict[str, Path] | None:
     """key → file for a folder holding sharded (index) or single-file safetensors; None if it holds neither."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
@@ -99,12 +99,12 @@ def _weight_files(folder: Path) -> dict[str, Path] | None:
         return {key: folder / name for key, name in weight_map.items()}
     single = folder / SINGLE_FILE
     if single.is_file():
-        return {key: single for key in _file_keys(single)}
+        return {key: single for key in file_keys(single)}
     return None
 
 
 def main_weight_source(model_dir: Path) -> WeightSource:
-    files = _weight_files(model_dir)
+    files = weight_files(model_dir)
     if files is None:
         raise CheckpointError(
             f"`{model_dir}` holds no `{INDEX_FILE}` or `{SINGLE_FILE}`", "point --model at a Lyra release folder"
@@ -134,7 +134,7 @@ def add_tower_fallback(source: WeightSource, prefix: str, tower_dir: Path | None
     """Tower weights missing from the main shards are read from the tower's own folder, when it has them."""
     if source.keys_with_prefix(prefix) or tower_dir is None:
         return
-    files = _weight_files(tower_dir)
+    files = weight_files(tower_dir)
     if files is None:
         return
     for stored_key, path in files.items():

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -10,6 +14,15 @@ class TextDelta:
     """New answer text, in order; the concatenation of all deltas is the answer."""
 
     text: str
+
+
+@dataclass(frozen=True, eq=False)
+class AudioChunk:
+    """New answer audio, in order: float32 mono samples at `sample_rate_hz`, starting at `start_s`."""
+
+    samples: "np.ndarray"
+    sample_rate_hz: int
+    start_s: float
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,7 @@ class Done:
     # per speech clip (in prompt order): its source and the (start_s, end_s) spans the extractor kept
     evidence: list[dict] = field(default_factory=list)
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous prompt's cache
+    units: list[int] = field(default_factory=list)  # the spoken answer's speech units (empty without a voice)
 
     @property
     def evidence_text(self) -> str:
@@ -47,4 +61,4 @@ class Done:
         return self.new_tokens / decode_s if decode_s > 0 else 0.0
 
 
-Event = TextDelta | Progress | Done
+Event = TextDelta | AudioChunk | Progress | Done

@@ -22,6 +22,7 @@ from lyra_cli.errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 512
 REPLACEMENT_CHAR = "\ufffd"  # what a tokenizer returns for an incomplete UTF-8 sequence
+END_STATE = -1  # token id of the extra step that carries the end token's own state (`feed_end`)
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,16 @@ def stream_steps(
     on_prefilled: Callable[[PrefillResult], None] | None = None,
     cache: KVCache | None = None,
     reused_tokens: int = 0,
+    feed_end: bool = False,
 ) -> Iterator[Step]:
     """Prefill `inputs` (chunked, with the extractor when given), then yield tokens until an end id
     (yielded with `is_end`) or `max_new_tokens`. Decoding runs on the caches the prefill left, which
     the extractor may have shortened; new tokens keep the original position numbering.
 
     `cache` holding the first `reused_tokens` of this very prompt (a previous prompt's prefix) skips
-    their prefill; only the rest is computed."""
+    their prefill; only the rest is computed. With `feed_end`, the end token is fed too and one last
+    step (token -1) carries the state it produces: the state *of* the end token, which the speech
+    generator sees in training (official-lyra.md §6.1)."""
     backbone = model.model
     if cache is None:
         cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0
@@ -153,12 +157,15 @@ def stream_steps(
         token = choose_token(model.logits(hidden)[0], seen, cfg, generator)
         is_end = token in end_ids
         yield Step(token, hidden[0], is_end)
-        if is_end:
+        if is_end and not feed_end:
             return
         seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
         position = torch.full((3, 1, 1), inputs.next_position + step, device=hidden.device, dtype=torch.long)
         embeds = backbone.embed_tokens(torch.tensor([[token]], device=hidden.device))
         hidden = backbone(embeds, position, cache)[:, -1]
+        if is_end:
+            yield Step(END_STATE, hidden[0], True)
+            return
 
 
 class TextStreamer:

@@ -29,9 +29,9 @@ from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio, require_speech
 from lyra_cli.audio.windows import split_windows
 from lyra_cli.engine.adapters import Adapter, activate, route
 from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.events import Done, Event, Progress, TextDelta
+from lyra_cli.engine.events import AudioChunk, Done, Event, Progress, TextDelta
 from lyra_cli.engine.extractor import evidence_spans, format_spans
-from lyra_cli.engine.generate import SamplingConfig, TextStreamer, stream_steps
+from lyra_cli.engine.generate import END_STATE, SamplingConfig, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.prefill import PrefillResult
@@ -40,6 +40,7 @@ from lyra_cli.engine.runtime import Runtime
 from lyra_cli.engine.speech import encode_windows, project_frames
 from lyra_cli.engine.tokenizer import encode_chunk
 from lyra_cli.engine.vision import encode_visual, load_image, load_video_frames
+from lyra_cli.engine.voice import Voice
 from lyra_cli.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,33 @@ def read_media(kind: str, path: str | Path) -> Media:
         require_speech(wav, path)
         return DecodedSpeech(wav, str(path))
     raise ValueError(f"unknown media kind {kind!r}; expected one of {MEDIA_KINDS}")
+
+
+class AudioClock:
+    """Numbers the answer's audio chunks and times them: first sample, duration, real-time factor."""
+
+    def __init__(self, sample_rate_hz: int, start: float) -> None:
+        self.sample_rate_hz = sample_rate_hz
+        self.start = start
+        self.samples = 0
+        self.first_audio_s: float | None = None
+
+    def chunk(self, samples: np.ndarray) -> AudioChunk | None:
+        if len(samples) == 0:
+            return None
+        if self.first_audio_s is None:
+            self.first_audio_s = time.perf_counter() - self.start
+        chunk = AudioChunk(samples, self.sample_rate_hz, self.samples / self.sample_rate_hz)
+        self.samples += len(samples)
+        return chunk
+
+    def timings(self, total_s: float) -> dict[str, float]:
+        if self.first_audio_s is None:
+            return {}
+        audio_s = self.samples / self.sample_rate_hz
+        # seconds spent producing the audio per second of audio: below 1, playback never waits
+        return {"first_audio_s": self.first_audio_s, "audio_s": audio_s,
+                "speech_rtf": (total_s - self.first_audio_s) / audio_s if audio_s else 0.0}  # fmt: skip
 
 
 @dataclass
@@ -167,8 +195,13 @@ class Engine:
         *,
         extractor: ExtractorConfig | None = None,
         chunk_tokens: int | None = None,
+        voice: Voice | None = None,
+        started_at: float | None = None,
     ) -> Iterator[Event]:
-        """Add a user turn, stream the answer, and record it in the conversation.
+        """Add a user turn, stream the answer (text, and audio chunks with a `voice`), record it.
+
+        Timings count from `started_at` (a `time.perf_counter()` value, e.g. the end of the user's
+        speech) when given, else from this call.
 
         `extractor` (None: the config's, which the release ships off) drops multimodal tokens block by
         block during prefill; `chunk_tokens` bounds prefill activations for long prompts."""
@@ -179,7 +212,7 @@ class Engine:
         try:
             if extractor is None and self.loaded.config.extractor.enabled:
                 extractor = self.loaded.config.extractor
-            yield from self._answer(conversation, turn, sampling, extractor, chunk_tokens)
+            yield from self._answer(conversation, turn, sampling, extractor, chunk_tokens, voice, started_at)
         finally:
             if turn.answer is None:  # interrupted: the turn never happened
                 conversation.turns.remove(turn)
@@ -191,8 +224,10 @@ class Engine:
         sampling: SamplingConfig,
         extractor: ExtractorConfig | None,
         chunk_tokens: int | None,
+        voice: Voice | None,
+        started_at: float | None,
     ) -> Iterator[Event]:
-        start = time.perf_counter()
+        start = started_at if started_at is not None else time.perf_counter()
         inputs, adapter = self.prepare(conversation)
         yield Progress("prefill", 0, inputs.n_tokens, "tokens")
         streamer = TextStreamer(self.loaded.tokenizer)
@@ -204,14 +239,22 @@ class Engine:
             prefilled.append((result, time.perf_counter() - start))
 
         cache, reused = self._reusable(inputs, adapter, extractor, inputs.n_tokens + sampling.max_new_tokens)
+        speaking = voice.start() if voice is not None else None
+        audio = AudioClock(voice.sample_rate_hz if voice is not None else 1, start)
         steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
-                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled, cache=cache,
-                             reused_tokens=reused)  # fmt: skip
+                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled, cache=cache, reused_tokens=reused,
+                             feed_end=voice is not None and voice.config.aligned)  # fmt: skip
         for step in steps:
             if first_token_s is None:
                 first_token_s = time.perf_counter() - start
+            if speaking is not None:
+                chunk = audio.chunk(speaking.push(step))
+                if chunk is not None:
+                    yield chunk
             if step.is_end:
                 stop = "end"
+                if step.token_id != END_STATE and speaking is not None and voice.config.aligned:
+                    continue  # the end token's own state follows as one more step
                 break
             n_new += 1
             delta = streamer.push(step.token_id)
@@ -220,6 +263,10 @@ class Engine:
         tail = streamer.flush()
         if tail:
             yield TextDelta(tail)
+        if speaking is not None:
+            chunk = audio.chunk(speaking.finish())
+            if chunk is not None:
+                yield chunk
         total = time.perf_counter() - start
         turn.answer = streamer.emitted.strip()
         first = first_token_s if first_token_s is not None else total
@@ -232,10 +279,12 @@ class Engine:
             new_tokens=n_new,
             adapter=adapter.value,
             stop_reason=stop,
-            timings={"first_token_s": first, "prefill_s": prefill_s, "decode_s": total - first, "total_s": total},
+            timings={"first_token_s": first, "prefill_s": prefill_s, "decode_s": total - first, "total_s": total,
+                     **audio.timings(total)},  # fmt: skip
             kept_tokens=kept_tokens,
             evidence=_evidence(inputs, result.kept_index) if result is not None and result.drops else [],
             reused_tokens=reused,
+            units=speaking.all_units if speaking is not None else [],
         )
 
     def _reusable(

@@ -25,11 +25,13 @@ from lyra_cli.engine.adapters import ADAPTER_DIRS, Adapter
 from lyra_cli.engine.config import parse_config
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.speech import build_whisper_encoder
+from lyra_cli.engine.speech_out import tiny_generator_config, write_tiny_speech_generator
+from lyra_cli.engine.vocoder import write_tiny_vocoder
 from lyra_cli.engine.tokenizer import build_tiny_tokenizer
 
 TINY_NAME = "tiny"
 # Bump when the tiny layout changes, so cached copies are rebuilt.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 3
 DEFAULT_SEED = 0
 CACHE_ENV = "LYRA_CACHE_DIR"
 
@@ -37,6 +39,7 @@ HIDDEN = 64  # ≥ 64: bitsandbytes' 4-bit layers need inputs at least this wide
 VOCAB_MULTIPLE = 64
 VISION_TOWER_DIR = "model_zoo/vision/Qwen2VL_tiny_ViT"
 SPEECH_TOWER_DIR = "model_zoo/audio/whisper-tiny-128"
+VOCODER_DIR = "model_zoo/audio/vocoder"  # where the authors' CLI looks for g_00500000 + config.json
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Stand-ins for the official r64/α16 (speech) and r128/α256 (long speech), scaled down.
 TINY_LORA = {Adapter.SPEECH: (8, 2.0), Adapter.LONG_SPEECH: (16, 32.0)}
@@ -77,7 +80,7 @@ def tiny_config(vocab_size: int, tokenizer_ids: dict[str, int]) -> dict[str, Any
     """config.json with the keys the release uses (official-lyra.md §1.4), at tiny sizes."""
     return {
         "architectures": ["Lyra2SQwen2VLForCausalLM"],
-        "model_type": "Lyra_Qwen2VL",
+        "model_type": "Lyra_Qwen2VL_SpeechGenerator",
         "vocab_size": vocab_size,
         "hidden_size": HIDDEN,
         "intermediate_size": 128,
@@ -211,7 +214,7 @@ def write_tiny_model(out: Path, *, seed: int = DEFAULT_SEED) -> None:
 
     tokenizer = load_tokenizer(out)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
-    config_dict = tiny_config(_vocab_size(len(tokenizer)), ids)
+    config_dict = tiny_config(_vocab_size(len(tokenizer)), ids) | tiny_generator_config()
     torch.manual_seed(seed)
     model = _build_model(config_dict)
     _write_json(out / "config.json", config_dict)
@@ -220,6 +223,8 @@ def write_tiny_model(out: Path, *, seed: int = DEFAULT_SEED) -> None:
     _write_towers(out)
     for adapter in ADAPTER_DIRS:
         _write_adapter(model, out, adapter, config_dict, seed)
+    write_tiny_speech_generator(out, HIDDEN, config_dict["rope_theta"], seed=seed)
+    write_tiny_vocoder(out / VOCODER_DIR, seed=seed)
 
 
 def tiny_model_dir(seed: int = DEFAULT_SEED) -> Path:

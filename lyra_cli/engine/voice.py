@@ -1,0 +1,117 @@
+"""Speech out, streamed: LLM states → CTC units (incremental) → vocoder chunks, as the text is generated.
+
+Each generated token's state yields its 25 frames of units at once (`UnitStream`), and the vocoder turns
+every `chunk_units` new units into audio with enough context that the stream equals offline vocoding
+(`VocoderStream`). The authors instead vocode after the whole answer (CLI) or re-run the generator on
+the whole prefix at every step (their demo).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lyra_cli.engine.generate import Step
+from lyra_cli.engine.loader import LoadedModel
+from lyra_cli.engine.speech_out import SpeechGenerator, UnitStream, load_speech_generator
+from lyra_cli.engine.vocoder import UnitVocoder, VocoderStream, load_vocoder
+from lyra_cli.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_UNITS = 40
+WARM_UP_STATES = 2
+WARM_UP_UNITS = DEFAULT_CHUNK_UNITS  # the authors' demo default: ~0.8 s of audio per vocoder call
+# Where a release folder keeps the unit vocoder (the authors' CLI default, relative to the model).
+VOCODER_DIRS = ("model_zoo/audio/vocoder", "vocoder")
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    chunk_units: int = DEFAULT_CHUNK_UNITS
+    # False: the authors' inputs — the state that *predicted* each token (the last prompt state, then
+    # each step's); True: the state *of* each generated token, as the generator saw in training.
+    aligned: bool = False
+
+
+@dataclass
+class Voice:
+    generator: SpeechGenerator
+    vocoder: UnitVocoder
+    config: VoiceConfig
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return self.vocoder.sample_rate_hz
+
+    def start(self) -> "VoiceTurn":
+        return VoiceTurn(self)
+
+
+class VoiceTurn:
+    """The streaming state of one spoken answer (explicit, so a test can drive it step by step)."""
+
+    def __init__(self, voice: Voice) -> None:
+        self.voice = voice
+        self.units = UnitStream(voice.generator)
+        self.audio = VocoderStream(voice.vocoder, voice.config.chunk_units)
+        self.all_units: list[int] = []
+        self._skip_first = voice.config.aligned  # the last prompt state predicts, it is not a token's state
+
+    def push(self, step: Step) -> np.ndarray:
+        """One generation step → the new audio samples it completes (often none)."""
+        if self._skip_first:
+            self._skip_first = False
+            return np.zeros(0, dtype=np.float32)
+        weight = next(self.voice.generator.parameters())
+        units = self.units.push(step.hidden.to(device=weight.device, dtype=weight.dtype))
+        self.all_units += units
+        return self.audio.push(units) if units else np.zeros(0, dtype=np.float32)
+
+    def finish(self) -> np.ndarray:
+        return self.audio.flush()
+
+
+def find_vocoder_dir(model_dir: Path, explicit: Path | None) -> Path:
+    if explicit is not None:
+        if not explicit.is_dir():
+            raise CheckpointError(f"vocoder folder `{explicit}` does not exist", "give the folder with g_00500000")
+        return explicit
+    for name in VOCODER_DIRS:
+        if (model_dir / name).is_dir():
+            return model_dir / name
+    raise CheckpointError(
+        f"no unit vocoder in `{model_dir}` (looked in {', '.join(VOCODER_DIRS)})",
+        "download the mHuBERT km1000 CodeHiFiGAN (g_00500000 + config.json) and pass --vocoder DIR",
+    )
+
+
+def load_voice(loaded: LoadedModel, vocoder_dir: Path | None, config: VoiceConfig) -> Voice:
+    """The speech generator (from `speech_generator.safetensors`) and the vocoder, on the model's device."""
+    runtime = loaded.runtime
+    generator = load_speech_generator(loaded.model_dir, loaded.config, device=runtime.device, dtype=runtime.dtype)
+    if generator is None:
+        raise CheckpointError(
+            "this model has no speech generator (config.json sets no `speech_generator_type`)",
+            "speech output needs a Lyra release with speech_generator.safetensors",
+        )
+    # The vocoder is small and its output is audio: fp32 everywhere avoids audible rounding.
+    vocoder = load_vocoder(find_vocoder_dir(loaded.model_dir, vocoder_dir), device=runtime.device, dtype=torch.float32)
+    voice = Voice(generator, vocoder, config)
+    warm_up(voice, loaded.config.text.hidden_size)
+    return voice
+
+
+@torch.inference_mode()
+def warm_up(voice: Voice, llm_hidden: int) -> None:
+    """Run both stages once at load time: first calls pay for kernel selection and allocation (about a
+    second on CPU), which would otherwise delay the first answer's first audio."""
+    weight = next(voice.generator.parameters())
+    turn = voice.start()
+    for _ in range(WARM_UP_STATES):
+        turn.units.push(torch.zeros(llm_hidden, device=weight.device, dtype=weight.dtype))
+    voice.vocoder(torch.arange(WARM_UP_UNITS, device=next(voice.vocoder.parameters()).device))
