@@ -24,6 +24,9 @@ from lyra_cli.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_UNITS = 40
+# The first chunk is vocoded sooner, so the answer starts sounding early; later chunks are larger and
+# cheaper per unit. The stream equals offline vocoding whatever the chunk sizes.
+FIRST_CHUNK_UNITS = 10
 WARM_UP_STATES = 2
 WARM_UP_UNITS = DEFAULT_CHUNK_UNITS  # the authors' demo default: ~0.8 s of audio per vocoder call
 # Where a release folder keeps the unit vocoder (the authors' CLI default, relative to the model).
@@ -58,7 +61,7 @@ class VoiceTurn:
     def __init__(self, voice: Voice) -> None:
         self.voice = voice
         self.units = UnitStream(voice.generator)
-        self.audio = VocoderStream(voice.vocoder, voice.config.chunk_units)
+        self.audio = VocoderStream(voice.vocoder, min(FIRST_CHUNK_UNITS, voice.config.chunk_units))
         self.all_units: list[int] = []
         self._skip_first = voice.config.aligned  # the last prompt state predicts, it is not a token's state
 
@@ -70,7 +73,10 @@ class VoiceTurn:
         weight = next(self.voice.generator.parameters())
         units = self.units.push(step.hidden.to(device=weight.device, dtype=weight.dtype))
         self.all_units += units
-        return self.audio.push(units) if units else np.zeros(0, dtype=np.float32)
+        samples = self.audio.push(units) if units else np.zeros(0, dtype=np.float32)
+        if len(samples):
+            self.audio.chunk_units = self.voice.config.chunk_units  # after the first chunk: the steady size
+        return samples
 
     def finish(self) -> np.ndarray:
         return self.audio.flush()
