@@ -19,6 +19,7 @@ from lyra_cli.commands import common
 from lyra_cli.commands.cache import cache_app
 from lyra_cli.commands.chat import chat
 from lyra_cli.commands.info import info
+from lyra_cli.commands.listen import listen
 from lyra_cli.commands.longspeech import longspeech
 from lyra_cli.errors import LyraError
 
@@ -36,6 +37,7 @@ app = typer.Typer(
 )
 app.command(help="Ask about images, video and speech, one-shot or in a multi-turn REPL.")(chat)
 app.command(help="Ask questions about a long recording (minutes to hours), with a speech-token cache.")(longspeech)
+app.command(help="Talk with Lyra: spoken turns in, text and speech out, with barge-in.")(listen)
 app.command(help="Describe a model folder: config, weights, adapters, tokenizer.")(info)
 app.add_typer(cache_app, name="cache")
 
@@ -78,15 +80,15 @@ def run(argv: list[str] | None = None) -> int:
         error(exc.message, exc.hint)
         return exc.exit_code
     except click.exceptions.Exit as exc:
-        return exc.exit_code
+        code = exc.exit_code
     except click.UsageError as exc:
         exc.show()
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt):
-        from lyra_cli.console import ui
-
-        ui.print("interrupted")
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
+        sys.stderr.write("interrupted\n")  # plain write: this may run while a Rich console is mid-render
+        sys.stderr.flush()
     return code if isinstance(code, int) else 0
 
 

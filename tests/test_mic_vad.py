@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from helpers.virtual_audio import virtual_mic_env as _virtual_mic_env
 import pytest
 import soundfile
 
@@ -293,25 +295,6 @@ def test_file_source_checks_the_file_at_once(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The microphone, through ALSA's file plugin (subprocess with a temporary HOME)
 # ---------------------------------------------------------------------------------------------------------
-
-_ASOUNDRC = """\
-pcm.!default {{ type asym playback.pcm "lyra_speaker" capture.pcm "lyra_mic" }}
-pcm.lyra_speaker {{ type plug slave {{ pcm "lyra_speaker_tap" format S16_LE rate 16000 channels 1 }} }}
-pcm.lyra_speaker_tap {{ type file slave.pcm "lyra_null" file "/dev/null" format "raw" }}
-pcm.lyra_mic {{ type plug slave {{ pcm "lyra_mic_tap" format S16_LE rate {mic_rate_hz} channels 1 }} }}
-pcm.lyra_mic_tap {{ type file slave.pcm "lyra_null" file "/dev/null" infile "{infile}" format "raw" }}
-pcm.lyra_null {{ type null }}
-"""
-
-
-def _virtual_mic_env(tmp_path: Path, recording: np.ndarray, mic_rate_hz: int = SAMPLE_RATE_HZ) -> dict[str, str]:
-    """Environment whose sound card's microphone "hears" `recording` (float32 at `mic_rate_hz`)."""
-    home, infile = tmp_path / "home", tmp_path / "mic.raw"
-    home.mkdir()
-    float_to_pcm16(recording).astype("<i2").tofile(infile)
-    (home / ".asoundrc").write_text(_ASOUNDRC.format(mic_rate_hz=mic_rate_hz, infile=infile))
-    return {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
-
 
 _CAPTURE = """
     import itertools, json, sys

@@ -385,6 +385,9 @@ class WavWriter:
 def _write_wav_atomic(path: Path, pcm: np.ndarray) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(fd, 0o666 & ~umask)  # a user's output file, not a private temp file (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "wb") as f:
             soundfile.write(f, pcm, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV")

@@ -1,0 +1,277 @@
+"""`lyra listen`: a spoken conversation. Speak, Lyra answers in text and speech; speak over it to interrupt.
+
+The main thread reads the microphone (or `--input-file`) frame by frame and runs the voice-activity
+detector, so it hears the user at every moment; a worker thread answers each finished turn. When the
+user starts speaking while an answer is being generated or played (barge-in), playback stops at once,
+the answer is abandoned (dropped from the conversation, its wav never written) and the new turn is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from lyra_cli.commands import common, speech_io
+from lyra_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lyra_cli.engine.events import Done
+
+
+@dataclass
+class TurnJob:
+    audio: "np.ndarray"
+    started_at: float  # perf_counter at the end of the user's speech
+    number: int
+
+
+@dataclass
+class Listener:
+    """The conversation loop. `render_text(str)` / `render_done(job, done)` / `note(str)` do the output."""
+
+    engine: Any
+    sampling: Any
+    voice: Any
+    outputs: speech_io.SpeechOutputs
+    render_text: Any
+    render_done: Any
+    note: Any
+    realtime: bool
+    max_turns: int | None = None
+    conversation: Any = None
+    turns_done: int = 0
+    interrupted: int = 0
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _worker: threading.Thread | None = None
+    _error: BaseException | None = None  # raised by the worker, re-raised on the main thread
+
+    @property
+    def answering(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def run(self, source: Any, detector: Any) -> None:
+        from lyra_cli.audio.vad import SpeechStarted, TurnEnded
+
+        number = 0
+        for frame in source:
+            for event in detector.feed(frame):
+                if isinstance(event, SpeechStarted) and (self.answering or self.outputs.playing):
+                    self.barge_in()
+                elif isinstance(event, TurnEnded):
+                    number += 1
+                    lag_s = detector.position_s - event.end_s if self.realtime else 0.0
+                    self.start_turn(TurnJob(event.audio, time.perf_counter() - lag_s, number))
+                    if not self.realtime:  # a file is read faster than speech: answer before reading on
+                        self.wait()
+            if self.max_turns is not None and self.turns_done >= self.max_turns:
+                break
+        for event in detector.flush():
+            if isinstance(event, TurnEnded) and (self.max_turns is None or self.turns_done < self.max_turns):
+                number += 1
+                self.start_turn(TurnJob(event.audio, time.perf_counter(), number))
+        self.wait()
+
+    def barge_in(self) -> None:
+        self.outputs.stop_playback()
+        if self.answering:
+            self._cancel.set()
+            self.wait()
+            self.interrupted += 1
+            self.note("(interrupted)")
+
+    def start_turn(self, job: TurnJob) -> None:
+        self.wait()
+        self._cancel.clear()
+        self._worker = threading.Thread(target=self._answer, args=(job,), name=f"lyra-turn-{job.number}", daemon=True)
+        self._worker.start()
+
+    def wait(self) -> None:
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def stop(self) -> None:
+        """Ctrl-C: abandon the answer under way and silence the speaker."""
+        self._cancel.set()
+        self.outputs.stop_playback()
+        self.wait()
+
+    def _answer(self, job: TurnJob) -> None:
+        try:
+            self._answer_turn(job)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
+            self.outputs.abort_turn()
+            self._error = exc
+
+    def _answer_turn(self, job: TurnJob) -> None:
+        from lyra_cli.engine.events import AudioChunk, Done, TextDelta
+        from lyra_cli.engine.pipeline import DecodedSpeech
+
+        part = self.engine.encode(DecodedSpeech(job.audio, f"turn {job.number}"))
+        self.outputs.begin_turn()
+        events = self.engine.respond(self.conversation, [part], self.sampling, voice=self.voice,
+                                     started_at=job.started_at)  # fmt: skip
+        try:
+            for event in events:
+                if self._cancel.is_set():
+                    self.outputs.abort_turn()
+                    return  # closing the generator drops the unfinished turn from the conversation
+                if isinstance(event, TextDelta):
+                    self.render_text(event.text)
+                elif isinstance(event, AudioChunk):
+                    self.outputs.write(event.samples)
+                elif isinstance(event, Done):
+                    self.outputs.end_turn()
+                    self.turns_done += 1
+                    self.render_done(job, event)
+        finally:
+            events.close()
+
+
+def listen(
+    mic: bool = typer.Option(False, "--mic", help="Listen to the microphone (the default without --input-file)."),
+    input_file: Path | None = typer.Option(None, "--input-file", help="Feed this recording instead of a microphone."),
+    realtime: bool = typer.Option(False, "--realtime", help="With --input-file: play it in at speaking speed."),
+    speak: bool | None = typer.Option(None, "--speak/--no-speak", help="Answer through the speaker (default: with --mic)."),
+    speech_out: Path | None = speech_io.SpeechOutOption,
+    list_devices_flag: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
+    input_device: str | None = typer.Option(None, "--input-device", help="Microphone: device index or part of its name."),
+    output_device: str | None = speech_io.OutputDeviceOption,
+    vad_threshold: float = typer.Option(0.5, "--vad-threshold", help="Speech probability that counts as speech."),
+    end_silence: float = typer.Option(0.7, "--end-silence", help="Seconds of silence that end a turn."),
+    min_speech: float = typer.Option(0.25, "--min-speech", help="Shorter sounds are not speech (coughs, clicks)."),
+    max_turn: float = typer.Option(30.0, "--max-turn", help="A turn longer than this many seconds is cut."),
+    max_turns: int | None = typer.Option(None, "--max-turns", help="Stop after answering this many turns."),
+    stats: bool = typer.Option(False, "--stats", help="Print latency per turn: end of speech → first token / audio."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of streamed text."),
+    system: str | None = typer.Option(None, "--system", help="System prompt (default: the official one)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No header or notes on stderr."),
+    chunk_units: int = speech_io.ChunkUnitsOption,
+    vocoder: Path | None = speech_io.VocoderOption,
+    ctc_aligned: bool = speech_io.CtcAlignedOption,
+    model: str = common.ModelOption,
+    device: str = common.DeviceOption,
+    dtype: str = common.DtypeOption,
+    load_8bit: bool = common.Load8bitOption,
+    load_4bit: bool = common.Load4bitOption,
+    temperature: float | None = common.TemperatureOption,
+    top_p: float | None = common.TopPOption,
+    top_k: int | None = common.TopKOption,
+    repetition_penalty: float | None = common.RepetitionOption,
+    max_new_tokens: int | None = common.MaxNewTokensOption,
+    seed: int | None = common.SeedOption,
+) -> None:
+    """Talk with Lyra: spoken turns in, text and speech out, with barge-in."""
+    if list_devices_flag:
+        _print_devices()
+        return
+    if mic and input_file is not None:
+        raise UsageError("--mic and --input-file exclude each other", "pick one source")
+    vad = _vad_config(vad_threshold, min_speech, end_silence, max_turn)
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    common.check_sampling_flags(sampling_flags)
+    speech_io.check_speech_out(speech_out)
+    source = _source(input_file, input_device, realtime)  # fails here, before weights, without a microphone
+    outputs = speech_io.SpeechOutputs(speak=speak if speak is not None else input_file is None,
+                                      device=output_device, speech_out=speech_out)  # fmt: skip
+    listener = None
+    try:
+        listener = _listener(model, request, sampling_flags, system, outputs, vocoder, chunk_units, ctc_aligned,
+                             json_out=json_out, stats=stats, quiet=quiet, realtime=input_file is None or realtime,
+                             max_turns=max_turns)  # fmt: skip
+        from lyra_cli.audio.vad import SileroVad, TurnDetector
+
+        listener.run(source, TurnDetector(vad, SileroVad()))
+    except KeyboardInterrupt:
+        if listener is not None:
+            listener.stop()
+        raise
+    finally:
+        source.close()
+        outputs.close(wait=listener is not None and not listener._cancel.is_set())
+
+
+def _vad_config(threshold: float, min_speech: float, end_silence: float, max_turn: float):  # noqa: ANN202
+    from lyra_cli.audio.vad import VadConfig
+
+    try:
+        return VadConfig(threshold=threshold, min_speech_s=min_speech, end_of_turn_silence_s=end_silence,
+                         max_turn_s=max_turn)  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(f"bad voice-activity setting: {exc}", "see `lyra listen --help` for the ranges") from None
+
+
+def _source(input_file: Path | None, input_device: str | None, realtime: bool):  # noqa: ANN202
+    from lyra_cli.audio.mic import FileSource, MicSource
+    from lyra_cli.audio.playback import pick_device
+
+    if input_file is not None:
+        return FileSource(input_file, realtime=realtime)
+    return MicSource(pick_device(input_device, "input"))
+
+
+def _print_devices() -> None:
+    from lyra_cli.audio.playback import list_devices
+    from lyra_cli.console import write_answer
+
+    devices = list_devices()
+    if not devices:
+        write_answer("no audio devices found (use --input-file and --speech-out)\n")
+    for dev in devices:
+        marks = ("default in " if dev.is_default_input else "") + ("default out" if dev.is_default_output else "")
+        write_answer(f"{dev.index:3d}  {dev.name}  (in {dev.max_input_channels}, out {dev.max_output_channels}, "
+                     f"{dev.default_samplerate:.0f} Hz) {marks}\n")  # fmt: skip
+
+
+def _listener(model: str, request, sampling_flags: dict, system: str | None, outputs, vocoder, chunk_units: int,  # noqa: ANN001
+              ctc_aligned: bool, *, json_out: bool, stats: bool, quiet: bool, realtime: bool,
+              max_turns: int | None) -> Listener:  # fmt: skip
+    from lyra_cli.console import info, write_answer
+    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
+    from lyra_cli.engine.runtime import resolve_runtime
+
+    engine = Engine.load(common.model_dir_for(model), resolve_runtime(request))
+    sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
+    voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
+    note = (lambda _: None) if quiet else info
+    if not quiet:
+        for line in common.header_lines(engine.loaded, model):
+            info(line)
+        info("listening… speak, pause to let Lyra answer, speak over it to interrupt; Ctrl-C quits")
+
+    def render_done(job: TurnJob, done: "Done") -> None:
+        if json_out:
+            write_answer(json.dumps(turn_record(job, done), ensure_ascii=False) + "\n")
+        else:
+            write_answer("\n")
+        if stats:
+            info(speech_io.latency_line(done).replace("first token", "end of speech → first token"))
+
+    return Listener(engine=engine, sampling=sampling, voice=voice, outputs=outputs,
+                    render_text=(lambda _: None) if json_out else write_answer, render_done=render_done, note=note,
+                    realtime=realtime, max_turns=max_turns,
+                    conversation=Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT))  # fmt: skip
+
+
+def turn_record(job: TurnJob, done: "Done") -> dict:
+    timings = {k: round(v, 4) for k, v in done.timings.items()}
+    return {"turn": job.number, "user_speech_s": round(len(job.audio) / 16000, 3), "answer": done.text,
+            "adapter": done.adapter, "new_tokens": done.new_tokens, "speech_units": len(done.units),
+            "latency": {"end_of_speech_to_first_token_s": timings.get("first_token_s"),
+                        "end_of_speech_to_first_audio_s": timings.get("first_audio_s"),
+                        "speech_rtf": timings.get("speech_rtf")},
+            "timings": timings}  # fmt: skip

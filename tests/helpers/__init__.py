@@ -1,0 +1,1 @@
+"""Helpers shared by tests (scripts run in subprocesses, virtual audio devices)."""
