@@ -23,6 +23,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Rot
 from lyra_cli.engine.checkpoint import GENERATOR_PREFIX, SPEECH_GENERATOR_FILE
 from lyra_cli.engine.config import SpeechGeneratorConfig, parse_config
 from lyra_cli.engine.speech_out import (
+    TINY_NONBLANK_FRACTION,
     SpeechGenerator,
     UnitStream,
     ctc_collapse,
@@ -312,7 +313,7 @@ def test_tiny_generator_emits_a_mix_of_units_and_blanks(tiny_folder: Path) -> No
     labels = model.forward_offline(random_states(40, seed=5, width=TINY_HIDDEN)).argmax(-1)
     non_blank = (labels != model.blank).float().mean().item()
     units = model.predict_units(random_states(40, seed=5, width=TINY_HIDDEN))
-    assert 0.15 < non_blank < 0.6
+    assert abs(non_blank - TINY_NONBLANK_FRACTION) < 0.2  # calibrated, on random states of the same scale
     assert len(units) >= 40 and len(set(units)) >= 20  # audibly varied downstream, not one repeated unit
 
 
