@@ -81,13 +81,13 @@ class NullSink:
     played_s = 0.0
 
     def write(self, samples: np.ndarray) -> None:
-        pass
+        """Discard the samples: nothing is listening."""
 
     def stop(self) -> None:
-        pass
+        """Nothing plays, so nothing to stop."""
 
     def close(self, wait: bool = True) -> None:
-        pass
+        """Nothing to release."""
 
 
 class PlaybackBuffer:
@@ -356,7 +356,7 @@ class WavWriter:
         self._n_samples += pcm.shape[0]
 
     def stop(self) -> None:
-        pass
+        """A file keeps what was generated: barge-in silences the speaker, not the record."""
 
     def close(self, wait: bool = True) -> None:
         """Write the file (all samples so far). Idempotent; after `abort`, does nothing."""

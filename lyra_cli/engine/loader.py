@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -136,11 +135,3 @@ def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
         load_s=time.perf_counter() - start,
         unused_keys=report.unused_keys,
     )
-
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def describe_dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
