@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-extras=${LYRA_EXTRAS:-quant,mic,test}
+extras=${LYRA_EXTRAS:-quant,mic,eval,test}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
@@ -14,4 +14,7 @@ fi
 torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==${torch_version}" > .venv/constraints.txt
 .venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[${extras}]"
+case ",${extras}," in
+  *,eval,*) .venv/bin/python -m pip install -q --no-deps openai-whisper ;;  # its deps would pull triton
+esac
 echo "lyra is set up in .venv (torch ${torch_version}); run .venv/bin/lyra --help" >&2

@@ -359,7 +359,10 @@ def _english_normalizer() -> Callable[[str], str]:
 
 def _missing(err: ModuleNotFoundError) -> MissingDependencyError:
     module = (err.name or "whisper").split(".")[0]
-    return MissingDependencyError(_PACKAGE_OF_MODULE.get(module, module), WER_FEATURE, extra=EVAL_EXTRA)
+    missing = MissingDependencyError(_PACKAGE_OF_MODULE.get(module, module), WER_FEATURE, extra=EVAL_EXTRA)
+    if module == "whisper":  # installed without its dependencies: they would pull triton (~1 GB) for nothing
+        missing.hint = f"run `pip install --no-deps openai-whisper` and `pip install 'lyra-cli[{EVAL_EXTRA}]'`"
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,23 +28,28 @@ log = logging.getLogger(__name__)
 MMVET_KEY_PREFIX = "v1_"
 _MMVET_KEY = re.compile(rf"{MMVET_KEY_PREFIX}(\d+)")
 
-# The grading prompt of MM-Vet's evaluator (github.com/yuweihao/MM-Vet, `mm-vet_evaluator.py`, Apache-2.0),
-# reproduced verbatim because it is part of the metric's definition: a score is only comparable with
-# published MM-Vet numbers when the judge saw the same instructions and few-shot table.
-GRADER_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
+# Our own grading instructions, following the protocol MM-Vet describes (a 0.0–1.0 correctness score in
+# tenths, `<AND>` / `<OR>` in ground truths, a few graded examples, the score alone as the reply). They are
+# written for this project, not copied: scores from an endpoint judge are for quick comparisons; numbers
+# to publish come from the public MM-Vet grader fed with `export_mmvet`'s JSON.
+GRADER_PROMPT = """You grade answers of AI assistants against a reference answer.
+Give a correctness score from 0.0 (wrong) to 1.0 (fully right) in steps of 0.1.
+In the reference, "A <AND> B" means every listed element must appear in the answer for full marks (partial
+credit for some of them); "A <OR> B" means any one listed element is enough.
+Judge meaning, not wording; for open-ended questions, give credit in proportion to how much of the
+reference's content the answer covers correctly. Reply with the score only.
 
-Question | Ground truth | Prediction | Correctness
+Question | Reference | Answer | Score
 --- | --- | --- | ---
-What is x in the equation? | -1 <AND> -5 | x = 3 | 0.0
-What is x in the equation? | -1 <AND> -5 | x = -1 | 0.5
-What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5
-What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5
-What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0
-Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very green. | 0.4
-Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme is using humor to point out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme is derived from the unexpected contrast between the names of the countries and their actual physical characteristics. | 1.0
-"""  # noqa: E501
+How many apples are on the plate? | 3 | There are three apples. | 1.0
+How many apples are on the plate? | 3 | I count four apples. | 0.0
+Which two colours dominate the flag? | red <AND> white | The flag is mostly red. | 0.5
+Which two colours dominate the flag? | red <AND> white | Red and white. | 1.0
+What could this sign mean? | no parking <OR> parking prohibited | Cars may not park here. | 1.0
+Why is the scene funny? | A cat sits in a box far too small for it while a large empty box stands beside it, the opposite of what one expects. | A cat squeezed into a tiny box. | 0.5
+"""
 # Appended by the grader when a reply held no readable score, before asking again.
-RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
+RETRY_SUFFIX = "\nAnswer with a single number between 0.0 and 1.0: "
 JUDGE_MAX_TOKENS = 3  # "0.7": the grader asks for the score alone
 JUDGE_TEMPERATURE = 0.0
 RETRY_TEMPERATURE_STEP = 0.5  # the grader samples more freely after each unreadable reply
@@ -102,7 +107,7 @@ def export_mmvet(predictions: Mapping[str, str] | Mapping[int, str]) -> dict[str
 def grading_prompt(record: MMVetRecord, *, retry: bool = False) -> str:
     """The grader's message: the prompt, then "question | ground truth | prediction | " to complete."""
     answer = record.answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
-    row = " | ".join([record.question, answer, record.prediction, ""])
+    row = f"{record.question} | {answer} | {record.prediction} | "
     return f"{GRADER_PROMPT}\n{row}" + (RETRY_SUFFIX if retry else "")
 
 

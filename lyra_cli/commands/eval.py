@@ -1,0 +1,531 @@
+"""`lyra eval`: the paper's benchmarks on the authors' data layout, resumable, shardable and scored.
+
+    lyra eval docvqa-s --data data/Lyra_Eval -m Lyra_Base_9B [--mode speech|text] [--limit N] [--out run.jsonl]
+    lyra eval docvqa-s --data data/Lyra_Eval --score-only run.jsonl        # no model: recompute the metrics
+    lyra eval merge run.jsonl run.shard-0-of-2.jsonl run.shard-1-of-2.jsonl
+    lyra eval needle --haystack talk.mp3 --needle fact.wav --question Q --answer A --lengths 5m,20m --out DIR
+
+Predictions are appended to the `--out` JSONL file item by item, so a killed run resumes where it stopped.
+A progress bar, and at the end a summary table, go to stderr; the summary as JSON goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from lyra_cli.commands import common
+from lyra_cli.engine.eval.suites import MODES, SPEECH_MODE, SUITES
+from lyra_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from lyra_cli.engine.eval.runner import Shard, Summary
+    from lyra_cli.engine.eval.suites import Suite
+
+JUDGE_KEY_ENV = "LYRA_JUDGE_API_KEY"
+DEFAULT_OUT_DIR = Path("lyra-eval")
+AUTO_SHARD = "auto"
+SHARD_WAIT_S = 24 * 3600  # rank 0 waits this long for the other ranks before giving up on the merge
+MMVET_EXPORT_SUFFIX = ".mmvet.json"
+NEEDLE_JSON, NEEDLE_PNG = "needle.json", "needle.png"
+OTHER_COMMANDS = ("merge", "needle")
+
+
+class EvalGroup(TyperGroup):
+    """An unknown suite gets our one-line error listing the valid ones (click's says only "no such command")."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in self.commands:
+            raise UsageError(f"unknown eval suite `{name}`", f"choose one of: {', '.join([*SUITES, *OTHER_COMMANDS])}")
+        return super().resolve_command(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=EvalGroup,
+    no_args_is_help=True,
+    help="Run the paper's benchmarks (TextVQA^s, DocVQA^s, ChartQA^s, MM-Vet^s, LibriSpeech) and the speech "
+    "needle-in-a-haystack test; score or merge prediction files.",
+)
+
+
+@dataclass
+class EvalRequest:
+    """Everything a suite command was given, validated in `evaluate` before any weights load."""
+
+    suite: str
+    data: Path
+    mode: str
+    limit: int | None
+    out: Path | None
+    resume: bool
+    shard: str | None
+    score_only: Path | None
+    judge_url: str | None
+    judge_model: str | None
+    extract: str | None
+    quiet: bool
+    model: str
+    device: str
+    dtype: str
+    load_8bit: bool
+    load_4bit: bool
+    sampling_flags: dict[str, Any]
+
+
+def _suite_command(name: str) -> Callable[..., None]:
+    def command(
+        data: Path = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder)."),
+        mode: str = typer.Option(SPEECH_MODE, "--mode", help="speech: the question is spoken (S+I); text: written (T+I)."),
+        limit: int | None = typer.Option(None, "--limit", help="Only the first N questions of the data file."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Predictions JSONL (default lyra-eval/SUITE-MODE.jsonl)."),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an existing --out file (default)."),
+        shard: str | None = typer.Option(None, "--shard", help="i/n: every n-th question from i; `auto`: RANK/WORLD_SIZE."),
+        score_only: Path | None = typer.Option(None, "--score-only", help="Score this predictions file; load no model."),
+        judge_url: str | None = typer.Option(None, "--judge-url", help=f"MM-Vet: OpenAI-compatible API root (key: ${JUDGE_KEY_ENV})."),
+        judge_model: str | None = typer.Option(None, "--judge-model", help="MM-Vet: the judge model, e.g. gpt-4-0613."),
+        extract: str | None = typer.Option(None, "--extract", help="Latent multi-modality extractor BLOCKSxRATIO, e.g. 4x0.7."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No header, progress or table on stderr."),
+        model: str = common.ModelOption,
+        device: str = common.DeviceOption,
+        dtype: str = common.DtypeOption,
+        load_8bit: bool = common.Load8bitOption,
+        load_4bit: bool = common.Load4bitOption,
+        temperature: float | None = typer.Option(None, "--temperature", help="Default 0 (greedy), as the eval scripts."),
+        top_p: float | None = common.TopPOption,
+        top_k: int | None = common.TopKOption,
+        repetition_penalty: float | None = common.RepetitionOption,
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: the suite's (1024; 128 for ASR)."),
+        seed: int | None = common.SeedOption,
+    ) -> None:
+        flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                     max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+        evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
+                             quiet, model, device, dtype, load_8bit, load_4bit, flags))  # fmt: skip
+
+    return command
+
+
+for _name, _suite in SUITES.items():
+    eval_app.command(_name, help=f"{_suite.title}: ask its questions (by voice or text) and score the answers.")(
+        _suite_command(_name)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# A suite
+
+
+def evaluate(req: EvalRequest) -> None:
+    from lyra_cli.engine.eval.runner import read_predictions, check_resumable, score_predictions
+    from lyra_cli.engine.eval.suites import check_mode, get_suite, load_items, select
+
+    suite = get_suite(req.suite)
+    check_mode(suite, req.mode)
+    if req.limit is not None and req.limit < 1:
+        raise UsageError(f"--limit must be ≥ 1, got `{req.limit}`", "e.g. --limit 100")
+    shard, auto = _shard(req.shard)
+    judge = _judge(suite, req)
+    if req.score_only is not None:
+        summary = score_predictions(suite, req.data, req.score_only, limit=req.limit, shard=shard, mode=req.mode,
+                                    judge=judge)  # fmt: skip
+        _finish(suite, summary, req.score_only, quiet=req.quiet)
+        return
+    items = select(load_items(suite, req.data), limit=req.limit, shard=shard.pair)  # the data checked before weights
+    model_dir, runtime, extractor, sampling = _setup(suite, req)
+    settings = run_settings(req, model_dir, runtime, sampling)
+    out = _out_path(req, shard, auto)
+    if req.resume:
+        check_resumable(read_predictions(out), out, suite, req.mode, settings)
+    engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet)
+    summary = _run(engine, suite, items, req, out, shard, sampling, extractor, settings)
+    if auto and shard.count > 1:
+        if shard.index != 0:
+            _finish(suite, summary, out, quiet=req.quiet)
+            return
+        out = _merge_ranks(suite, req, shard, items_all=load_items(suite, req.data))
+        summary = _score(suite, req, out, shard=None, judge=None)
+    if judge is not None:
+        summary = _score(suite, req, out, shard=None if auto else shard, judge=judge)
+    _finish(suite, summary, out, quiet=req.quiet)
+
+
+def _shard(spec: str | None) -> tuple["Shard", bool]:
+    from lyra_cli.engine.eval.runner import SINGLE, parse_shard, shard_from_env
+
+    if spec is None:
+        return SINGLE, False
+    if spec == AUTO_SHARD:
+        return shard_from_env(os.environ), True
+    return parse_shard(spec), False
+
+
+def _judge(suite: "Suite", req: EvalRequest) -> Callable[[list[Any]], list[float]] | None:
+    """MM-Vet's GPT judge, when asked for; the API key only from the environment (never a flag in shell history)."""
+    if req.judge_url is None and req.judge_model is None:
+        return None
+    if suite.primary.kind != "judge":
+        raise UsageError(f"--judge-url is for MM-Vet^s; {suite.title} is scored by `{suite.primary.name}`",
+                         "drop --judge-url / --judge-model")  # fmt: skip
+    if not req.judge_url or not req.judge_model:
+        raise UsageError("the MM-Vet judge needs both --judge-url and --judge-model",
+                         "e.g. --judge-url https://api.openai.com/v1 --judge-model gpt-4-0613")  # fmt: skip
+    from lyra_cli.engine.eval.mmvet import judge_mmvet
+
+    key = os.environ.get(JUDGE_KEY_ENV, "")
+    return lambda records: judge_mmvet(records, base_url=req.judge_url, api_key=key, model=req.judge_model)  # type: ignore[arg-type]
+
+
+def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
+    """Model folder, runtime, extractor and decoding, all resolved without loading weights."""
+    from lyra_cli.engine.runtime import resolve_runtime
+
+    request = common.runtime_request(req.device, req.dtype, req.load_8bit, req.load_4bit)
+    common.check_sampling_flags(req.sampling_flags)
+    model_dir = common.model_dir_for(req.model)
+    extractor = common.extractor_for(req.extract, model_dir)
+    sampling = eval_sampling(model_dir, suite.max_new_tokens, req.sampling_flags)
+    return model_dir, resolve_runtime(request), extractor, sampling
+
+
+def eval_sampling(model_dir: Path, max_new_tokens: int, flags: dict[str, Any]) -> Any:
+    """The checkpoint's generation_config (its repetition penalty applies, as in the authors' `generate`),
+    greedy (`--temperature 0` in every eval script) and the suite's token budget, unless flags say otherwise."""
+    from lyra_cli.engine.generate import SamplingConfig, sampling_from_generation_config
+    from lyra_cli.engine.loader import GENERATION_CONFIG_FILE
+
+    path = model_dir / GENERATION_CONFIG_FILE
+    defaults = sampling_from_generation_config(json.loads(path.read_text())) if path.is_file() else SamplingConfig()
+    eval_flags = {"temperature": 0.0, "max_new_tokens": max_new_tokens,
+                  **{k: v for k, v in flags.items() if v is not None}}  # fmt: skip
+    return common.sampling_config(defaults, **eval_flags)
+
+
+def run_settings(req: EvalRequest, model_dir: Path, runtime: Any, sampling: Any) -> dict[str, Any]:
+    """What must be equal for two runs' predictions to be resumed into, or merged with, each other."""
+    return {
+        "model": common.TINY if req.model == common.TINY else str(model_dir.resolve()),
+        "dtype": runtime.dtype_name, "quantization": runtime.quantization, "extract": req.extract or "config",
+        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+        "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens,
+        "seed": sampling.seed,
+    }  # fmt: skip
+
+
+def _out_path(req: EvalRequest, shard: "Shard", auto: bool) -> Path:
+    """--out as given (for `auto`, the merged file: each rank writes its shard file beside it); default
+    lyra-eval/SUITE-MODE.jsonl, with the shard in the name when sharded by hand."""
+    from lyra_cli.engine.eval.runner import shard_path
+
+    base = req.out if req.out is not None else DEFAULT_OUT_DIR / f"{req.suite}-{req.mode}.jsonl"
+    if auto and shard.count > 1:
+        return shard_path(base, shard)
+    if req.out is None and shard.count > 1:
+        return shard_path(base, shard)
+    return base
+
+
+def _load(model_dir: Path, runtime: Any, *, model: str, quiet: bool) -> Any:
+    from lyra_cli.console import info
+    from lyra_cli.engine.pipeline import Engine
+
+    _pin_local_gpu()
+    engine = Engine.load(model_dir, runtime)
+    # Each question is its own conversation; reusing the previous prompt's cache would save only the
+    # system prompt, and would make an answer depend on which question came before it (shards, resumes).
+    engine.reuse_prefix = False
+    if not quiet:
+        for line in common.header_lines(engine.loaded, model):
+            info(line)
+    return engine
+
+
+def _pin_local_gpu() -> None:
+    """Under torchrun / accelerate every rank sees every GPU: rank k computes on GPU LOCAL_RANK."""
+    from lyra_cli.engine.eval.runner import LOCAL_RANK_ENV
+
+    if LOCAL_RANK_ENV not in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(int(os.environ[LOCAL_RANK_ENV]) % torch.cuda.device_count())
+
+
+def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, shard: "Shard", sampling: Any,  # noqa: ANN001
+         extractor: Any, settings: dict[str, Any]) -> "Summary":  # fmt: skip
+    from lyra_cli.console import info
+    from lyra_cli.engine.eval.runner import run_suite
+
+    if not req.quiet:
+        info(f"{suite.title} --mode {req.mode} · {len(items)} question(s)"
+             + (f" · shard {shard.label}" if shard.count > 1 else "") + f" · predictions → {out}")  # fmt: skip
+    with ItemProgress(suite.title, enabled=not req.quiet) as bar:
+        return run_suite(engine, suite, items, mode=req.mode, out_path=out, resume=req.resume, shard=shard,
+                         sampling=sampling, extractor=extractor, settings=settings, on_progress=bar.update)  # fmt: skip
+
+
+def _merge_ranks(suite: "Suite", req: EvalRequest, shard: "Shard", items_all: list) -> Path:  # noqa: ANN001
+    """Rank 0 of an `accelerate launch`/torchrun run: wait for every rank's file to be complete, then merge."""
+    from lyra_cli.console import info
+    from lyra_cli.engine.eval.runner import Shard, merge_predictions, shard_path, wait_for_shards
+    from lyra_cli.engine.eval.suites import select
+
+    base = req.out if req.out is not None else DEFAULT_OUT_DIR / f"{req.suite}-{req.mode}.jsonl"
+    expected = {}
+    for index in range(shard.count):
+        rank = Shard(index, shard.count)
+        expected[shard_path(base, rank)] = {item.id for item in select(items_all, limit=req.limit, shard=rank.pair)}
+    if not req.quiet:
+        info(f"rank 0: waiting for the other {shard.count - 1} rank(s) to finish, then merging into {base}")
+    wait_for_shards(expected, timeout_s=SHARD_WAIT_S)
+    merge_predictions(list(expected), base)
+    return base
+
+
+def _score(suite: "Suite", req: EvalRequest, out: Path, *, shard: "Shard | None", judge: Any) -> "Summary":
+    from lyra_cli.engine.eval.runner import SINGLE, score_predictions
+
+    return score_predictions(suite, req.data, out, limit=req.limit, shard=shard or SINGLE, mode=req.mode, judge=judge)
+
+
+def _finish(suite: "Suite", summary: "Summary", predictions: Path, *, quiet: bool) -> None:
+    """MM-Vet's export for the online grader; the table on stderr; the JSON on stdout."""
+    from lyra_cli.console import write_answer
+
+    record = summary.to_json()
+    if suite.primary.kind == "judge":
+        record["mmvet_export"] = str(_export_mmvet(predictions))
+    if not quiet:
+        render_summary(suite, record)
+    write_answer(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _export_mmvet(predictions: Path) -> Path:
+    from lyra_cli.engine.eval.mmvet import export_mmvet
+    from lyra_cli.engine.eval.runner import _keyed, prediction_text, read_predictions
+
+    keyed, _ = _keyed(read_predictions(predictions).records)
+    answers = {i: prediction_text(r) or "" for i, r in keyed.items() if "skipped" not in r}
+    target = predictions.with_name(predictions.stem + MMVET_EXPORT_SUFFIX)
+    target.write_text(json.dumps(export_mmvet(answers), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return target
+
+
+def render_summary(suite: "Suite", record: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from lyra_cli.console import ui
+
+    table = Table(title=f"{suite.title} · --mode {record['mode']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    score = record["score"]
+    table.add_row(record["metric"], "—" if score is None else f"{score:.2f}")
+    for name, value in record["metrics"].items():
+        if name != record["metric"]:
+            table.add_row(name, "—" if value is None else f"{value:.2f}")
+    table.add_row("scored", str(record["count"]))
+    skipped = record["skipped"]
+    table.add_row("skipped", ", ".join(f"{reason}: {n}" for reason, n in skipped.items()) if skipped else "0")
+    if record["missing"]:
+        table.add_row("not answered", str(record["missing"]))
+    rate = record["samples_per_s"]
+    table.add_row("model time", f"{record['seconds']:.1f}s" + (f" · {rate:.2f} samples/s · "
+                  f"{record['tokens_per_s']:.1f} tokens/s" if rate else ""))  # fmt: skip
+    if record["paper"]:
+        table.add_row("paper", ", ".join(f"{k} {v}" for k, v in record["paper"].items()))
+    table.add_row("predictions", record["predictions"])
+    if "mmvet_export" in record:
+        table.add_row("grader export", record["mmvet_export"])
+    for note in record["notes"]:
+        table.add_row("note", note)
+    ui.print(table)
+
+
+class ItemProgress:
+    """Questions done of the total, with ETA and the skip count, on stderr (nothing with --quiet)."""
+
+    def __init__(self, label: str, *, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from lyra_cli.console import ui
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[skipped]}"),
+                                  console=ui, disable=not enabled)  # fmt: skip
+        self._task = self._progress.add_task(label, total=None, skipped="")
+        self._skipped = 0
+
+    def __enter__(self) -> "ItemProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, done: int, total: int, record: dict[str, Any]) -> None:
+        self._skipped += "skipped" in record
+        self._progress.update(self._task, completed=done, total=total,
+                              skipped=f"skipped {self._skipped}" if self._skipped else "")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge
+
+
+@eval_app.command("merge", help="Merge shard prediction files into one (each id once, in data order).")
+def merge(
+    out: Path = typer.Argument(..., help="The merged predictions file to write."),
+    shards: list[Path] = typer.Argument(..., help="The shard files (e.g. run.shard-0-of-2.jsonl run.shard-1-of-2.jsonl)."),
+) -> None:
+    from lyra_cli.console import write_answer
+    from lyra_cli.engine.eval.runner import merge_predictions
+
+    if out in shards:
+        raise UsageError(f"`{out}` is both the output and a shard", "write the merge to a new file")
+    report = merge_predictions(shards, out)
+    write_answer(json.dumps({"out": str(report.out), "records": report.records, "files": report.files,
+                             "duplicates": report.duplicates, "shards": report.shards}) + "\n")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# needle
+
+
+def parse_lengths(text: str) -> tuple[float, ...]:
+    """`40s,70s`, `1m,5m,1.5h`, `90` (seconds) → seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+    lengths = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", part.lower())
+        if match is None or float(match.group(1)) <= 0:
+            raise UsageError(f"cannot read the length `{part.strip()}` in --lengths `{text}`",
+                             "use positive durations: seconds (`90`), `40s`, `5m`, `1.5h`, comma-separated")  # fmt: skip
+        lengths.append(float(match.group(1)) * units[match.group(2)])
+    return tuple(lengths)
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """`0,0.5,1` or `0%,50%,100%` → fractions in [0, 1]."""
+    depths = []
+    for part in text.split(","):
+        value = part.strip()
+        try:
+            depth = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        except ValueError:
+            depth = -1.0
+        if not 0 <= depth <= 1:
+            raise UsageError(f"cannot read the depth `{value}` in --depths `{text}`",
+                             "use fractions 0..1 or percentages, e.g. --depths 0,0.5,1")  # fmt: skip
+        depths.append(depth)
+    return tuple(depths)
+
+
+@eval_app.command("needle", help="Speech needle in a haystack: a spoken fact at chosen depths of long recordings.")
+def needle(
+    haystack: list[Path] = typer.Option(..., "--haystack", help="Recording(s) tiled to each length (repeatable)."),
+    needle_file: Path = typer.Option(..., "--needle", help="The spoken fact to hide in the haystack."),
+    question: str = typer.Option(..., "--question", help="What to ask about the fact."),
+    answer: list[str] = typer.Option(..., "--answer", help="An expected answer (repeatable: any counts)."),
+    lengths: str = typer.Option("1m,5m", "--lengths", help="Recording lengths, e.g. 1m,5m,20m."),
+    depths: str = typer.Option("0,0.5,1", "--depths", help="Where the needle goes: fractions or percentages."),
+    out: Path = typer.Option(Path("lyra-eval/needle"), "--out", "-o", help="Folder for needle.json and needle.png."),
+    extract: str | None = typer.Option(None, "--extract", help="Latent multi-modality extractor BLOCKSxRATIO."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No header, progress or table on stderr."),
+    model: str = common.ModelOption,
+    device: str = common.DeviceOption,
+    dtype: str = common.DtypeOption,
+    load_8bit: bool = common.Load8bitOption,
+    load_4bit: bool = common.Load4bitOption,
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default 64: the answer is a short fact."),
+) -> None:
+    from lyra_cli.audio.io import load_audio
+    from lyra_cli.engine.eval.needle import NEEDLE_MAX_NEW_TOKENS, NeedleSpec
+    from lyra_cli.engine.runtime import resolve_runtime
+
+    spec = NeedleSpec(question, tuple(answer), parse_lengths(lengths), parse_depths(depths))
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    flags = {"max_new_tokens": max_new_tokens or NEEDLE_MAX_NEW_TOKENS}
+    common.check_sampling_flags(flags)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out `{out}` is a file", "give a folder for needle.json and needle.png")
+    hay = [load_audio(path) for path in haystack]  # decoded and checked before any weights load
+    fact = load_audio(needle_file)
+    _check_needle_fits(spec, fact)
+    model_dir = common.model_dir_for(model)
+    extractor = common.extractor_for(extract, model_dir)
+    _check_positions(model_dir, spec, extractor)
+    runtime = resolve_runtime(request)
+    sampling = eval_sampling(model_dir, NEEDLE_MAX_NEW_TOKENS, flags)
+    engine = _load(model_dir, runtime, model=model, quiet=quiet)
+    grid = _run_needle(engine, hay, fact, spec, sampling, extractor, extract, quiet)
+    context = {"model": common.TINY if model == common.TINY else str(model_dir), "haystack": [str(p) for p in haystack],
+               "needle": str(needle_file)}  # fmt: skip
+    _write_needle(grid, out, context, title=f"Speech needle in a haystack · extractor {extract or 'off'}", quiet=quiet)
+
+
+def _check_needle_fits(spec: Any, fact: Any) -> None:
+    from lyra_cli.audio.io import SAMPLE_RATE_HZ
+    from lyra_cli.engine.eval.needle import padded_needle
+
+    needle_s = padded_needle(fact).size / SAMPLE_RATE_HZ
+    too_short = [length for length in spec.lengths_s if length < needle_s]
+    if too_short:
+        raise UsageError(f"--lengths {', '.join(f'{x:g}s' for x in too_short)} cannot hold the {needle_s:.1f} s needle",
+                         "give lengths longer than the needle (with its 0.5 s pauses)")  # fmt: skip
+
+
+def _check_positions(model_dir: Path, spec: Any, extractor: Any) -> None:
+    """No silent truncation: the longest recording must fit the model's positions, or the extractor be on."""
+    from lyra_cli.engine.config import load_config
+    from lyra_cli.engine.longspeech import estimated_tokens
+
+    max_positions = load_config(model_dir).text.max_position_embeddings
+    longest = max(spec.lengths_s)
+    if estimated_tokens(longest) + 64 > max_positions and not (extractor is not None and extractor.enabled):
+        raise UsageError(f"a {longest / 60:.0f}-minute recording needs more than the model's {max_positions:,} "
+                         "positions", "add --extract 4x0.7, or give shorter --lengths")  # fmt: skip
+
+
+def _run_needle(engine: Any, hay: list, fact: Any, spec: Any, sampling: Any, extractor: Any, extract: str | None,  # noqa: ANN001
+                quiet: bool) -> Any:  # fmt: skip
+    from lyra_cli.engine.eval.needle import run_needle
+
+    with ItemProgress("needle", enabled=not quiet) as bar:
+        return run_needle(engine, hay, fact, spec, sampling=sampling, extractor=extractor, extract_label=extract,
+                          on_cell=lambda done, total, cell: bar.update(done, total, {}))  # fmt: skip
+
+
+def _write_needle(grid: Any, out: Path, context: dict[str, Any], *, title: str, quiet: bool) -> None:
+    from lyra_cli.console import info, write_answer
+    from lyra_cli.engine.eval.needle import draw_heatmap
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = grid.to_json(**context)
+    json_path, png_path = out / NEEDLE_JSON, out / NEEDLE_PNG
+    _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n"))
+    _atomic_write(png_path, lambda tmp: draw_heatmap(grid, title).save(tmp, format="PNG"))
+    if not quiet:
+        mean = record["mean_score"]
+        info(f"needle found in {sum(c.score for c in grid.cells):g} of {len(grid.cells)} recordings (mean {mean:.2f})"
+             f" · {json_path} · {png_path}")  # fmt: skip
+    write_answer(json.dumps({**{k: record[k] for k in ("lengths_s", "depths", "scores", "kept_tokens", "seconds",
+                                                         "mean_score", "extract")},
+                             "json": str(json_path), "png": str(png_path)}) + "\n")  # fmt: skip
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
