@@ -240,7 +240,7 @@ def test_wer_without_whisper_names_the_package(monkeypatch: pytest.MonkeyPatch) 
     finally:
         metrics._english_normalizer.cache_clear()
     assert "`openai-whisper`" in caught.value.message
-    assert caught.value.hint == "run `pip install 'lyra-cli[eval]'`"
+    assert caught.value.hint == "run `pip install --no-deps openai-whisper` and `pip install 'lyra-cli[eval]'`"
 
 
 # --- summary -----------------------------------------------------------------------------------------------

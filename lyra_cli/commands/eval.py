@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from lyra_cli.commands import common
-from lyra_cli.engine.eval.suites import MODES, SPEECH_MODE, SUITES
+from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES
 from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
