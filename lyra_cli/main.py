@@ -18,6 +18,7 @@ from lyra_cli import __version__
 from lyra_cli.commands import common
 from lyra_cli.commands.cache import cache_app
 from lyra_cli.commands.chat import chat
+from lyra_cli.commands.eval import eval_app
 from lyra_cli.commands.info import info
 from lyra_cli.commands.listen import listen
 from lyra_cli.commands.longspeech import longspeech
@@ -39,6 +40,7 @@ app.command(help="Ask about images, video and speech, one-shot or in a multi-tur
 app.command(help="Ask questions about a long recording (minutes to hours), with a speech-token cache.")(longspeech)
 app.command(help="Talk with Lyra: spoken turns in, text and speech out, with barge-in.")(listen)
 app.command(help="Describe a model folder: config, weights, adapters, tokenizer.")(info)
+app.add_typer(eval_app, name="eval")
 app.add_typer(cache_app, name="cache")
 
 

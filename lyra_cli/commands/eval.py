@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from lyra_cli.commands import common
-from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES
+from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES, TEXT_MODE
 from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -82,29 +82,44 @@ class EvalRequest:
     sampling_flags: dict[str, Any]
 
 
+DataOption = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder).")
+ModeOption = typer.Option(SPEECH_MODE, "--mode", help="speech: the question is spoken (S+I); text: written (T+I).")
+LimitOption = typer.Option(None, "--limit", help="Only the first N questions of the data file.")
+OutOption = typer.Option(None, "--out", "-o", help="Predictions JSONL (default lyra-eval/SUITE-MODE.jsonl).")
+ResumeOption = typer.Option(True, "--resume/--no-resume", help="Continue an existing --out file (default).")
+ShardOption = typer.Option(None, "--shard", help="i/n: every n-th question from i; `auto`: RANK of WORLD_SIZE.")
+ScoreOnlyOption = typer.Option(None, "--score-only", help="Score this predictions file; load no model.")
+JudgeUrlOption = typer.Option(None, "--judge-url", help=f"MM-Vet: OpenAI-compatible API root (key: ${JUDGE_KEY_ENV}).")
+JudgeModelOption = typer.Option(None, "--judge-model", help="MM-Vet: the judge model, e.g. gpt-4-0613.")
+ExtractOption = typer.Option(None, "--extract", help="Latent multi-modality extractor BLOCKSxRATIO, e.g. 4x0.7.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="No header, progress or table on stderr.")
+EvalTemperatureOption = typer.Option(None, "--temperature", help="Default 0 (greedy), as the eval scripts.")
+EvalMaxNewTokensOption = typer.Option(None, "--max-new-tokens", help="Default: the suite's (1024; 128 for ASR).")
+
+
 def _suite_command(name: str) -> Callable[..., None]:
     def command(
-        data: Path = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder)."),
-        mode: str = typer.Option(SPEECH_MODE, "--mode", help="speech: the question is spoken (S+I); text: written (T+I)."),
-        limit: int | None = typer.Option(None, "--limit", help="Only the first N questions of the data file."),
-        out: Path | None = typer.Option(None, "--out", "-o", help="Predictions JSONL (default lyra-eval/SUITE-MODE.jsonl)."),
-        resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an existing --out file (default)."),
-        shard: str | None = typer.Option(None, "--shard", help="i/n: every n-th question from i; `auto`: RANK/WORLD_SIZE."),
-        score_only: Path | None = typer.Option(None, "--score-only", help="Score this predictions file; load no model."),
-        judge_url: str | None = typer.Option(None, "--judge-url", help=f"MM-Vet: OpenAI-compatible API root (key: ${JUDGE_KEY_ENV})."),
-        judge_model: str | None = typer.Option(None, "--judge-model", help="MM-Vet: the judge model, e.g. gpt-4-0613."),
-        extract: str | None = typer.Option(None, "--extract", help="Latent multi-modality extractor BLOCKSxRATIO, e.g. 4x0.7."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No header, progress or table on stderr."),
+        data: Path = DataOption,
+        mode: str = ModeOption,
+        limit: int | None = LimitOption,
+        out: Path | None = OutOption,
+        resume: bool = ResumeOption,
+        shard: str | None = ShardOption,
+        score_only: Path | None = ScoreOnlyOption,
+        judge_url: str | None = JudgeUrlOption,
+        judge_model: str | None = JudgeModelOption,
+        extract: str | None = ExtractOption,
+        quiet: bool = QuietOption,
         model: str = common.ModelOption,
         device: str = common.DeviceOption,
         dtype: str = common.DtypeOption,
         load_8bit: bool = common.Load8bitOption,
         load_4bit: bool = common.Load4bitOption,
-        temperature: float | None = typer.Option(None, "--temperature", help="Default 0 (greedy), as the eval scripts."),
+        temperature: float | None = EvalTemperatureOption,
         top_p: float | None = common.TopPOption,
         top_k: int | None = common.TopKOption,
         repetition_penalty: float | None = common.RepetitionOption,
-        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: the suite's (1024; 128 for ASR)."),
+        max_new_tokens: int | None = EvalMaxNewTokensOption,
         seed: int | None = common.SeedOption,
     ) -> None:
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
@@ -116,9 +131,9 @@ def _suite_command(name: str) -> Callable[..., None]:
 
 
 for _name, _suite in SUITES.items():
-    eval_app.command(_name, help=f"{_suite.title}: ask its questions (by voice or text) and score the answers.")(
-        _suite_command(_name)
-    )
+    _what = ("ask its questions by voice (--mode speech, S+I) or in writing (--mode text, T+I) and score the answers"
+             if TEXT_MODE in _suite.layouts else "transcribe its recordings and score the word error rate")  # fmt: skip
+    eval_app.command(_name, help=f"{_suite.title}: {_what}.")(_suite_command(_name))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,8 +141,9 @@ for _name, _suite in SUITES.items():
 
 
 def evaluate(req: EvalRequest) -> None:
-    from lyra_cli.engine.eval.runner import read_predictions, check_resumable, score_predictions
-    from lyra_cli.engine.eval.suites import check_mode, get_suite, load_items, select
+    """Validate everything (suite, mode, shard, judge, data) before any weights load, then score or run."""
+    from lyra_cli.engine.eval.runner import score_predictions
+    from lyra_cli.engine.eval.suites import check_mode, get_suite
 
     suite = get_suite(req.suite)
     check_mode(suite, req.mode)
@@ -135,27 +151,35 @@ def evaluate(req: EvalRequest) -> None:
         raise UsageError(f"--limit must be ≥ 1, got `{req.limit}`", "e.g. --limit 100")
     shard, auto = _shard(req.shard)
     judge = _judge(suite, req)
-    if req.score_only is not None:
-        summary = score_predictions(suite, req.data, req.score_only, limit=req.limit, shard=shard, mode=req.mode,
-                                    judge=judge)  # fmt: skip
-        _finish(suite, summary, req.score_only, quiet=req.quiet)
+    if req.score_only is None:
+        _run_and_score(suite, req, shard, auto, judge)
         return
-    items = select(load_items(suite, req.data), limit=req.limit, shard=shard.pair)  # the data checked before weights
+    summary = score_predictions(suite, req.data, req.score_only, limit=req.limit, shard=shard, mode=req.mode,
+                                judge=judge)  # fmt: skip
+    _finish(suite, summary, req.score_only, quiet=req.quiet)
+
+
+def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool, judge: Any) -> None:
+    from lyra_cli.engine.eval.runner import check_resumable, read_predictions
+    from lyra_cli.engine.eval.suites import load_items, select
+
+    all_items = load_items(suite, req.data)  # the data is read and checked before any weights load
+    if auto:
+        _pin_local_gpu()  # before anything touches CUDA
     model_dir, runtime, extractor, sampling = _setup(suite, req)
     settings = run_settings(req, model_dir, runtime, sampling)
-    out = _out_path(req, shard, auto)
+    out = shard_path_for(req, shard, auto)
     if req.resume:
         check_resumable(read_predictions(out), out, suite, req.mode, settings)
     engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet)
+    items = select(all_items, limit=req.limit, shard=shard.pair)
     summary = _run(engine, suite, items, req, out, shard, sampling, extractor, settings)
-    if auto and shard.count > 1:
-        if shard.index != 0:
-            _finish(suite, summary, out, quiet=req.quiet)
-            return
-        out = _merge_ranks(suite, req, shard, items_all=load_items(suite, req.data))
-        summary = _score(suite, req, out, shard=None, judge=None)
-    if judge is not None:
+    if auto and shard.count > 1 and shard.index == 0:  # rank 0 merges and scores the whole run
+        out = _merge_ranks(req, shard, all_items)
+    if (auto and shard.count > 1 and shard.index == 0) or judge is not None:
+        resumed = summary.resumed
         summary = _score(suite, req, out, shard=None if auto else shard, judge=judge)
+        summary.resumed = resumed
     _finish(suite, summary, out, quiet=req.quiet)
 
 
@@ -181,8 +205,8 @@ def _judge(suite: "Suite", req: EvalRequest) -> Callable[[list[Any]], list[float
                          "e.g. --judge-url https://api.openai.com/v1 --judge-model gpt-4-0613")  # fmt: skip
     from lyra_cli.engine.eval.mmvet import judge_mmvet
 
-    key = os.environ.get(JUDGE_KEY_ENV, "")
-    return lambda records: judge_mmvet(records, base_url=req.judge_url, api_key=key, model=req.judge_model)  # type: ignore[arg-type]
+    url, model, key = req.judge_url, req.judge_model, os.environ.get(JUDGE_KEY_ENV, "")
+    return lambda records: judge_mmvet(records, base_url=url, api_key=key, model=model)
 
 
 def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
@@ -221,24 +245,25 @@ def run_settings(req: EvalRequest, model_dir: Path, runtime: Any, sampling: Any)
     }  # fmt: skip
 
 
-def _out_path(req: EvalRequest, shard: "Shard", auto: bool) -> Path:
-    """--out as given (for `auto`, the merged file: each rank writes its shard file beside it); default
-    lyra-eval/SUITE-MODE.jsonl, with the shard in the name when sharded by hand."""
+def base_out(req: EvalRequest) -> Path:
+    return req.out if req.out is not None else DEFAULT_OUT_DIR / f"{req.suite}-{req.mode}.jsonl"
+
+
+def shard_path_for(req: EvalRequest, shard: "Shard", auto: bool) -> Path:
+    """Where this process writes: --out as given, or lyra-eval/SUITE-MODE.jsonl; the shard goes into the name
+    under a launcher (`auto`: --out is then the merged file rank 0 writes) and when sharding by hand without
+    --out."""
     from lyra_cli.engine.eval.runner import shard_path
 
-    base = req.out if req.out is not None else DEFAULT_OUT_DIR / f"{req.suite}-{req.mode}.jsonl"
-    if auto and shard.count > 1:
-        return shard_path(base, shard)
-    if req.out is None and shard.count > 1:
-        return shard_path(base, shard)
-    return base
+    base = base_out(req)
+    named_by_us = auto or req.out is None
+    return shard_path(base, shard) if named_by_us and shard.count > 1 else base
 
 
 def _load(model_dir: Path, runtime: Any, *, model: str, quiet: bool) -> Any:
     from lyra_cli.console import info
     from lyra_cli.engine.pipeline import Engine
 
-    _pin_local_gpu()
     engine = Engine.load(model_dir, runtime)
     # Each question is its own conversation; reusing the previous prompt's cache would save only the
     # system prompt, and would make an answer depend on which question came before it (shards, resumes).
@@ -261,8 +286,8 @@ def _pin_local_gpu() -> None:
         torch.cuda.set_device(int(os.environ[LOCAL_RANK_ENV]) % torch.cuda.device_count())
 
 
-def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, shard: "Shard", sampling: Any,  # noqa: ANN001
-         extractor: Any, settings: dict[str, Any]) -> "Summary":  # fmt: skip
+def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, shard: "Shard",  # noqa: ANN001
+         sampling: Any, extractor: Any, settings: dict[str, Any]) -> "Summary":  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.eval.runner import run_suite
 
@@ -274,13 +299,13 @@ def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, 
                          sampling=sampling, extractor=extractor, settings=settings, on_progress=bar.update)  # fmt: skip
 
 
-def _merge_ranks(suite: "Suite", req: EvalRequest, shard: "Shard", items_all: list) -> Path:  # noqa: ANN001
+def _merge_ranks(req: EvalRequest, shard: "Shard", items_all: list) -> Path:  # noqa: ANN001
     """Rank 0 of an `accelerate launch`/torchrun run: wait for every rank's file to be complete, then merge."""
     from lyra_cli.console import info
     from lyra_cli.engine.eval.runner import Shard, merge_predictions, shard_path, wait_for_shards
     from lyra_cli.engine.eval.suites import select
 
-    base = req.out if req.out is not None else DEFAULT_OUT_DIR / f"{req.suite}-{req.mode}.jsonl"
+    base = base_out(req)
     expected = {}
     for index in range(shard.count):
         rank = Shard(index, shard.count)
@@ -312,9 +337,9 @@ def _finish(suite: "Suite", summary: "Summary", predictions: Path, *, quiet: boo
 
 def _export_mmvet(predictions: Path) -> Path:
     from lyra_cli.engine.eval.mmvet import export_mmvet
-    from lyra_cli.engine.eval.runner import _keyed, prediction_text, read_predictions
+    from lyra_cli.engine.eval.runner import keyed_predictions, prediction_text, read_predictions
 
-    keyed, _ = _keyed(read_predictions(predictions).records)
+    keyed, _ = keyed_predictions(read_predictions(predictions).records)
     answers = {i: prediction_text(r) or "" for i, r in keyed.items() if "skipped" not in r}
     target = predictions.with_name(predictions.stem + MMVET_EXPORT_SUFFIX)
     target.write_text(json.dumps(export_mmvet(answers), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -334,7 +359,7 @@ def render_summary(suite: "Suite", record: dict[str, Any]) -> None:
     for name, value in record["metrics"].items():
         if name != record["metric"]:
             table.add_row(name, "—" if value is None else f"{value:.2f}")
-    table.add_row("scored", str(record["count"]))
+    table.add_row("answered", str(record["count"]))
     skipped = record["skipped"]
     table.add_row("skipped", ", ".join(f"{reason}: {n}" for reason, n in skipped.items()) if skipped else "0")
     if record["missing"]:
@@ -386,7 +411,7 @@ class ItemProgress:
 @eval_app.command("merge", help="Merge shard prediction files into one (each id once, in data order).")
 def merge(
     out: Path = typer.Argument(..., help="The merged predictions file to write."),
-    shards: list[Path] = typer.Argument(..., help="The shard files (e.g. run.shard-0-of-2.jsonl run.shard-1-of-2.jsonl)."),
+    shards: list[Path] = typer.Argument(..., help="The shard files, e.g. run.shard-0-of-2.jsonl run.shard-1-of-2.jsonl."),
 ) -> None:
     from lyra_cli.console import write_answer
     from lyra_cli.engine.eval.runner import merge_predictions
@@ -410,7 +435,7 @@ def parse_lengths(text: str) -> tuple[float, ...]:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", part.lower())
         if match is None or float(match.group(1)) <= 0:
             raise UsageError(f"cannot read the length `{part.strip()}` in --lengths `{text}`",
-                             "use positive durations: seconds (`90`), `40s`, `5m`, `1.5h`, comma-separated")  # fmt: skip
+                             "use positive durations, comma-separated: seconds (`90`), `40s`, `5m`, `1.5h`")  # fmt: skip
         lengths.append(float(match.group(1)) * units[match.group(2)])
     return tuple(lengths)
 
@@ -440,8 +465,8 @@ def needle(
     lengths: str = typer.Option("1m,5m", "--lengths", help="Recording lengths, e.g. 1m,5m,20m."),
     depths: str = typer.Option("0,0.5,1", "--depths", help="Where the needle goes: fractions or percentages."),
     out: Path = typer.Option(Path("lyra-eval/needle"), "--out", "-o", help="Folder for needle.json and needle.png."),
-    extract: str | None = typer.Option(None, "--extract", help="Latent multi-modality extractor BLOCKSxRATIO."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No header, progress or table on stderr."),
+    extract: str | None = ExtractOption,
+    quiet: bool = QuietOption,
     model: str = common.ModelOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
@@ -449,18 +474,19 @@ def needle(
     load_4bit: bool = common.Load4bitOption,
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default 64: the answer is a short fact."),
 ) -> None:
-    from lyra_cli.audio.io import load_audio
+    from lyra_cli.audio.io import load_audio, require_speech
     from lyra_cli.engine.eval.needle import NEEDLE_MAX_NEW_TOKENS, NeedleSpec
     from lyra_cli.engine.runtime import resolve_runtime
 
     spec = NeedleSpec(question, tuple(answer), parse_lengths(lengths), parse_depths(depths))
     request = common.runtime_request(device, dtype, load_8bit, load_4bit)
-    flags = {"max_new_tokens": max_new_tokens or NEEDLE_MAX_NEW_TOKENS}
+    flags = {"max_new_tokens": NEEDLE_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens}
     common.check_sampling_flags(flags)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out `{out}` is a file", "give a folder for needle.json and needle.png")
     hay = [load_audio(path) for path in haystack]  # decoded and checked before any weights load
     fact = load_audio(needle_file)
+    require_speech(fact, needle_file)
     _check_needle_fits(spec, fact)
     model_dir = common.model_dir_for(model)
     extractor = common.extractor_for(extract, model_dir)
@@ -471,7 +497,9 @@ def needle(
     grid = _run_needle(engine, hay, fact, spec, sampling, extractor, extract, quiet)
     context = {"model": common.TINY if model == common.TINY else str(model_dir), "haystack": [str(p) for p in haystack],
                "needle": str(needle_file)}  # fmt: skip
-    _write_needle(grid, out, context, title=f"Speech needle in a haystack · extractor {extract or 'off'}", quiet=quiet)
+    name = common.TINY if model == common.TINY else model_dir.name
+    _write_needle(grid, out, context, title=f"Speech needle in a haystack · {name} · extractor {extract or 'off'}",
+                  quiet=quiet)  # fmt: skip
 
 
 def _check_needle_fits(spec: Any, fact: Any) -> None:
@@ -497,8 +525,8 @@ def _check_positions(model_dir: Path, spec: Any, extractor: Any) -> None:
                          "positions", "add --extract 4x0.7, or give shorter --lengths")  # fmt: skip
 
 
-def _run_needle(engine: Any, hay: list, fact: Any, spec: Any, sampling: Any, extractor: Any, extract: str | None,  # noqa: ANN001
-                quiet: bool) -> Any:  # fmt: skip
+def _run_needle(engine: Any, hay: list, fact: Any, spec: Any, sampling: Any, extractor: Any,  # noqa: ANN001
+                extract: str | None, quiet: bool) -> Any:  # fmt: skip
     from lyra_cli.engine.eval.needle import run_needle
 
     with ItemProgress("needle", enabled=not quiet) as bar:

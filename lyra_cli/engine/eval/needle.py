@@ -73,7 +73,8 @@ def padded_needle(needle: np.ndarray) -> np.ndarray:
     return np.concatenate([pad, needle.astype(np.float32), pad])
 
 
-def compose(haystack: Sequence[np.ndarray], needle: np.ndarray, length_s: float, depth: float) -> tuple[np.ndarray, float]:
+def compose(haystack: Sequence[np.ndarray], needle: np.ndarray, length_s: float,
+            depth: float) -> tuple[np.ndarray, float]:  # fmt: skip
     """A recording of `length_s` with the padded needle after `depth` of the haystack: (samples, needle start s)."""
     inserted = padded_needle(needle)
     n_total = round(length_s * SAMPLE_RATE_HZ)
@@ -131,7 +132,8 @@ class NeedleGrid:
         scores = [c.score for c in self.cells]
         return {
             **context, "question": self.spec.question, "answers": list(self.spec.answers), "extract": self.extract,
-            "needle_s": round(self.needle_s, 3), "lengths_s": list(self.spec.lengths_s), "depths": list(self.spec.depths),
+            "needle_s": round(self.needle_s, 3), "lengths_s": list(self.spec.lengths_s),
+            "depths": list(self.spec.depths),
             "scores": self.table("score"), "predictions": self.table("prediction"),
             "prompt_tokens": self.table("prompt_tokens"), "kept_tokens": self.table("kept_tokens"),
             "needle_kept": self.table("needle_kept"), "needle_start_s": self.table("needle_start_s"),
@@ -205,6 +207,7 @@ def _ask(engine: Any, part: Any, question: str, sampling: Any, extractor: Any) -
 CELL_W, CELL_H = 96, 48
 MARGIN_LEFT, MARGIN_TOP, MARGIN_RIGHT, MARGIN_BOTTOM = 110, 64, 96, 72
 LEGEND_W = 18
+TITLE_PAD = 24  # pixels either side of the title
 FONT_SIZE, TITLE_SIZE = 14, 17
 BACKGROUND, INK, GRID_LINE = (255, 255, 255), (30, 30, 30), (255, 255, 255)
 # score 0 → red, 0.5 → amber, 1 → green (the palette of the usual needle-in-a-haystack plots)
@@ -240,31 +243,51 @@ def draw_heatmap(grid: NeedleGrid, title: str) -> Any:
     from PIL import Image, ImageDraw
 
     n_cols, n_rows = len(grid.spec.lengths_s), len(grid.spec.depths)
-    width = MARGIN_LEFT + n_cols * CELL_W + MARGIN_RIGHT
-    height = MARGIN_TOP + n_rows * CELL_H + MARGIN_BOTTOM
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
     font, title_font = _font(FONT_SIZE), _font(TITLE_SIZE)
+    plot_w = MARGIN_LEFT + n_cols * CELL_W + MARGIN_RIGHT
+    width = max(plot_w, int(title_font.getlength(title)) + 2 * TITLE_PAD)  # a long title widens the image
+    left = MARGIN_LEFT + (width - plot_w) // 2  # … and the plot stays centred under it
+    image = Image.new("RGB", (width, MARGIN_TOP + n_rows * CELL_H + MARGIN_BOTTOM), BACKGROUND)
+    draw = ImageDraw.Draw(image)
     draw.text((width / 2, MARGIN_TOP / 2), title, fill=INK, font=title_font, anchor="mm")
-    scores = grid.table("score")
-    for col, length_s in enumerate(grid.spec.lengths_s):
-        for row, depth in enumerate(grid.spec.depths):
-            x0, y0 = MARGIN_LEFT + col * CELL_W, MARGIN_TOP + row * CELL_H
+    _cells(draw, font, grid, left)
+    _axes(image, draw, font, grid, left)
+    _legend(draw, font, left + n_cols * CELL_W + 30, MARGIN_TOP, n_rows * CELL_H)
+    return image
+
+
+def _cells(draw: Any, font: Any, grid: NeedleGrid, left: int) -> None:
+    scores = grid.table("score")  # [length][depth]
+    for col in range(len(grid.spec.lengths_s)):
+        for row in range(len(grid.spec.depths)):
+            x0, y0 = left + col * CELL_W, MARGIN_TOP + row * CELL_H
             score = scores[col][row]
             draw.rectangle((x0, y0, x0 + CELL_W, y0 + CELL_H), fill=score_color(score), outline=GRID_LINE, width=2)
             text = "–" if score is None else f"{score:.2f}".rstrip("0").rstrip(".")
             draw.text((x0 + CELL_W / 2, y0 + CELL_H / 2), text, fill=INK, font=font, anchor="mm")
-        draw.text((MARGIN_LEFT + (col + 0.5) * CELL_W, MARGIN_TOP + n_rows * CELL_H + 14), length_label(length_s),
-                  fill=INK, font=font, anchor="mm")  # fmt: skip
+
+
+def _axes(image: Any, draw: Any, font: Any, grid: NeedleGrid, left: int) -> None:
+    n_cols, n_rows = len(grid.spec.lengths_s), len(grid.spec.depths)
+    bottom = MARGIN_TOP + n_rows * CELL_H
+    for col, length_s in enumerate(grid.spec.lengths_s):
+        draw.text((left + (col + 0.5) * CELL_W, bottom + 14), length_label(length_s), fill=INK, font=font, anchor="mm")
     for row, depth in enumerate(grid.spec.depths):
-        draw.text((MARGIN_LEFT - 10, MARGIN_TOP + (row + 0.5) * CELL_H), f"{depth * 100:g} %", fill=INK, font=font,
-                  anchor="rm")  # fmt: skip
-    grid_bottom = MARGIN_TOP + n_rows * CELL_H
-    draw.text((MARGIN_LEFT + n_cols * CELL_W / 2, grid_bottom + 44), "recording length (minutes)", fill=INK, font=font,
-              anchor="mm")  # fmt: skip
-    draw.text((14, MARGIN_TOP + n_rows * CELL_H / 2), "depth", fill=INK, font=font, anchor="lm")
-    _legend(draw, font, MARGIN_LEFT + n_cols * CELL_W + 30, MARGIN_TOP, n_rows * CELL_H)
-    return image
+        y = MARGIN_TOP + (row + 0.5) * CELL_H
+        draw.text((left - 10, y), f"{depth * 100:g} %", fill=INK, font=font, anchor="rm")
+    draw.text((left + n_cols * CELL_W / 2, bottom + 44), "recording length (minutes)", fill=INK, font=font, anchor="mm")
+    _vertical_text(image, "needle depth", (left - MARGIN_LEFT + 22, MARGIN_TOP + n_rows * CELL_H // 2), font)
+
+
+def _vertical_text(image: Any, text: str, center: tuple[int, int], font: Any) -> None:
+    """Text turned 90° (reading bottom to top), centred on `center`: the y-axis label."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = font.getbbox(text)
+    label = Image.new("RGB", (right - left + 4, bottom - top + 4), BACKGROUND)
+    ImageDraw.Draw(label).text((2 - left, 2 - top), text, fill=INK, font=font)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2))
 
 
 def _legend(draw: Any, font: Any, x0: int, y0: int, height: int) -> None:

@@ -95,13 +95,16 @@ def shard_from_env(env: Mapping[str, str]) -> Shard:
     try:
         return parse_shard(f"{int(env[RANK_ENV])}/{int(env[WORLD_SIZE_ENV])}")
     except ValueError:
-        raise UsageError(f"cannot read {RANK_ENV}=`{env[RANK_ENV]}` / {WORLD_SIZE_ENV}=`{env[WORLD_SIZE_ENV]}`",
-                         "these are set by torchrun or accelerate launch; unset them to run alone") from None  # fmt: skip
+        raise UsageError(
+            f"cannot read {RANK_ENV}=`{env[RANK_ENV]}` / {WORLD_SIZE_ENV}=`{env[WORLD_SIZE_ENV]}`",
+            "these are set by torchrun or accelerate launch; unset them to run alone",
+        ) from None
 
 
 def shard_path(out_path: Path, shard: Shard) -> Path:
     """`run.jsonl` → `run.shard-1-of-4.jsonl`."""
-    return out_path.with_name(out_path.stem + SHARD_SUFFIX.format(index=shard.index, count=shard.count) + out_path.suffix)
+    suffix = SHARD_SUFFIX.format(index=shard.index, count=shard.count)
+    return out_path.with_name(out_path.stem + suffix + out_path.suffix)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,24 +170,17 @@ class PredictionWriter:
         self.close()
 
 
-def check_resumable(existing: PredictionsFile, path: Path, suite: Suite, mode: str, settings: Mapping[str, Any]) -> None:
+def check_resumable(existing: PredictionsFile, path: Path, suite: Suite, mode: str,
+                    settings: Mapping[str, Any]) -> None:  # fmt: skip
     """Refuse to append to a file made by another suite, mode or set-up (the answers would mix)."""
+    ours = {"suite": suite.name, "mode": mode, **settings}
     for record in existing.records:
-        theirs = (record.get("suite"), record.get("mode"), record.get("settings"))
-        if theirs != (suite.name, mode, dict(settings)):
-            raise UsageError(
-                f"`{path}` holds predictions of another run ({_describe_run(record)}), not of "
-                f"{suite.name} --mode {mode} with these settings ({_describe_settings(settings)})",
-                "give another --out, or --no-resume to start this file again",
-            )
-
-
-def _describe_run(record: Mapping[str, Any]) -> str:
-    return f"{record.get('suite')} --mode {record.get('mode')}, {_describe_settings(record.get('settings') or {})}"
-
-
-def _describe_settings(settings: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items())
+        theirs = {"suite": record.get("suite"), "mode": record.get("mode"), **(record.get("settings") or {})}
+        differences = [f"{key} `{theirs.get(key)}` ≠ `{ours.get(key)}`" for key in {**theirs, **ours}
+                       if theirs.get(key) != ours.get(key)]  # fmt: skip
+        if differences:
+            raise UsageError(f"`{path}` holds predictions of another run (file ≠ now: {'; '.join(differences)})",
+                             "give another --out, or --no-resume to start this file again")  # fmt: skip
 
 
 def prepare_output(path: Path, *, resume: bool, suite: Suite, mode: str, settings: Mapping[str, Any]) -> set[str]:
@@ -244,6 +240,8 @@ def run_suite(
     pending = [item for item in items if item.id not in done]
     n_before = len(items) - len(pending)
     header = {"suite": suite.name, "mode": mode, "shard": shard.label}
+    if on_progress is not None and n_before:
+        on_progress(n_before, len(items), {})  # a resumed run's bar starts where the last one stopped
     with PredictionWriter(out_path) as writer:
         for n, item in enumerate(pending, start=1):
             record = {"id": item.id, "index": item.index, **header,
@@ -366,7 +364,7 @@ def prediction_text(record: Mapping[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
-def _keyed(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Mapping[str, Any]], int]:
+def keyed_predictions(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Mapping[str, Any]], int]:
     """id → record (first wins) and the number of duplicate lines. Files without our `id` field (the
     authors' answer files) reuse ids as their data file does, so those get the same `#2` numbering."""
     raw = [prediction_id(r) or "" for r in records]
@@ -377,8 +375,16 @@ def _keyed(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Mapping[str,
     return keyed, len(ids) - len(keyed)
 
 
-def score_predictions(suite: Suite, data_dir: Path, predictions_path: Path, *, limit: int | None = None,
-                      shard: Shard = SINGLE, mode: str | None = None, judge: Judge | None = None) -> Summary:  # fmt: skip
+def score_predictions(
+    suite: Suite,
+    data_dir: Path,
+    predictions_path: Path,
+    *,
+    limit: int | None = None,
+    shard: Shard = SINGLE,
+    mode: str | None = None,
+    judge: Judge | None = None,
+) -> Summary:
     """Score a predictions file (ours or another system's) against the suite's data, no model needed."""
     if not predictions_path.is_file():
         raise InputError(f"predictions file `{predictions_path}` does not exist", "give the .jsonl a run wrote")
@@ -389,7 +395,7 @@ def score_predictions(suite: Suite, data_dir: Path, predictions_path: Path, *, l
 def score_file(suite: Suite, items: Sequence[EvalItem], path: Path, *, mode: str | None = None,
                judge: Judge | None = None) -> Summary:  # fmt: skip
     content = read_predictions(path)
-    keyed, duplicates = _keyed(content.records)
+    keyed, duplicates = keyed_predictions(content.records)
     references = {item.id: item for item in items}
     skipped: Counter[str] = Counter()
     answered: list[tuple[EvalItem, Mapping[str, Any], str]] = []
@@ -406,15 +412,30 @@ def score_file(suite: Suite, items: Sequence[EvalItem], path: Path, *, mode: str
             skipped[SKIP_NO_REFERENCE] += 1
         else:
             answered.append((item, record, text))
+    missing = 0
+    for item in (item for item in items if item.id not in keyed):
+        reason = _unanswerable(suite, item)
+        if reason is None:
+            missing += 1
+        else:
+            skipped[reason] += 1
     metrics, notes = _metric_values(suite, answered, judge)
     notes += _file_notes(content, duplicates)
-    return _summary(suite, mode or _file_mode(content.records), answered, metrics, skipped,
-                    missing=sum(item.id not in keyed for item in items), path=path, notes=notes)  # fmt: skip
+    mode = _file_mode(content.records) or mode or "unknown"  # a file of ours says which mode it was run in
+    return _summary(suite, mode, answered, metrics, skipped, missing=missing, path=path, notes=notes)
 
 
-def _file_mode(records: Sequence[Mapping[str, Any]]) -> str:
+def _unanswerable(suite: Suite, item: EvalItem) -> str | None:
+    """Why an item without a prediction could not have had one (a predictions file from elsewhere may
+    leave out the data set's broken records): counted as skipped, not as missing."""
+    if item.problem is not None:
+        return item.problem.reason
+    return SKIP_NO_REFERENCE if suite.needs_answers and not item.answers else None
+
+
+def _file_mode(records: Sequence[Mapping[str, Any]]) -> str | None:
     modes = {str(r["mode"]) for r in records if "mode" in r}
-    return modes.pop() if len(modes) == 1 else "unknown"
+    return modes.pop() if len(modes) == 1 else None
 
 
 def _file_notes(content: PredictionsFile, duplicates: int) -> list[str]:
@@ -448,7 +469,8 @@ def _metric_values(suite: Suite, answered: list[tuple[EvalItem, Mapping[str, Any
     return values, notes
 
 
-def _judged(answered: list[tuple[EvalItem, Mapping[str, Any], str]], judge: Judge | None) -> tuple[float | None, list[str]]:
+def _judged(answered: list[tuple[EvalItem, Mapping[str, Any], str]],
+            judge: Judge | None) -> tuple[float | None, list[str]]:  # fmt: skip
     """MM-Vet: a GPT judge grades each answer against MM-Vet's ground truth; without one, no score."""
     if judge is None:
         return None, ["MM-Vet is graded by a GPT judge: give --judge-url and --judge-model, or upload the "

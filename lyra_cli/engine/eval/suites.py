@@ -135,7 +135,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any] | Skip]:
         except json.JSONDecodeError as exc:
             records.append(Skip(SKIP_UNREADABLE_RECORD, f"line {number}: {exc.msg}"))
             continue
-        records.append(record if isinstance(record, dict) else Skip(SKIP_UNREADABLE_RECORD, f"line {number}: not an object"))
+        not_object = Skip(SKIP_UNREADABLE_RECORD, f"line {number}: not an object")
+        records.append(record if isinstance(record, dict) else not_object)
     return records
 
 
