@@ -348,3 +348,33 @@ def test_eval_help_imports_no_torch() -> None:
             "rc = run(['eval', '--help']) + run(['eval', 'docvqa-s', '--help']); print('TORCH', 'torch' in sys.modules, rc)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "textvqa-s" in result.stdout and "--score-only" in result.stdout and "TORCH False 0" in result.stdout
+
+
+def test_a_real_kill_then_resume_equals_one_uninterrupted_run(data: Path, tmp_path: Path, tiny_dir: Path,  # noqa: ARG001
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """SIGKILL the process as soon as its first prediction is on disk, then resume in a new run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["textvqa-s", "--data", str(data), "-q", "--max-new-tokens", "150"]
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "lyra_cli.main", "eval", *args, "--out", str(killed)],
+                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if killed.is_file() and killed.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(read_predictions(killed).records)
+    assert proc.returncode == -signal.SIGKILL and 1 <= done_before < 4  # really cut short
+    code, resumed, _ = lyra_eval(capsys, *args, "--out", str(killed))
+    assert code == 0 and resumed["resumed"] == done_before
+    whole = tmp_path / "whole.jsonl"
+    _, uninterrupted, _ = lyra_eval(capsys, *args, "--out", str(whole))
+    assert answers_by_id(killed) == answers_by_id(whole)
+    assert runner.Summary(**resumed).comparable() == runner.Summary(**uninterrupted).comparable()
