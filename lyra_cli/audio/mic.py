@@ -12,6 +12,8 @@ scores, so frames go straight into `TurnDetector.feed`:
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import queue
@@ -121,10 +123,9 @@ class FileSource:
     def close(self) -> None:
         """Stop iteration at the next frame and release the file. Idempotent, safe from any thread."""
         self._closed.set()
-        try:
+        # ValueError: another thread is decoding right now; it drops the stream when it sees the flag
+        with contextlib.suppress(ValueError):
             self._stream.close()
-        except ValueError:  # another thread is decoding right now; it drops the stream when it sees the flag
-            pass
 
     def __enter__(self) -> FileSource:
         return self
@@ -248,10 +249,8 @@ class MicSource:
                 self._queue.put_nowait(None)
                 return
             except queue.Full:  # make room: what is queued is being thrown away anyway
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()
-                except queue.Empty:
-                    pass
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
         # Runs on PortAudio's thread: it must neither block nor raise.
