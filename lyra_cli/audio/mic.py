@@ -13,7 +13,6 @@ scores, so frames go straight into `TurnDetector.feed`:
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 import queue
