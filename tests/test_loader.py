@@ -101,3 +101,10 @@ def test_not_a_lyra_config(tiny_copy: Path) -> None:
     (tiny_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="llama"):
         load_model(tiny_copy, CPU)
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_every_weight_is_loaded_in_the_requested_dtype(tiny_dir: Path, name: str, dtype: torch.dtype) -> None:
+    loaded = load_model(tiny_dir, resolve_runtime(RuntimeRequest(device="cpu", dtype=name)))
+    wrong = [n for n, p in loaded.model.named_parameters() if p.is_floating_point() and p.dtype != dtype]
+    assert wrong == []

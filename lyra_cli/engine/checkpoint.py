@@ -190,7 +190,9 @@ def load_weights(
                 f"`{key}` has shape {tuple(tensor.shape)} in the checkpoint, the config says {tuple(expected[key].shape)}",
                 "config.json does not match the weights",
             )
-        set_module_tensor_to_device(model, key, device_for(key), value=_cast(tensor, dtype))
+        # `dtype=` matters: without it accelerate casts the value back to the meta parameter's dtype (fp32)
+        target = dtype if tensor.is_floating_point() else None
+        set_module_tensor_to_device(model, key, device_for(key), value=_cast(tensor, dtype), dtype=target)
     unused = sorted(k for k in set(source.locations) - set(expected) if not k.startswith(ignore_prefixes))
     if unused:
         log.warning("%d checkpoint key(s) not used by this model: %s", len(unused), _show_keys(unused))
