@@ -30,7 +30,7 @@ NOISY_LIBRARIES = ("transformers", "bitsandbytes", "peft", "accelerate")
 app = typer.Typer(
     name="lyra",
     help="Run Lyra, the speech-centric omni-modal model (arXiv 2412.09501): images, video, speech and text in, "
-    "streamed text out. Without --model, commands use a tiny random model of the release layout.",
+    "streamed text and speech out. Without --model, commands use a tiny random model of the release layout.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
