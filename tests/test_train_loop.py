@@ -1,0 +1,145 @@
+"""The training loop: every stage's loss falls when overfitting, resume is exact, checkpoints are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lyra_cli.engine.loader import LoadedModel, load_model
+from lyra_cli.engine.pipeline import Engine
+from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.speech_out import load_speech_generator
+from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder, parse_records
+from lyra_cli.engine.train.loop import Trainer, checkpoints, latest_checkpoint, train_step_loss
+from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage
+from lyra_cli.engine.train.synthetic import write_synthetic_set
+
+CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def synthetic(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_set(tmp_path_factory.mktemp("synth"), real, n_records=11, seed=5)
+
+
+@pytest.fixture(scope="module")
+def records(synthetic: Path) -> dict:
+    parsed, _ = parse_records(synthetic, image_folder=synthetic.parent, speech_folder=synthetic.parent)
+    return {r.id: r for r in parsed}
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_dir: Path, records: dict) -> dict:
+    """Examples built once (media encoded by a frozen engine); they carry frames, not projected tokens."""
+    engine = Engine(load_model(tiny_dir, CPU))
+    encode = engine_media_encoder(engine)
+    chosen = ("asr_0", "unit_4", "unit_9")
+    return {i: build_example(records[i], engine.loaded.tokenizer, encode) for i in chosen}
+
+
+def _setup(tiny_dir: Path, examples: dict, stage_name: str, ids: tuple[str, ...], **overrides):  # noqa: ANN202
+    torch.manual_seed(0)  # a fresh LoRA adapter's A is drawn from the global RNG
+    loaded: LoadedModel = load_model(tiny_dir, CPU)
+    generator = None
+    if stage_name == "stage4":
+        generator = load_speech_generator(loaded.model_dir, loaded.config, device="cpu", dtype=torch.float32)
+    stage = resolve_stage(stage_name, {"warmup_ratio": 0.0, **overrides})
+    plan = prepare_for_stage(loaded.model, stage, generator)
+    by_record = {examples[i].record.id: examples[i] for i in ids}
+    dataset = TrainDataset([examples[i].record for i in ids], lambda r: by_record[r.id], seed=1)
+    return loaded, generator, plan, dataset
+
+
+@pytest.mark.parametrize(
+    ("stage_name", "ids", "lr", "steps"),
+    [("stage1", ("asr_0",), 1e-2, 8), ("stage2", ("asr_0",), 2e-3, 6), ("stage4", ("unit_4", "unit_9"), 2e-3, 6)],
+)
+def test_loss_falls_when_overfitting(tiny_dir: Path, examples: dict, tmp_path: Path, stage_name: str,
+                                     ids: tuple[str, ...], lr: float, steps: int) -> None:  # fmt: skip
+    loaded, generator, plan, dataset = _setup(tiny_dir, examples, stage_name, ids,
+                                              learning_rate=lr, lr_schedule="constant")  # fmt: skip
+    model = loaded.model
+    stage = plan.stage
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return sum(float(train_step_loss(model, examples[i], stage, generator=generator)[0]) for i in ids)
+
+    before = full_loss()
+    if stage_name == "stage2":  # LCMR is active on the transcribed record
+        _, parts = train_step_loss(model, examples["asr_0"], stage)
+        assert parts["lcmr"] > 0 and "ce" in parts
+    if stage_name == "stage4":
+        _, parts = train_step_loss(model, examples["unit_4"], stage, generator=generator)
+        assert set(parts) == {"ctc"}
+    trainer = Trainer(model, plan, dataset, total_steps=steps, generator=generator, log_path=tmp_path / "log.jsonl")
+    for _ in range(steps):
+        trainer.step()
+    after = full_loss()
+    assert after < 0.95 * before, (before, after)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    assert all({"loss", "lr", "tokens", "tokens_per_s"} <= set(r) for r in logged)
+
+
+def test_resume_continues_exactly(tiny_dir: Path, examples: dict, tmp_path: Path) -> None:
+    ids, n, m = ("asr_0", "unit_4", "unit_9"), 2, 2
+    overrides = {"learning_rate": 1e-3, "warmup_ratio": 0.3, "grad_accumulation": 2}  # LoRA dropout on: RNG matters
+
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage2", ids, **overrides)
+    whole = Trainer(loaded.model, plan, dataset, total_steps=n + m)
+    reference = [whole.step()["loss"] for _ in range(n + m)]
+
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage2", ids, **overrides)
+    first = Trainer(loaded.model, plan, dataset, total_steps=n + m)
+    head = [first.step()["loss"] for _ in range(n)]
+    folder = first.save_checkpoint(tmp_path / "ckpt")
+    torch.manual_seed(1234)  # disturb every RNG the resumed run must restore
+    torch.rand(7)
+
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage2", ids, **overrides)
+    resumed = Trainer(loaded.model, plan, dataset, total_steps=n + m)
+    resumed.load_checkpoint(folder)
+    assert (resumed.step_count, resumed.position) == (n, 2 * n)
+    tail = [resumed.step()["loss"] for _ in range(m)]
+    assert head + tail == reference  # bit-exact in fp32 on CPU
+    for name in plan.names:  # and the weights end where the uninterrupted run's do
+        torch.testing.assert_close(plan.parameters[name], whole.plan.parameters[name], rtol=0, atol=1e-6)
+    # the optimizer file is tensors and plain containers only
+    torch.load(folder / "optimizer.pt", weights_only=True)
+    torch.load(folder / "rng.pt", weights_only=True)
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(
+    tiny_dir: Path, examples: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=4, keep_last=2)
+    root = tmp_path / "ckpt"
+    trainer.step()
+    good = trainer.save_checkpoint(root)
+    saved = {n: p.detach().clone() for n, p in plan.parameters.items()}
+    trainer.step()
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        trainer.save_checkpoint(root)
+    monkeypatch.undo()
+    assert checkpoints(root) == [good] and latest_checkpoint(root) == good
+    assert sorted(p.name for p in root.iterdir()) == [good.name]  # no temp folder left behind
+    trainer.load_checkpoint(good)
+    assert trainer.step_count == 1 and trainer.position == 1
+    for name, value in saved.items():
+        assert torch.equal(plan.parameters[name], value)
+    # keep_last prunes older complete checkpoints
+    for _ in range(3):
+        trainer.step()
+        trainer.save_checkpoint(root)
+    assert [p.name for p in checkpoints(root)] == ["step-00000003", "step-00000004"]
