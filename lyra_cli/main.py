@@ -22,6 +22,7 @@ from lyra_cli.commands.eval import eval_app
 from lyra_cli.commands.info import info
 from lyra_cli.commands.listen import listen
 from lyra_cli.commands.longspeech import longspeech
+from lyra_cli.commands.train import train
 from lyra_cli.errors import LyraError
 
 EXIT_INTERRUPTED = 130
@@ -41,6 +42,7 @@ app.command(help="Ask questions about a long recording (minutes to hours), with 
 app.command(help="Talk with Lyra: spoken turns in, text and speech out, with barge-in.")(listen)
 app.command(help="Describe a model folder: config, weights, adapters, tokenizer.")(info)
 app.add_typer(eval_app, name="eval")
+app.command(help="Train one of the paper's four stages; writes the result in the release layout.")(train)
 app.add_typer(cache_app, name="cache")
 
 

@@ -1,0 +1,158 @@
+"""`lyra train stage1|stage2|stage3|stage4`: the paper's four training stages, single process.
+
+Reads the official JSON records, trains exactly the stage's parameters (projector / speech LoRA + projector
+with LCMR / long-speech LoRA + projector / speech generator), checkpoints atomically every `--save-every`
+steps (resumable exactly), and writes the result in the release layout, so `lyra chat --model` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lyra_cli.commands import common
+from lyra_cli.errors import UsageError
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+def train(
+    stage_name: str = typer.Argument(..., metavar="STAGE", help="stage1 | stage2 | stage3 | stage4"),
+    data: Path = typer.Option(..., "--data", help="Training records: the official JSON list (or JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: checkpoints, metrics.jsonl and the result."),
+    image_folder: Path | None = typer.Option(None, "--image-folder", help="Root of `image` paths (default: beside --data)."),
+    speech_folder: Path | None = typer.Option(None, "--speech-folder", help="Root of speech paths (default: beside --data)."),
+    config: Path | None = typer.Option(None, "--config", help="JSON/YAML file of stage settings (flags win)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: the stage's epochs over the data)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the stage's)."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Records per optimizer step."),
+    save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps (and at the end)."),
+    keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints kept."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint in --out."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record instead of skipping it."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved settings and trainable parameters; train nothing."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order and of new LoRA weights."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    model: str = common.ModelOption,
+    device: str = common.DeviceOption,
+    dtype: str = common.DtypeOption,
+) -> None:
+    """Train one of Lyra's four stages and write its result in the release layout."""
+    from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
+
+    overrides = {k: v for k, v in {"learning_rate": lr, "grad_accumulation": grad_accum}.items() if v is not None}
+    stage = stage_from_file(config, stage_name, overrides) if config else resolve_stage(stage_name, overrides)
+    if steps is not None and steps < 1 or save_every < 1:
+        raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
+    request = common.runtime_request(device, dtype, False, False)
+    engine, generator, plan = _prepare(model, request, stage, seed)
+    if dry_run:
+        _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
+                           "trainable_tensors": len(plan.names)}, indent=2))  # fmt: skip
+        return
+    records = _records(data, image_folder, speech_folder, strict)
+    _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
+         resume=resume, seed=seed, quiet=quiet)  # fmt: skip
+
+
+def _settings(stage: Any) -> dict:
+    from dataclasses import asdict
+
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(stage).items()}
+
+
+def _print(text: str) -> None:
+    from lyra_cli.console import write_answer
+
+    write_answer(text + "\n")
+
+
+def _prepare(model: str, request: Any, stage: Any, seed: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.speech_out import load_speech_generator
+    from lyra_cli.engine.train.stages import Trains, prepare_for_stage
+
+    engine = Engine.load(common.model_dir_for(model), resolve_runtime(request))
+    loaded = engine.loaded
+    generator = None
+    if stage.trains is Trains.SPEECH_GENERATOR:
+        generator = load_speech_generator(loaded.model_dir, loaded.config, device=loaded.runtime.device,
+                                          dtype=loaded.runtime.dtype)  # fmt: skip
+    torch.manual_seed(seed)  # new LoRA weights are drawn from the global generator
+    return engine, generator, prepare_for_stage(engine.model, stage, generator)
+
+
+def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, strict: bool) -> list:
+    from lyra_cli.console import info
+    from lyra_cli.engine.train.data import parse_records
+    from lyra_cli.errors import InputError
+
+    if not data.is_file():
+        raise InputError(f"training data `{data}` does not exist", "give the official JSON file with --data")
+    root = data.parent
+    records, problems = parse_records(data, image_folder=image_folder or root, speech_folder=speech_folder or root,
+                                      strict=strict)  # fmt: skip
+    info(f"{len(records)} usable records; skipped: {problems.summary()}")
+    return records
+
+
+def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, steps: int | None, save_every: int,
+         keep_last: int, resume: bool, seed: int, quiet: bool) -> None:  # fmt: skip
+    from lyra_cli.console import info
+    from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
+    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint
+
+    stage = plan.stage
+    encode = engine_media_encoder(engine)
+    dataset = TrainDataset(records, lambda r: build_example(r, engine.loaded.tokenizer, encode), seed=seed)
+    total = steps or max(1, math.ceil(stage.epochs * len(records) / stage.grad_accumulation))
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
+                      log_path=out / METRICS_FILE, keep_last=keep_last)  # fmt: skip
+    last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
+    if last is not None:
+        trainer.load_checkpoint(last)
+        info(f"resumed from `{last}` at step {trainer.step_count}")
+    if not quiet:
+        info(f"{stage.name}: {plan.count:,} trainable parameters, {total} steps, lr {stage.learning_rate}")
+    _loop(trainer, total, out, save_every, quiet)
+    _export(engine, generator, stage, out)
+
+
+def _loop(trainer: Any, total: int, out: Path, save_every: int, quiet: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lyra_cli.console import ui
+
+    columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=ui, disable=quiet) as bar:
+        task = bar.add_task("train", total=total, completed=trainer.step_count, stats="")
+        while trainer.step_count < total:
+            record = trainer.step()
+            stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+            bar.update(task, completed=trainer.step_count, stats=stats)
+            if trainer.step_count % save_every == 0 or trainer.step_count == total:
+                trainer.save_checkpoint(out / CHECKPOINT_DIR)
+
+
+def _export(engine: Any, generator: Any, stage: Any, out: Path) -> None:
+    from lyra_cli.console import info
+    from lyra_cli.engine.train.export import export_adapter, export_projector, export_speech_generator
+    from lyra_cli.engine.train.stages import Trains
+
+    if stage.trains is Trains.PROJECTOR:
+        path = export_projector(engine.model, out)
+    elif stage.trains is Trains.SPEECH_GENERATOR:
+        path = export_speech_generator(generator, out)
+    else:
+        path = export_adapter(engine.model, stage, out, base_model=str(engine.loaded.model_dir))
+    info(f"wrote `{path}` (place it in a release folder for `lyra chat --model`)")

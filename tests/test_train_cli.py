@@ -1,0 +1,62 @@
+"""`lyra train` end to end on the tiny model: dry run, a stage-2 run that `lyra chat` picks up, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lyra_cli.engine.train.synthetic import write_synthetic_set
+from lyra_cli.main import run
+
+
+@pytest.fixture(scope="module")
+def train_json(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_set(tmp_path_factory.mktemp("synth"), real, n_records=6, seed=3)
+
+
+def test_dry_run_prints_the_exact_trainable_count(tiny_dir: Path, train_json: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert run(["train", "stage1", "--data", str(train_json), "--out", str(tmp_path), "--dry-run"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    # stage 1 trains the projector only: linear1 (5·64 → 2048) and linear2 (2048 → 64), with biases
+    assert described["trainable_parameters"] == 320 * 2048 + 2048 + 2048 * 64 + 64
+    assert described["stage"]["learning_rate"] == 1e-3 and not list(tmp_path.iterdir())
+
+
+def test_stage2_output_loads_in_chat_and_changes_its_answer(tiny_dir: Path, train_json: Path, tmp_path: Path,
+                                                            real: Path, capsys) -> None:  # noqa: ANN001  # fmt: skip
+    out = tmp_path / "run"
+    args = ["train", "stage2", "--data", str(train_json), "--out", str(out), "--lr", "0.05", "-q"]
+    assert run([*args, "--steps", "2"]) == 0
+    assert run([*args, "--steps", "4"]) == 0  # resumes at step 2 from the checkpoint, continues to 4
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "step 2" in err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    trained = tmp_path / "model"
+    shutil.copytree(tiny_dir, trained)
+    shutil.rmtree(trained / "speech_lora")
+    shutil.copytree(out / "speech_lora", trained / "speech_lora")
+    question = ["chat", "--speech", str(real / "Hi.mp3"), "--text", "What was said?", "--json", "-q",
+                "--max-new-tokens", "8"]  # fmt: skip
+    answers = {}
+    for name, folder in (("base", tiny_dir), ("trained", trained)):
+        assert run([*question, "--model", str(folder)]) == 0
+        answers[name] = json.loads(capsys.readouterr().out)
+    assert answers["trained"]["adapter"] == "speech"
+    assert answers["trained"]["answer"] != answers["base"]["answer"]
+
+
+def test_bad_records_are_counted_and_strict_fails(tiny_dir: Path, real: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    data = write_synthetic_set(tmp_path / "bad", real, n_records=3, seed=1, with_bad=True)
+    assert run(["train", "stage1", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1", "-q"]) == 0
+    assert "skipped:" in capsys.readouterr().err
+    assert run(["train", "stage1", "--data", str(data), "--out", str(tmp_path / "o2"), "--strict"]) == 1
+    assert capsys.readouterr().err.startswith("error: record")
+
+
+def test_unknown_stage_is_a_usage_error(capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    assert run(["train", "stage9", "--data", "x.json", "--out", str(tmp_path)]) == 2
+    assert "stage1" in capsys.readouterr().err
