@@ -16,6 +16,7 @@ they load with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -177,9 +178,8 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename still holds
+            os.fsync(fd)
     finally:
         os.close(fd)
 

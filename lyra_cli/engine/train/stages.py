@@ -14,6 +14,7 @@ the model, injects a fresh LoRA adapter where the stage has one, and returns the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -139,16 +140,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
     elif kind is int and not isinstance(value, bool):
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # not a number: reported below
             if float(value) == int(float(value)):
                 return int(float(value))
-        except (TypeError, ValueError):
-            pass
     elif kind is float and not isinstance(value, bool):
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # not a number: reported below
             return float(value)
-        except (TypeError, ValueError):
-            pass
     elif kind is str and isinstance(value, str):
         return value
     raise UsageError(f"stage setting `{key}` must be a {kind.__name__}, got `{value!r}`")
