@@ -143,3 +143,18 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(
         trainer.step()
         trainer.save_checkpoint(root)
     assert [p.name for p in checkpoints(root)] == ["step-00000003", "step-00000004"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir: Path, examples: dict) -> None:
+    """Recomputing activations in backward changes memory, never the gradients."""
+    grads = {}
+    for checkpointing in (False, True):
+        loaded, _, plan, _ = _setup(tiny_dir, examples, "stage2", ("asr_0",), lora_dropout=0.0)
+        loaded.model.model.gradient_checkpointing = checkpointing
+        loaded.model.model.layers.train()
+        loss, _ = train_step_loss(loaded.model, examples["asr_0"], plan.stage)
+        loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in plan.parameters.items() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == len(plan.parameters)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lyra_cli.engine.config import TextModelConfig
 
@@ -323,6 +324,9 @@ class LyraTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = MRoPE(config)
+        # Training: recompute each layer's activations in backward instead of keeping them (memory for
+        # time). Only applies to cache-less forwards of layers in training mode with gradients on.
+        self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """inputs_embeds (B, T, H), position_ids (3, B, T) -> final-normed hidden states (B, T, H).
@@ -342,7 +346,10 @@ class LyraTextModel(nn.Module):
         The seam for the extractor: a subclass may drop tokens after a layer, returning the shorter
         x (B, T', H) together with the matching rope rows (B, T', hs), and `cache.select` the deeper layers.
         """
-        return self.layers[i](x, rope, cache), rope
+        layer = self.layers[i]
+        if self.gradient_checkpointing and cache is None and layer.training and torch.is_grad_enabled():
+            return checkpoint(layer, x, rope, None, use_reentrant=False), rope
+        return layer(x, rope, cache), rope
 
     def init_weights(self, std: float = INIT_STD) -> None:
         """Qwen2's random initialisation (normal weights, zero biases, unit norms), for tiny models."""

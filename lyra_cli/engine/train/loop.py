@@ -248,6 +248,8 @@ class Trainer:
         self.total_steps = total_steps
         self.keep_last = max(1, keep_last)
         self.max_grad_norm = max_grad_norm
+        # the stage's setting (on in every official stage): activations recomputed layer by layer in backward
+        model.model.gradient_checkpointing = self.stage.gradient_checkpointing
         self.log_path = Path(log_path) if log_path is not None else None
         self.names = plan.names
         params = [plan.parameters[n] for n in self.names]
