@@ -65,7 +65,7 @@ def run_one(recording: Path, extract: str | None) -> dict:
     from lyra_cli.commands.common import model_dir_for
     from lyra_cli.engine.extractor import parse_extract
     from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder
+    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder, prompt_tokens
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.prompt import Conversation, TextPart
     from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
@@ -80,7 +80,7 @@ def run_one(recording: Path, extract: str | None) -> dict:
         part, cached = encoder.encode(recording)
         audio_s = time.perf_counter() - start
         audio_rss_growth = _peak_rss_mb() - rss_before
-        n_prompt = part.n_windows * 300 + 64
+        n_prompt = prompt_tokens(part.n_windows)
         extractor = parse_extract(extract, engine.loaded.config.text.num_layers) if (
             extract and n_prompt > MAX_POSITIONS_TINY) else None  # fmt: skip
         events = list(engine.respond(Conversation(), [part, TextPart(text)], sampling, extractor=extractor,

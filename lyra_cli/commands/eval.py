@@ -516,11 +516,11 @@ def _check_needle_fits(spec: Any, fact: Any) -> None:
 def _check_positions(model_dir: Path, spec: Any, extractor: Any) -> None:
     """No silent truncation: the longest recording must fit the model's positions, or the extractor be on."""
     from lyra_cli.engine.config import load_config
-    from lyra_cli.engine.longspeech import estimated_tokens
+    from lyra_cli.engine.longspeech import prompt_tokens, windows_for
 
     max_positions = load_config(model_dir).text.max_position_embeddings
     longest = max(spec.lengths_s)
-    if estimated_tokens(longest) + 64 > max_positions and not (extractor is not None and extractor.enabled):
+    if prompt_tokens(windows_for(longest)) > max_positions and not (extractor is not None and extractor.enabled):
         raise UsageError(f"a {longest / 60:.0f}-minute recording needs more than the model's {max_positions:,} "
                          "positions", "add --extract 4x0.7, or give shorter --lengths")  # fmt: skip
 

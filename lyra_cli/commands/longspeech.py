@@ -81,7 +81,7 @@ def longspeech(
     """Ask questions about a long recording (minutes to hours)."""
     from lyra_cli.audio.io import open_audio_stream
     from lyra_cli.engine.config import load_config
-    from lyra_cli.engine.longspeech import LongSpeechSettings
+    from lyra_cli.engine.longspeech import LongSpeechSettings, prompt_tokens, windows_for
 
     if encode_batch < 1 or chunk_tokens < 1:
         raise UsageError("--encode-batch and --chunk-tokens must be ≥ 1", "e.g. --encode-batch 8 --chunk-tokens 8192")
@@ -90,29 +90,24 @@ def longspeech(
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
-    stream = open_audio_stream(file)  # validates the file before any weights load
+    stream = open_audio_stream(file)  # validates the file before any weights load; only its length is used
+    stream.close()
     model_dir = common.model_dir_for(model)
     config = load_config(model_dir)
     extractor = common.extractor_for(extract, model_dir)
     questions = _questions(ask)
     duration_s = stream.duration_s if max_audio_s is None else min(stream.duration_s or max_audio_s, max_audio_s)
     if duration_s is not None:
-        check_length(_prompt_estimate(duration_s), config.text.max_position_embeddings, extractor)
+        check_length(prompt_tokens(windows_for(duration_s)), config.text.max_position_embeddings, extractor)
 
     engine, sampling = _load_engine(model, model_dir, request, quiet, sampling_flags)
     settings = LongSpeechSettings(official_extra_window=official_windows, max_audio_s=max_audio_s,
                                   encode_batch=encode_batch, use_cache=not no_cache)  # fmt: skip
     part = _encode(engine, file, settings, quiet)
-    check_length(part.n_windows * 300 + 64, config.text.max_position_embeddings, extractor)
+    check_length(prompt_tokens(part.n_windows), config.text.max_position_embeddings, extractor)
     for question in questions:
         _ask(engine, part, question, sampling, system=system, extractor=extractor, chunk_tokens=chunk_tokens,
              json_out=json_out, quiet=quiet, show_evidence=show_evidence)  # fmt: skip
-
-
-def _prompt_estimate(duration_s: float) -> int:
-    from lyra_cli.engine.longspeech import estimated_tokens
-
-    return estimated_tokens(duration_s) + 64  # template and a short question
 
 
 def check_length(n_tokens: int, max_positions: int, extractor: "ExtractorConfig | None") -> None:
@@ -120,8 +115,9 @@ def check_length(n_tokens: int, max_positions: int, extractor: "ExtractorConfig 
     if n_tokens <= max_positions or (extractor is not None and extractor.enabled):
         return
     from lyra_cli.console import clock
+    from lyra_cli.engine.longspeech import longest_fitting_s
 
-    fits_s = (max_positions - 64) // 300 * 30
+    fits_s = longest_fitting_s(max_positions)
     raise LyraError(
         f"this recording needs about {n_tokens:,} prompt tokens, beyond the model's {max_positions:,} positions",
         f"add --extract 4x0.7 (drops unneeded speech tokens while reading), or --max-audio {clock(fits_s)} to use "
@@ -173,6 +169,7 @@ def _encode(engine, file: Path, settings, quiet: bool):  # noqa: ANN001, ANN202
 
     from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
     from lyra_cli.console import AudioProgress, clock, info
+    from lyra_cli.audio.features import TOKENS_PER_WINDOW
     from lyra_cli.engine.longspeech import RecordingEncoder
 
     if engine.model.model.speech_tower is None:
@@ -184,7 +181,7 @@ def _encode(engine, file: Path, settings, quiet: bool):  # noqa: ANN001, ANN202
     elapsed = time.perf_counter() - start
     if not quiet:
         origin = "from the cache" if cached else f"encoded at {part.duration_s / max(elapsed, 1e-9):.1f}× real time"
-        info(f"{clock(part.duration_s)} of audio → {part.n_windows} window(s), {part.n_windows * 300:,} speech tokens, "
+        info(f"{clock(part.duration_s)} of audio → {part.n_windows} window(s), {part.n_windows * TOKENS_PER_WINDOW:,} speech tokens, "
              f"{origin} ({elapsed:.1f}s)")  # fmt: skip
     return part
 

@@ -21,7 +21,7 @@ import torch
 from lyra_cli.audio.cache import CacheKey, SpeechTokenCache, file_digest, model_fingerprint
 from lyra_cli.audio.features import TOKENS_PER_WINDOW
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, open_audio_stream, require_speech
-from lyra_cli.audio.windows import WINDOW_SECONDS, iter_window_batches, iter_windows
+from lyra_cli.audio.windows import WINDOW_SECONDS, count_windows, iter_window_batches, iter_windows
 from lyra_cli.engine.adapters import Adapter
 from lyra_cli.engine.events import Progress
 from lyra_cli.engine.prompt import SpeechPart
@@ -54,9 +54,23 @@ class LongSpeechSettings:
         }
 
 
-def estimated_tokens(duration_s: float) -> int:
-    """Speech tokens for a recording of this length (our windowing: ⌈d / 30 s⌉ windows)."""
-    return max(1, math.ceil(duration_s / WINDOW_SECONDS)) * TOKENS_PER_WINDOW
+# Room the position check keeps for the chat template and a short question around the recording.
+PROMPT_MARGIN_TOKENS = 64
+
+
+def prompt_tokens(n_windows: int) -> int:
+    """About how many prompt tokens a recording of `n_windows` windows makes in the long-speech layout."""
+    return n_windows * TOKENS_PER_WINDOW + PROMPT_MARGIN_TOKENS
+
+
+def windows_for(duration_s: float) -> int:
+    """Windows of a recording this long (our windowing: `count_windows`)."""
+    return count_windows(max(1, math.ceil(duration_s * SAMPLE_RATE_HZ)))
+
+
+def longest_fitting_s(max_positions: int) -> int:
+    """The longest recording (whole windows) whose prompt fits in `max_positions`."""
+    return (max_positions - PROMPT_MARGIN_TOKENS) // TOKENS_PER_WINDOW * WINDOW_SECONDS
 
 
 def _cut(blocks: Iterator[np.ndarray], max_samples: int | None) -> Iterator[np.ndarray]:
