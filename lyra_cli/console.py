@@ -7,6 +7,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from lyra_cli.timefmt import clock
+
 ui = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -24,12 +26,6 @@ def error(message: str, hint: str | None) -> None:
     ui.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
         ui.print(f"[yellow]hint:[/yellow] {escape(hint)}")
-
-
-def clock(seconds: float) -> str:
-    """hh:mm:ss, the way people read recording times."""
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class AudioProgress:

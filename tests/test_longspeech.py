@@ -97,3 +97,10 @@ def test_missing_recording_fails_before_loading(capsys, tmp_path: Path) -> None:
     assert run(["longspeech", str(tmp_path / "none.mp3"), "--ask", "q"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "none.mp3" in err and "loaded in" not in err
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "00:00:00"), (59.6, "00:01:00"), (3725, "01:02:05"), (-3, "00:00:00")])
+def test_clock(seconds: float, text: str) -> None:
+    from lyra_cli.timefmt import clock
+
+    assert clock(seconds) == text

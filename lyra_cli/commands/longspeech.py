@@ -114,7 +114,7 @@ def check_length(n_tokens: int, max_positions: int, extractor: "ExtractorConfig 
     """No silent truncation: beyond the trained position range the user decides what to do."""
     if n_tokens <= max_positions or (extractor is not None and extractor.enabled):
         return
-    from lyra_cli.console import clock
+    from lyra_cli.timefmt import clock
     from lyra_cli.engine.longspeech import longest_fitting_s
 
     fits_s = longest_fitting_s(max_positions)
@@ -168,7 +168,8 @@ def _encode(engine, file: Path, settings, quiet: bool):  # noqa: ANN001, ANN202
     import time
 
     from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
-    from lyra_cli.console import AudioProgress, clock, info
+    from lyra_cli.console import AudioProgress, info
+    from lyra_cli.timefmt import clock
     from lyra_cli.audio.features import TOKENS_PER_WINDOW
     from lyra_cli.engine.longspeech import RecordingEncoder
 

@@ -26,6 +26,7 @@ from lyra_cli.audio.features import TOKEN_SECONDS
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.prompt import TokenKind
 from lyra_cli.errors import UsageError
+from lyra_cli.timefmt import clock
 
 # The authors never keep fewer multimodal tokens than this per drop (and do not drop below it at all).
 MIN_KEEP_TOKENS = 32
@@ -33,8 +34,6 @@ MIN_KEEP_TOKENS = 32
 SPAN_MERGE_GAP_S = 1.0
 # fp32 attention logits held at once while scoring (256 MiB): bounds memory for very long prompts.
 SCORE_CHUNK_ELEMENTS = 1 << 26
-SECONDS_PER_MINUTE = 60
-SECONDS_PER_HOUR = 3600
 
 EXTRACT_SPEC = re.compile(r"^\s*(\d+)\s*[xX×]\s*([0-9]*\.?[0-9]+)\s*$")
 EXTRACT_HINT = "use --extract BLOCKSxRATIO, e.g. `4x0.7`: 4 blocks of layers, keep 70% of image/speech tokens per block"
@@ -209,10 +208,4 @@ def _seconds(n_tokens: int) -> float:
 
 def format_spans(spans: list[Span]) -> str:
     """[(65.0, 130.2)] -> "00:01:05–00:02:11"; start rounded down, end up, so no kept audio is hidden."""
-    return ", ".join(f"{_clock(math.floor(start))}–{_clock(math.ceil(end))}" for start, end in spans)
-
-
-def _clock(seconds: int) -> str:
-    hours, rest = divmod(seconds, SECONDS_PER_HOUR)
-    minutes, secs = divmod(rest, SECONDS_PER_MINUTE)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return ", ".join(f"{clock(math.floor(start))}–{clock(math.ceil(end))}" for start, end in spans)

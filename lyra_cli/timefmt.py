@@ -1,0 +1,14 @@
+"""Recording times as people read them. Shared by the engine (evidence spans) and the console (progress)."""
+
+from __future__ import annotations
+
+SECONDS_PER_MINUTE = 60
+SECONDS_PER_HOUR = 60 * SECONDS_PER_MINUTE
+
+
+def clock(seconds: float) -> str:
+    """hh:mm:ss of a whole number of seconds (rounded; negative clamps to 0): 3725 -> "01:02:05"."""
+    whole = max(0, int(round(seconds)))
+    hours, rest = divmod(whole, SECONDS_PER_HOUR)
+    minutes, secs = divmod(rest, SECONDS_PER_MINUTE)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
