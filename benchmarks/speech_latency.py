@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lyra_cli.audio.io import SAMPLE_RATE_HZ
 from lyra_cli.engine.events import AudioChunk, Done
 from lyra_cli.engine.generate import SamplingConfig, stream_steps
 from lyra_cli.engine.pipeline import Engine
@@ -47,7 +48,7 @@ def streamed(engine: Engine, voice, n_tokens: int) -> dict:  # noqa: ANN001
             samples += len(event.samples)
         elif isinstance(event, Done):
             assert event.new_tokens == n_tokens, event.new_tokens
-    return {"first_audio_s": first_audio, "total_s": time.perf_counter() - start, "audio_s": samples / 16000}
+    return {"first_audio_s": first_audio, "total_s": time.perf_counter() - start, "audio_s": samples / SAMPLE_RATE_HZ}
 
 
 @torch.inference_mode()
@@ -62,7 +63,7 @@ def at_end(engine: Engine, voice, n_tokens: int) -> dict:  # noqa: ANN001
     units = voice.generator.predict_units(torch.stack(states).to(weight.dtype))
     audio = voice.vocoder(torch.tensor(units, device=weight.device))
     total = time.perf_counter() - start
-    return {"first_audio_s": total, "total_s": total, "audio_s": len(audio) / 16000}
+    return {"first_audio_s": total, "total_s": total, "audio_s": len(audio) / SAMPLE_RATE_HZ}
 
 
 def measure(engine: Engine, voice, n_tokens: int, repeats: int) -> dict:  # noqa: ANN001

@@ -35,10 +35,18 @@ def test_top_k_and_top_p_filters() -> None:
 
 def test_greedy_and_seeded_sampling() -> None:
     logits = torch.tensor([0.1, 3.0, 0.2])
-    assert choose_token(logits, torch.empty(0, dtype=torch.long), SamplingConfig(), None) == 1
-    cfg = SamplingConfig(temperature=5.0, seed=3)
-    draws = [choose_token(logits, torch.empty(0, dtype=torch.long), cfg, torch.Generator().manual_seed(3)) for _ in range(3)]
-    assert len(set(draws)) == 1  # same seed, same draw
+    none = torch.empty(0, dtype=torch.long)
+    assert choose_token(logits, none, SamplingConfig(), None) == 1
+    flat = torch.zeros(50)  # uniform: any global-RNG leak would change the draws
+    cfg = SamplingConfig(temperature=1.0, seed=3)
+
+    def draws(global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)
+        generator = torch.Generator().manual_seed(3)
+        return [choose_token(flat, none, cfg, generator) for _ in range(8)]
+
+    assert draws(0) == draws(1)  # only the seeded generator decides
+    assert len(set(draws(0))) > 1  # and it does sample
 
 
 def test_generation_config_top_k_1_is_greedy() -> None:

@@ -268,8 +268,10 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
 
 
 def turn_record(job: TurnJob, done: "Done") -> dict:
+    from lyra_cli.audio.io import SAMPLE_RATE_HZ
+
     timings = {k: round(v, 4) for k, v in done.timings.items()}
-    return {"turn": job.number, "user_speech_s": round(len(job.audio) / 16000, 3), "answer": done.text,
+    return {"turn": job.number, "user_speech_s": round(len(job.audio) / SAMPLE_RATE_HZ, 3), "answer": done.text,
             "adapter": done.adapter, "new_tokens": done.new_tokens, "speech_units": len(done.units),
             "latency": {"end_of_speech_to_first_token_s": timings.get("first_token_s"),
                         "end_of_speech_to_first_audio_s": timings.get("first_audio_s"),

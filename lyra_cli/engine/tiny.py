@@ -21,6 +21,7 @@ from transformers import Qwen2VLVisionConfig, WhisperConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from lyra_cli.audio.features import ENCODER_FRAMES, N_MELS
+from lyra_cli.audio.io import SAMPLE_RATE_HZ
 from lyra_cli.engine.adapters import ADAPTER_DIRS, Adapter
 from lyra_cli.engine.config import parse_config
 from lyra_cli.engine.model import LyraForCausalLM
@@ -28,6 +29,7 @@ from lyra_cli.engine.speech import build_whisper_encoder
 from lyra_cli.engine.speech_out import tiny_generator_config, write_tiny_speech_generator
 from lyra_cli.engine.vocoder import write_tiny_vocoder
 from lyra_cli.engine.tokenizer import build_tiny_tokenizer
+from lyra_cli.engine.vision import IMAGE_MEAN, IMAGE_STD, MIN_PIXELS
 
 TINY_NAME = "tiny"
 # Bump when the tiny layout changes, so cached copies are rebuilt.
@@ -46,9 +48,6 @@ TINY_LORA = {Adapter.SPEECH: (8, 2.0), Adapter.LONG_SPEECH: (16, 32.0)}
 LORA_B_STD = 0.05  # non-zero, so an adapter visibly changes the answer
 # A tiny ViT budget: at most 64 merged tokens per image keeps CPU answers fast.
 TINY_MAX_PIXELS = 28 * 28 * 64
-QWEN_MIN_PIXELS = 56 * 56
-IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def cache_root() -> Path:
@@ -186,13 +185,13 @@ def _write_adapter(model: LyraForCausalLM, out: Path, adapter: Adapter, config_d
 def _write_towers(out: Path) -> None:
     _write_json(out / VISION_TOWER_DIR / "config.json", {"model_type": "qwen2_vl", **_vision_config()})
     _write_json(out / VISION_TOWER_DIR / "preprocessor_config.json", {
-        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": QWEN_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
     })  # fmt: skip
     _write_json(out / SPEECH_TOWER_DIR / "config.json", _whisper_config())
     _write_json(out / SPEECH_TOWER_DIR / "preprocessor_config.json", {
-        "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": N_MELS, "sampling_rate": 16000,
+        "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": N_MELS, "sampling_rate": SAMPLE_RATE_HZ,
         "hop_length": 160, "n_fft": 400, "chunk_length": 30, "padding_value": 0.0, "return_attention_mask": False,
     })  # fmt: skip
 
