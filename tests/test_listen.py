@@ -117,3 +117,13 @@ def test_ctrl_c_exits_cleanly_and_writes_nothing(two_turns: Path, tiny_dir: Path
     assert proc.wait(timeout=60) == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert list(tmp_path.iterdir()) == []  # no reply and no half-written temp file
+
+
+def test_no_microphone_stops_before_loading_and_names_the_flags(capsys, monkeypatch) -> None:  # noqa: ANN001
+    import lyra_cli.audio.playback as playback
+
+    monkeypatch.setattr(playback, "list_devices", lambda: [])
+    assert run(["listen", "--mic"]) == 1
+    err = capsys.readouterr().err
+    assert "no audio input device" in err and "--input-file" in err and "--list-devices" in err
+    assert "loaded in" not in err

@@ -104,3 +104,15 @@ def test_clock(seconds: float, text: str) -> None:
     from lyra_cli.timefmt import clock
 
     assert clock(seconds) == text
+
+
+def test_cache_info_and_clear(real: Path, tiny_dir: Path, tmp_path: Path, capsys,  # noqa: ANN001
+                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("LYRA_CACHE_DIR", str(tmp_path))
+    assert run(["longspeech", str(real / "Hi.mp3"), "--ask", "q", "--max-new-tokens", "1", "-q"]) == 0
+    capsys.readouterr()
+    assert run(["cache", "info"]) == 0
+    assert "1 entries" in capsys.readouterr().out
+    assert run(["cache", "clear"]) == 0
+    assert "removed 1" in capsys.readouterr().err
+    assert list((tmp_path / "speech").glob("*.safetensors")) == []
