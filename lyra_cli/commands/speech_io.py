@@ -61,7 +61,6 @@ class SpeechOutputs:
         self.base = speech_out
         self.writer = None
         self.turn = 0
-        self.written: list[Path] = []
 
     @property
     def enabled(self) -> bool:
@@ -92,7 +91,6 @@ class SpeechOutputs:
     def end_turn(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.written.append(self.writer.path)
             self.writer = None
 
     def abort_turn(self) -> None:

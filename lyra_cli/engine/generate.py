@@ -16,7 +16,7 @@ import torch
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.prefill import PrefillResult, ProgressFn, prefill
+from lyra_cli.engine.prefill import PrefillResult, prefill
 from lyra_cli.engine.prompt import PromptInputs
 from lyra_cli.errors import UsageError
 
@@ -128,7 +128,6 @@ def stream_steps(
     end_ids: set[int],
     extractor: ExtractorConfig | None = None,
     chunk_tokens: int | None = None,
-    on_prefill_progress: ProgressFn | None = None,
     on_prefilled: Callable[[PrefillResult], None] | None = None,
     cache: KVCache | None = None,
     reused_tokens: int = 0,
@@ -147,7 +146,7 @@ def stream_steps(
         cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0
     rest = slice(reused_tokens, None)
     result = prefill(backbone, inputs.embeds[:, rest], inputs.positions[:, :, rest], cache, kinds=inputs.kinds[rest],
-                     extractor=extractor, chunk_tokens=chunk_tokens, on_progress=on_prefill_progress)  # fmt: skip
+                     extractor=extractor, chunk_tokens=chunk_tokens)  # fmt: skip
     if on_prefilled is not None:
         on_prefilled(result)
     hidden = result.last_hidden  # (1, H)

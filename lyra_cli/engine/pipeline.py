@@ -29,7 +29,7 @@ from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio, require_speech
 from lyra_cli.audio.windows import split_windows
 from lyra_cli.engine.adapters import Adapter, activate, route
 from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.events import AudioChunk, Done, Event, Progress, TextDelta
+from lyra_cli.engine.events import AudioChunk, Done, Event, TextDelta
 from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import END_STATE, SamplingConfig, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
@@ -229,7 +229,6 @@ class Engine:
     ) -> Iterator[Event]:
         start = started_at if started_at is not None else time.perf_counter()
         inputs, adapter = self.prepare(conversation)
-        yield Progress("prefill", 0, inputs.n_tokens, "tokens")
         streamer = TextStreamer(self.loaded.tokenizer)
         first_token_s = None
         n_new, stop = 0, "length"
