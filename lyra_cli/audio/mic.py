@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lyra_cli.audio.io import RESAMPLE_QUALITY, SAMPLE_RATE_HZ, open_audio_stream
-from lyra_cli.audio.playback import PCM16_SCALE, device_error, import_sounddevice, pick_device
+from lyra_cli.audio.playback import PCM16_SCALE, device_error, import_sounddevice, pick_device, release_stream
 from lyra_cli.audio.vad import FRAME_S, FRAME_SAMPLES
 
 log = logging.getLogger(__name__)
@@ -225,9 +225,8 @@ class MicSource:
             return
         self._closed = True
         try:
-            self._stream.abort()
+            release_stream(self._stream)  # the callback drops what arrives meanwhile: _closed is set
         finally:
-            self._stream.close()
             self._wake_iterator()
         if self._n_dropped:
             log.warning("microphone: %.1f s of audio dropped: it was not read fast enough", self.dropped_s)

@@ -282,22 +282,17 @@ class SpeakerSink:
     def close(self, wait: bool = True) -> None:
         """Play out the queue first if `wait` (bounded by its length), then release the device.
 
-        Safe to interrupt (Ctrl-C while waiting aborts the stream instead of draining it) and to call twice.
+        Safe to interrupt (Ctrl-C while waiting drops the queue instead of draining it) and to call twice.
         """
         if self._closed:
             return
         self._closed = True
-        drained = False
         try:
-            if wait:
-                drained = self._buffer.wait_drained(self._buffer.queued_s + DRAIN_MARGIN_S)
+            if wait and not self._buffer.wait_drained(self._buffer.queued_s + DRAIN_MARGIN_S):
+                log.warning("speaker: the device stopped taking audio; the rest of the answer was dropped")
         finally:
-            self._buffer.stop()
-            if drained:
-                self._stream.stop()  # lets the device play its last buffer
-            else:
-                self._stream.abort()  # drops it: we were asked not to wait, or were interrupted
-            self._stream.close()
+            self._buffer.stop()  # from here the callback hands the device silence
+            release_stream(self._stream)
             if self._callback_error is not None:
                 log.warning("speaker: the audio callback failed (%r); it played silence instead", self._callback_error)
 
@@ -315,6 +310,20 @@ class SpeakerSink:
             outdata.fill(0)
             if self._callback_error is None:
                 self._callback_error = err
+
+
+def release_stream(stream: Any) -> None:
+    """Stop a sounddevice stream whose callback is Python, then close it.
+
+    Never `abort()`: on Linux PortAudio aborts by `pthread_cancel`-ing its callback thread, and a thread
+    cancelled while it waits for the GIL dies holding the GIL's mutex, which hangs the process for good (seen
+    on Ctrl-C with a microphone and a speaker open). `stop()` asks the thread to finish its current buffer and
+    joins it; `close()` of an active stream would abort it, hence stop first.
+    """
+    try:
+        stream.stop()
+    finally:
+        stream.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
