@@ -14,9 +14,10 @@ from lyra_cli.engine.pipeline import Engine
 from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.engine.speech_out import load_speech_generator
 from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder, parse_records
-from lyra_cli.engine.train.loop import Trainer, checkpoints, latest_checkpoint, train_step_loss
-from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage
+from lyra_cli.engine.train.loop import Trainer, checkpoints, latest_checkpoint, resolve_precision, train_step_loss
+from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage, stage_extractor
 from lyra_cli.engine.train.synthetic import write_synthetic_set
+from lyra_cli.errors import UsageError
 
 CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))
 
@@ -37,7 +38,7 @@ def examples(tiny_dir: Path, records: dict) -> dict:
     """Examples built once (media encoded by a frozen engine); they carry frames, not projected tokens."""
     engine = Engine(load_model(tiny_dir, CPU))
     encode = engine_media_encoder(engine)
-    chosen = ("asr_0", "unit_4", "unit_9")
+    chosen = ("asr_0", "mm_1", "unit_4", "unit_9", "long_10")
     return {i: build_example(records[i], engine.loaded.tokenizer, encode) for i in chosen}
 
 
@@ -55,19 +56,27 @@ def _setup(tiny_dir: Path, examples: dict, stage_name: str, ids: tuple[str, ...]
 
 
 @pytest.mark.parametrize(
-    ("stage_name", "ids", "lr", "steps"),
-    [("stage1", ("asr_0",), 1e-2, 8), ("stage2", ("asr_0",), 2e-3, 6), ("stage4", ("unit_4", "unit_9"), 2e-3, 6)],
+    ("stage_name", "ids", "lr", "steps", "extract"),
+    [
+        ("stage1", ("asr_0",), 1e-2, 8, ""),
+        ("stage2", ("asr_0",), 2e-3, 6, ""),
+        ("stage2", ("asr_0", "mm_1"), 2e-3, 6, "2x0.5"),  # with the extractor dropping tokens
+        ("stage3", ("long_10",), 2e-3, 6, ""),
+        ("stage4", ("unit_4", "unit_9"), 2e-3, 6, ""),
+    ],
 )
 def test_loss_falls_when_overfitting(tiny_dir: Path, examples: dict, tmp_path: Path, stage_name: str,
-                                     ids: tuple[str, ...], lr: float, steps: int) -> None:  # fmt: skip
-    loaded, generator, plan, dataset = _setup(tiny_dir, examples, stage_name, ids,
-                                              learning_rate=lr, lr_schedule="constant")  # fmt: skip
+                                     ids: tuple[str, ...], lr: float, steps: int, extract: str) -> None:  # fmt: skip
+    loaded, generator, plan, dataset = _setup(tiny_dir, examples, stage_name, ids, learning_rate=lr,
+                                              lr_schedule="constant", extract=extract)  # fmt: skip
     model = loaded.model
     stage = plan.stage
+    extractor = stage_extractor(stage, model)
 
     def full_loss() -> float:
         with torch.no_grad():
-            return sum(float(train_step_loss(model, examples[i], stage, generator=generator)[0]) for i in ids)
+            return sum(float(train_step_loss(model, examples[i], stage, generator=generator, extractor=extractor)[0])
+                       for i in ids)  # fmt: skip
 
     before = full_loss()
     if stage_name == "stage2":  # LCMR is active on the transcribed record
@@ -76,6 +85,9 @@ def test_loss_falls_when_overfitting(tiny_dir: Path, examples: dict, tmp_path: P
     if stage_name == "stage4":
         _, parts = train_step_loss(model, examples["unit_4"], stage, generator=generator)
         assert set(parts) == {"ctc"}
+    if extract:  # the image+speech record really loses tokens
+        _, parts = train_step_loss(model, examples["mm_1"], stage, extractor=extractor)
+        assert parts["kept_tokens"] < examples["mm_1"].n_tokens
     trainer = Trainer(model, plan, dataset, total_steps=steps, generator=generator, log_path=tmp_path / "log.jsonl")
     for _ in range(steps):
         trainer.step()
@@ -158,3 +170,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir: Path, example
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) == len(plan.parameters)
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def test_precision_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    stage, cpu, cuda = resolve_stage("stage2"), torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", stage, cpu, torch.float32) is None  # CPU: the weights' dtype
+    assert resolve_precision("fp32", stage, cuda, torch.float32) is None
+    assert resolve_precision("bf16", stage, cpu, torch.float32) is torch.bfloat16  # forced: any device
+    assert resolve_precision("fp16", stage, cpu, torch.float32) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", stage, cuda, torch.float32) is torch.bfloat16
+    assert resolve_precision("auto", stage, cuda, torch.bfloat16) is None  # already 16-bit weights
+    assert resolve_precision("auto", resolve_stage("stage2", {"bf16": False}), cuda, torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100: fp16 + loss scaling
+    assert resolve_precision("auto", stage, cuda, torch.float32) is torch.float16
+    with pytest.raises(UsageError, match="precision"):
+        resolve_precision("fp8", stage, cpu, torch.float32)
+
+
+def test_bf16_autocast_trains_in_16_bits_with_fp32_weights(tiny_dir: Path, examples: dict) -> None:
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage2", ("asr_0",), learning_rate=2e-3,
+                                      lr_schedule="constant")  # fmt: skip
+    losses = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        trainer = Trainer(loaded.model, plan, dataset, total_steps=6, precision=dtype)
+        with trainer._autocast(), torch.no_grad():
+            losses[name] = float(train_step_loss(loaded.model, examples["asr_0"], plan.stage)[0])
+    assert losses["bf16"] != losses["fp32"]  # the forward really ran in bf16 ...
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]  # ... and is close to fp32
+    records = [trainer.step() for _ in range(6)]
+    assert records[-1]["loss"] < 0.95 * records[0]["loss"]
+    assert all(p.dtype == torch.float32 for p in plan.parameters.values())  # master weights stay fp32
+
+
+def test_fp16_uses_loss_scaling_and_resumes_it(tiny_dir: Path, examples: dict, tmp_path: Path) -> None:
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=4, precision=torch.float16)
+    record = trainer.step()
+    assert record["loss_scale"] > 1 and record["loss"] == record["loss"]  # scaled, and not NaN
+    trainer.scaler.update(1024.0)  # a scale the fresh scaler would not have
+    folder = trainer.save_checkpoint(tmp_path / "ckpt")
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
+    resumed = Trainer(loaded.model, plan, dataset, total_steps=4, precision=torch.float16)
+    resumed.load_checkpoint(folder)
+    assert resumed.scaler.get_scale() == 1024.0

@@ -36,6 +36,12 @@ def train(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint in --out."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record instead of skipping it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved settings and trainable parameters; train nothing."),
+    extract: str | None = typer.Option(None, "--extract", metavar="BLOCKSxRATIO",
+                                       help="Train with the latent multi-modality extractor, e.g. 4x0.7: drop "
+                                            "multimodal tokens block by block (faster steps; off by default)."),
+    precision: str = typer.Option("auto", "--precision", metavar="auto|fp32|bf16|fp16",
+                                  help="Autocast of the forward passes. auto: bf16 (else fp16 with loss scaling) "
+                                       "on CUDA with fp32 weights, as the stages' bf16 setting asks; none on CPU."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and of new LoRA weights."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     model: str = common.ModelOption,
@@ -45,8 +51,13 @@ def train(
     """Train one of Lyra's four stages and write its result in the release layout."""
     from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
 
-    overrides = {k: v for k, v in {"learning_rate": lr, "grad_accumulation": grad_accum}.items() if v is not None}
+    flags = {"learning_rate": lr, "grad_accumulation": grad_accum, "extract": extract}
+    overrides = {k: v for k, v in flags.items() if v is not None}
     stage = stage_from_file(config, stage_name, overrides) if config else resolve_stage(stage_name, overrides)
+    from lyra_cli.engine.train.loop import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
     if steps is not None and steps < 1 or save_every < 1:
         raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
     request = common.runtime_request(device, dtype, False, False)
@@ -57,7 +68,7 @@ def train(
         return
     records = _records(data, image_folder, speech_folder, strict)
     _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
-         resume=resume, seed=seed, quiet=quiet)  # fmt: skip
+         resume=resume, seed=seed, quiet=quiet, precision=precision)  # fmt: skip
 
 
 def _settings(stage: Any) -> dict:
@@ -105,26 +116,35 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
 
 
 def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, steps: int | None, save_every: int,
-         keep_last: int, resume: bool, seed: int, quiet: bool) -> None:  # fmt: skip
+         keep_last: int, resume: bool, seed: int, quiet: bool, precision: str) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
-    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint
+    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision
 
     stage = plan.stage
     encode = engine_media_encoder(engine)
     dataset = TrainDataset(records, lambda r: build_example(r, engine.loaded.tokenizer, encode), seed=seed)
     total = steps or max(1, math.ceil(stage.epochs * len(records) / stage.grad_accumulation))
     out.mkdir(parents=True, exist_ok=True)
+    runtime = engine.loaded.runtime
+    autocast = resolve_precision(precision, stage, runtime.device, runtime.dtype)
     trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
-                      log_path=out / METRICS_FILE, keep_last=keep_last)  # fmt: skip
+                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast)  # fmt: skip
     last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
         trainer.load_checkpoint(last)
         info(f"resumed from `{last}` at step {trainer.step_count}")
     if not quiet:
-        info(f"{stage.name}: {plan.count:,} trainable parameters, {total} steps, lr {stage.learning_rate}")
+        compute = f"autocast {_dtype_name(autocast)}" if autocast else f"{_dtype_name(runtime.dtype)} weights"
+        extract = f", extractor {stage.extract}" if stage.extract else ""
+        info(f"{stage.name}: {plan.count:,} trainable parameters, {total} steps, lr {stage.learning_rate}, "
+             f"{compute} on {runtime.device}{extract}")
     _loop(trainer, total, out, save_every, quiet)
     _export(engine, generator, stage, out)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _loop(trainer: Any, total: int, out: Path, save_every: int, quiet: bool) -> None:

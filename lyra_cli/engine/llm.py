@@ -148,9 +148,13 @@ class Attention(nn.Module):
         """x (B, T, H) -> q (B, nh, T, hs), k and v (B, nkv, T, hs); q and k rotated (post-RoPE)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, rope), apply_rope(k, rope), v
+        return apply_rope(q, rope), self.keys(x, rope), v
+
+    def keys(self, x: Tensor, rope: Rope) -> Tensor:
+        """x (B, T, H) -> post-RoPE keys (B, nkv, T, hs), without computing queries or values."""
+        B, T, _ = x.shape
+        return apply_rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2), rope)
 
     def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None) -> Tensor:
         """x (B, T, H) -> (B, T, H); appends this layer's new keys/values to `cache`."""

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,24 @@ LORA_B_STD = 0.05  # non-zero, so an adapter visibly changes the answer
 TINY_MAX_PIXELS = 28 * 28 * 64
 
 
+@dataclass(frozen=True)
+class TinySize:
+    """The language model's dimensions: the tiny defaults, or larger ones for benchmarks at mid size."""
+
+    hidden: int = HIDDEN
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """Qwen2-VL's split of the rotary half-dimension into (t, h, w): [16, 24, 24] for 128-wide heads."""
+        half = self.hidden // self.heads // 2
+        temporal = half // 4
+        return [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]
+
+
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lyra")
 
@@ -58,9 +77,9 @@ def _vocab_size(n_tokens: int) -> int:
     return -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def _vision_config() -> dict[str, Any]:
+def _vision_config(hidden: int = HIDDEN) -> dict[str, Any]:
     return {
-        "depth": 2, "embed_dim": 32, "hidden_size": HIDDEN, "mlp_ratio": 2, "num_heads": 2, "in_channels": 3,
+        "depth": 2, "embed_dim": 32, "hidden_size": hidden, "mlp_ratio": 2, "num_heads": 2, "in_channels": 3,
         "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "hidden_act": "quick_gelu",
     }  # fmt: skip
 
@@ -75,30 +94,30 @@ def _whisper_config() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def tiny_config(vocab_size: int, tokenizer_ids: dict[str, int]) -> dict[str, Any]:
+def tiny_config(vocab_size: int, tokenizer_ids: dict[str, int], size: TinySize = TinySize()) -> dict[str, Any]:
     """config.json with the keys the release uses (official-lyra.md §1.4), at tiny sizes."""
     return {
         "architectures": ["Lyra2SQwen2VLForCausalLM"],
         "model_type": "Lyra_Qwen2VL_SpeechGenerator",
         "vocab_size": vocab_size,
-        "hidden_size": HIDDEN,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_window_layers": 2,
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "max_window_layers": size.layers,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_scaling": {"type": "mrope", "mrope_section": size.mrope_section},
         "max_position_embeddings": 32768,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "bos_token_id": tokenizer_ids["<|endoftext|>"],
         "eos_token_id": tokenizer_ids["<|im_end|>"],
-        "vision_config": _vision_config(),
+        "vision_config": _vision_config(size.hidden),
         "mm_vision_tower": VISION_TOWER_DIR,
         "mm_projector_type": "identity",
-        "mm_hidden_size": HIDDEN,
+        "mm_hidden_size": size.hidden,
         "mm_speech_tower": SPEECH_TOWER_DIR,
         "mm_speech_projector_type": "simple_mlp",
         "mm_speech_hidden_size": 64,
@@ -127,7 +146,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _build_model(config_dict: dict[str, Any]) -> LyraForCausalLM:
     config = parse_config(config_dict)
-    vit_cfg = Qwen2VLVisionConfig(**_vision_config())
+    vit_cfg = Qwen2VLVisionConfig(**config_dict["vision_config"])
     whisper_cfg = WhisperConfig(**_whisper_config())
     vit = Qwen2VisionTransformerPretrainedModel(vit_cfg)
     whisper = build_whisper_encoder(whisper_cfg)
@@ -182,8 +201,8 @@ def _write_adapter(model: LyraForCausalLM, out: Path, adapter: Adapter, config_d
     torch.save(state, folder / "non_lora_trainables.bin")
 
 
-def _write_towers(out: Path) -> None:
-    _write_json(out / VISION_TOWER_DIR / "config.json", {"model_type": "qwen2_vl", **_vision_config()})
+def _write_towers(out: Path, hidden: int) -> None:
+    _write_json(out / VISION_TOWER_DIR / "config.json", {"model_type": "qwen2_vl", **_vision_config(hidden)})
     _write_json(out / VISION_TOWER_DIR / "preprocessor_config.json", {
         "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
@@ -205,24 +224,24 @@ def _generation_config(ids: dict[str, int]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def write_tiny_model(out: Path, *, seed: int = DEFAULT_SEED) -> None:
-    """Write the tiny checkpoint into the empty or new folder `out`."""
+def write_tiny_model(out: Path, *, seed: int = DEFAULT_SEED, size: TinySize = TinySize()) -> None:
+    """Write the tiny checkpoint (or one with the language model at `size`) into the empty or new `out`."""
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(out)
     from lyra_cli.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(out)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
-    config_dict = tiny_config(_vocab_size(len(tokenizer)), ids) | tiny_generator_config()
+    config_dict = tiny_config(_vocab_size(len(tokenizer)), ids, size) | tiny_generator_config()
     torch.manual_seed(seed)
     model = _build_model(config_dict)
     _write_json(out / "config.json", config_dict)
     _write_json(out / "generation_config.json", _generation_config(ids))
     _write_shards(model, out)
-    _write_towers(out)
+    _write_towers(out, size.hidden)
     for adapter in ADAPTER_DIRS:
         _write_adapter(model, out, adapter, config_dict, seed)
-    write_tiny_speech_generator(out, HIDDEN, config_dict["rope_theta"], seed=seed)
+    write_tiny_speech_generator(out, size.hidden, config_dict["rope_theta"], seed=seed)
     write_tiny_vocoder(out / VOCODER_DIR, seed=seed)
 
 

@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lyra_cli.engine.config import ExtractorConfig
+from lyra_cli.engine.extractor import context_mask, query_mask
 from lyra_cli.engine.llm import N_ROPE_AXES
-from lyra_cli.engine.prompt import SpeechPart
+from lyra_cli.engine.prompt import PromptInputs, SpeechPart
 from lyra_cli.engine.train.data import IGNORE_INDEX, TrainDataset, TrainExample
+from lyra_cli.engine.train.extract import ExtractedForward, forward_extracting
 from lyra_cli.engine.train.lcmr import lcmr_loss
-from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains
+from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains, stage_extractor
 from lyra_cli.errors import InputError, UsageError
 
 CHECKPOINT_PREFIX = "step-"
@@ -46,6 +49,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
 MAX_GRAD_NORM = 1.0  # HF Trainer default, which the authors' scripts keep
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 Projection = Callable[[SpeechPart], Tensor]
 
@@ -71,9 +76,21 @@ def trainable_projection(projector: nn.Module, *, long_adapter: str = "long_spee
     return project
 
 
-def _shifted_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over supervised positions; logits (T, V), labels (T,)."""
-    return F.cross_entropy(logits[:-1].float(), labels[1:].to(logits.device), ignore_index=IGNORE_INDEX)
+def _shifted_ce(model: nn.Module, hidden: Tensor, labels: Tensor, kept_index: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the supervised positions.
+
+    hidden (T', H) final states of the tokens at prompt indices kept_index (T',) (all T of them without
+    the extractor), labels (T,). Row j predicts labels[kept_index[j] + 1] when that token is row j + 1 too;
+    only those rows go through lm_head, so a long prompt never builds (T, vocab) logits."""
+    labels = labels.to(hidden.device)
+    kept_index = kept_index.to(hidden.device)
+    follows = kept_index[1:] == kept_index[:-1] + 1  # (T'-1,) the next token survived every drop
+    targets = labels[kept_index[1:]]
+    rows = follows & (targets != IGNORE_INDEX)
+    if not bool(rows.any()):
+        return hidden.sum() * 0.0  # nothing supervised: a zero that still belongs to the graph
+    logits = model.logits(hidden[:-1][rows])  # (n, V)
+    return F.cross_entropy(logits.float(), targets[rows])
 
 
 def generator_ctc_loss(generator: nn.Module, hidden: Tensor, units: list[int]) -> Tensor:
@@ -100,6 +117,19 @@ def generator_ctc_loss(generator: nn.Module, hidden: Tensor, units: list[int]) -
     return loss / len(units)
 
 
+def backbone_forward(
+    backbone: nn.Module, inputs: PromptInputs, labels: Tensor, extractor: ExtractorConfig | None
+) -> ExtractedForward:
+    """The decoder over a training prompt, dropping context tokens block by block with `extractor`.
+
+    The extractor's queries are the text after the first media token that is not supervised (the
+    authors' `text_labels`): the question, never the answer being learnt."""
+    is_context = context_mask(inputs.kinds)
+    is_query = query_mask(inputs.kinds) & (labels.to(inputs.kinds.device) == IGNORE_INDEX)
+    return forward_extracting(backbone, inputs.embeds, inputs.positions, is_context=is_context,
+                              is_query=is_query, extractor=extractor)  # fmt: skip
+
+
 def train_step_loss(
     model: nn.Module,
     example: TrainExample,
@@ -107,11 +137,13 @@ def train_step_loss(
     *,
     project: Projection | None = None,
     generator: nn.Module | None = None,
+    extractor: ExtractorConfig | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """One example's training loss for `stage` and its parts (floats) for logging.
 
     stage 1/3: shifted CE; stage 2: CE + λ·LCMR(projected speech, embed(asr_ids)) when the record has a
-    transcript; stage 4: the generator's CTC only, the LLM run under no_grad.
+    transcript; stage 4: the generator's CTC only, the LLM run under no_grad. With `extractor`, the decoder
+    drops context tokens block by block (`forward_extracting`); answers are never dropped.
     `project` defaults to `trainable_projection(model.model.mm_speech_projector)`."""
     if project is None:
         project = trainable_projection(model.model.mm_speech_projector)
@@ -131,23 +163,47 @@ def train_step_loss(
             raise InputError(f"record `{example.record.id}` has no tgt_unit for {stage.name}")
         with torch.no_grad():
             inputs = example.prompt_inputs(embed_ids=backbone.embed_tokens, project_speech=project_speech)
-            hidden = backbone(inputs.embeds, inputs.positions, None)[0]  # (T, H) after the final norm
-        states = hidden[labels.to(hidden.device) != IGNORE_INDEX]
+            out = backbone_forward(backbone, inputs, labels, extractor)
+        hidden, kept_labels = out.hidden[0], labels.to(out.hidden.device)[out.kept_index]  # (T', H), (T',)
+        states = hidden[kept_labels != IGNORE_INDEX]  # answers are never dropped: all of them are here
         ctc = generator_ctc_loss(generator, states, example.tgt_units)
         loss = stage.ctc_loss_weight * ctc
         return loss, {"ctc": float(ctc.detach())}
     inputs = example.prompt_inputs(embed_ids=backbone.embed_tokens, project_speech=project_speech)
-    hidden = backbone(inputs.embeds, inputs.positions, None)
-    ce = _shifted_ce(model.logits(hidden)[0], labels)
+    out = backbone_forward(backbone, inputs, labels, extractor)
+    ce = _shifted_ce(model, out.hidden[0], labels, out.kept_index)
     parts = {"ce": float(ce.detach())}
+    if out.drops:
+        parts["kept_tokens"] = float(out.kept_index.numel())
     loss = ce
     cfg = stage.lcmr_config()
     if cfg is not None and example.asr_ids and speech:
         text = backbone.embed_tokens(torch.tensor(example.asr_ids, device=inputs.embeds.device))
-        align = lcmr_loss([torch.cat(speech)], [text], cfg)
+        with torch.autocast(inputs.embeds.device.type, enabled=False):  # soft-DTW's log-sum-exps stay exact
+            align = lcmr_loss([torch.cat(speech).float()], [text.float()], cfg)
         loss = loss + cfg.weight * align
         parts["lcmr"] = float(align.detach())
     return loss, parts
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def resolve_precision(choice: str, stage: StageConfig, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of training's forward passes, or None (compute in the weights' dtype).
+
+    `auto` follows the stage's `bf16` setting (on in every official stage) where it pays: on CUDA with
+    fp32 weights, bf16 where the GPU has it, else fp16 (with loss scaling). On CPU, and for weights already
+    loaded in 16 bits (`--dtype`), `auto` adds nothing. `bf16`/`fp16` force autocast on any device."""
+    if choice not in PRECISIONS:
+        raise UsageError(f"unknown precision `{choice}`", f"choose one of: {', '.join(PRECISIONS)}")
+    if choice == "fp32":
+        return None
+    if choice in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[choice]
+    if device.type != "cuda" or weight_dtype != torch.float32 or not stage.bf16:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -239,12 +295,14 @@ class Trainer:
         log_path: str | Path | None = None,
         keep_last: int = 3,
         max_grad_norm: float | None = MAX_GRAD_NORM,
+        precision: torch.dtype | None = None,
     ) -> None:
         if total_steps < 1:
             raise UsageError("total_steps must be >= 1")
         self.model, self.plan, self.dataset, self.generator = model, plan, dataset, generator
         self.stage = plan.stage
         self.project = project
+        self.extractor = stage_extractor(self.stage, model)
         self.total_steps = total_steps
         self.keep_last = max(1, keep_last)
         self.max_grad_norm = max_grad_norm
@@ -253,6 +311,10 @@ class Trainer:
         self.log_path = Path(log_path) if log_path is not None else None
         self.names = plan.names
         params = [plan.parameters[n] for n in self.names]
+        self.device_type = params[0].device.type
+        self.precision = precision  # autocast dtype, None = the weights' own
+        # fp16's narrow range needs loss scaling (skipped steps on overflow); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == torch.float16 else None
         self.optimizer = torch.optim.AdamW(params, lr=self.stage.learning_rate, weight_decay=self.stage.weight_decay)
         self.warmup_steps = math.ceil(self.stage.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -270,6 +332,10 @@ class Trainer:
         if self.generator is not None:
             self.generator.train()
 
+    def _autocast(self) -> torch.autocast:
+        dtype = self.precision or torch.float32
+        return torch.autocast(self.device_type, dtype=dtype, enabled=self.precision is not None)
+
     def step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accumulation` examples; returns (and logs) its record."""
         self._train_mode()
@@ -281,10 +347,12 @@ class Trainer:
         parts_sum: dict[str, float] = {}
         examples = self.dataset.iter_from(self.position, stop=self.position + accumulation)
         for _, example in examples:
-            loss, parts = train_step_loss(self.model, example, self.stage, project=self.project,
-                                          generator=self.generator)  # fmt: skip
+            with self._autocast():
+                loss, parts = train_step_loss(self.model, example, self.stage, project=self.project,
+                                              generator=self.generator, extractor=self.extractor)  # fmt: skip
             if loss.requires_grad:  # e.g. a text-only record in stage 1 reaches no trainable weight
-                (loss / accumulation).backward()
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += float(loss.detach())
             tokens += example.n_tokens
             supervised += int((example.labels != IGNORE_INDEX).sum())
@@ -292,9 +360,15 @@ class Trainer:
                 parts_sum[key] = parts_sum.get(key, 0.0) + value
         params = [self.plan.parameters[n] for n in self.names]
         grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         if self.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.position += accumulation
         self.step_count += 1
@@ -310,6 +384,8 @@ class Trainer:
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             "position": self.position,
         }
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.get_scale()
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as handle:
@@ -330,8 +406,10 @@ class Trainer:
         try:
             tensors = {n: self.plan.parameters[n].detach().cpu().contiguous() for n in self.names}
             save_file(tensors, str(tmp / TRAINABLE_FILE))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / OPTIMIZER_FILE)  # fmt: skip
+            states = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            if self.scaler is not None:
+                states["scaler"] = self.scaler.state_dict()
+            torch.save(states, tmp / OPTIMIZER_FILE)
             torch.save(_rng_state(), tmp / RNG_FILE)
             state = {"step": self.step_count, "position": self.position, "stage": self.stage.name,
                      "total_steps": self.total_steps, "seed": self.dataset.seed, "names": self.names}  # fmt: skip
@@ -377,6 +455,8 @@ class Trainer:
         opt = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+        if self.scaler is not None and "scaler" in opt:
+            self.scaler.load_state_dict(opt["scaler"])
         _set_rng_state(torch.load(folder / RNG_FILE, weights_only=True))
         self.step_count = int(state["step"])
         self.position = int(state["position"])

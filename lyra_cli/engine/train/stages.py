@@ -27,6 +27,8 @@ from typing import Any
 from torch import nn
 
 from lyra_cli.engine.adapters import DECODER_TARGETS, Adapter
+from lyra_cli.engine.config import ExtractorConfig
+from lyra_cli.engine.extractor import parse_extract
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.train.lcmr import ALIGN_TEMPERATURE, LCMR_WEIGHT, SOFT_DTW_GAMMA, LcmrConfig
 from lyra_cli.errors import InputError, MissingDependencyError, UsageError
@@ -84,6 +86,7 @@ class StageConfig:
     gradient_checkpointing: bool = True
     zero_stage: int = 3  # DeepSpeed ZeRO stage of the authors' run (informational on one device)
     group_by_modality_length: bool = False
+    extract: str = ""  # LMME as BLOCKSxRATIO (e.g. "4x0.7"); "" = off, as in every official script
 
     @property
     def lora_scaling(self) -> float:
@@ -309,6 +312,7 @@ def prepare_for_stage(
                          "use a model folder whose config.json declares `speech_generator_type: ctc`")  # fmt: skip
     if stage.trains is not Trains.SPEECH_GENERATOR and model.model.mm_speech_projector is None:
         raise UsageError(f"{stage.name} trains the speech projector, but this model has no speech tower")
+    stage_extractor(stage, model)  # a bad --extract fails here, before any data is read
     if stage.trains is Trains.LORA_AND_PROJECTOR:
         _match_dtype(model, inject_fresh_adapter(model, stage))
         model.train(model.training)  # new dropout modules start in training mode; follow the model's mode
@@ -331,6 +335,13 @@ def prepare_for_stage(
     return TrainablePlan(stage, params, frozen_count=frozen)
 
 
+def stage_extractor(stage: StageConfig, model: LyraForCausalLM) -> ExtractorConfig | None:
+    """The stage's `extract` setting for this model's depth (None when off)."""
+    if not stage.extract:
+        return None
+    return parse_extract(stage.extract, len(model.model.layers))
+
+
 def describe(plan: TrainablePlan) -> str:
     """A few lines for a dry-run header: what trains, how many weights, and the schedule."""
     s = plan.stage
@@ -346,4 +357,6 @@ def describe(plan: TrainablePlan) -> str:
     ]  # fmt: skip
     if s.lcmr:
         lines.append(f"  LCMR on: λ {s.lcmr_weight:g}, τ {s.lcmr_temperature:g}, γ {s.lcmr_gamma:g}")
+    if s.extract:
+        lines.append(f"  extractor on: {s.extract} (blocks x kept ratio per block)")
     return "\n".join(lines)
