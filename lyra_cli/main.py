@@ -22,10 +22,25 @@ from lyra_cli.commands.eval import eval_app
 from lyra_cli.commands.info import info
 from lyra_cli.commands.listen import listen
 from lyra_cli.commands.longspeech import longspeech
-from lyra_cli.commands.train import train
+from lyra_cli.commands.train import train_app
 from lyra_cli.errors import LyraError
 
 EXIT_INTERRUPTED = 130
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """click's UsageError and typer's copy of it: typer >= 0.26 vendors its own click, whose exceptions
+    are not click's (missing it turns `lyra chat --bogus` into a traceback)."""
+    try:
+        from typer._click.exceptions import UsageError as VendoredUsageError
+    except ImportError:  # an older typer running on click itself
+        return (click.UsageError,)
+    return (click.UsageError, VendoredUsageError)
+
+
+USAGE_ERRORS = _usage_errors()
+EXITS = (click.exceptions.Exit, typer.Exit)
+ABORTS = (click.exceptions.Abort, typer.Abort)
 NOISY_LIBRARIES = ("transformers", "bitsandbytes", "peft", "accelerate")
 
 app = typer.Typer(
@@ -42,7 +57,7 @@ app.command(help="Ask questions about a long recording (minutes to hours), with 
 app.command(help="Talk with Lyra: spoken turns in, text and speech out, with barge-in.")(listen)
 app.command(help="Describe a model folder: config, weights, adapters, tokenizer.")(info)
 app.add_typer(eval_app, name="eval")
-app.command(help="Train one of the paper's four stages; writes the result in the release layout.")(train)
+app.add_typer(train_app, name="train")
 app.add_typer(cache_app, name="cache")
 
 
@@ -83,12 +98,12 @@ def run(argv: list[str] | None = None) -> int:
 
         error(exc.message, exc.hint)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.UsageError as exc:
-        exc.show()
+    except EXITS as exc:
+        code = exc.exit_code  # type: ignore[attr-defined]
+    except USAGE_ERRORS as exc:
+        exc.show()  # type: ignore[attr-defined]
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*ABORTS, KeyboardInterrupt):
         code = EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
         sys.stderr.write("interrupted\n")  # plain write: this may run while a Rich console is mid-render

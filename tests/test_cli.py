@@ -169,3 +169,14 @@ def test_bad_extract_spec_is_a_usage_error(capsys) -> None:  # noqa: ANN001
     code, _, err = lyra(capsys, "chat", "--text", "hi", "--extract", "3y0.5")
     assert code == 2
     assert_one_line_error(err, "3y0.5", "BLOCKSxRATIO")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["chat", "--bogus"], "No such option: --bogus"),
+    (["train", "stage9"], "No such command 'stage9'"),
+    (["eval", "merge"], "Missing argument"),
+])  # fmt: skip
+def test_usage_errors_exit_2_without_a_traceback(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -49,7 +49,7 @@ def _setup(tiny_dir: Path, examples: dict, stage_name: str, ids: tuple[str, ...]
     if stage_name == "stage4":
         generator = load_speech_generator(loaded.model_dir, loaded.config, device="cpu", dtype=torch.float32)
     stage = resolve_stage(stage_name, {"warmup_ratio": 0.0, **overrides})
-    plan = prepare_for_stage(loaded.model, stage, generator)
+    plan = prepare_for_stage(loaded.model, stage, generator, loaded.adapters)
     by_record = {examples[i].record.id: examples[i] for i in ids}
     dataset = TrainDataset([examples[i].record for i in ids], lambda r: by_record[r.id], seed=1)
     return loaded, generator, plan, dataset

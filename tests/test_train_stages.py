@@ -172,6 +172,30 @@ def test_lora_stage_starts_from_a_fresh_adapter_that_changes_nothing(tiny_dir: P
     torch.testing.assert_close(fresh, plain, rtol=0, atol=0)  # lora_B starts at zero
 
 
+def test_stage1_starts_from_the_plain_llm(tiny_dir: Path) -> None:
+    loaded = _load(tiny_dir)
+    activate(loaded.model, loaded.adapters, Adapter.SPEECH)  # e.g. left on by an earlier speech request
+    with_adapter = _logits(loaded)
+    plan = prepare_for_stage(loaded.model, resolve_stage("stage1", {}), None, loaded.adapters)
+    assert plan.projector is loaded.model.model.mm_speech_projector and loaded.adapters.active is Adapter.NONE
+    stage1 = _logits(loaded)
+    activate(loaded.model, loaded.adapters, Adapter.NONE)
+    torch.testing.assert_close(stage1, _logits(loaded), rtol=0, atol=0)
+    assert not torch.allclose(stage1, with_adapter)
+
+
+def test_stage4_starts_from_the_speech_adapter_and_its_projector(tiny_dir: Path) -> None:
+    """The authors' stage 4 runs the stage-2 model with speech_lora merged: here, the adapter switched on."""
+    loaded = _load(tiny_dir)
+    plan = prepare_for_stage(loaded.model, resolve_stage("stage4", {}), _generator(loaded), loaded.adapters)
+    assert loaded.adapters.active is Adapter.SPEECH
+    assert plan.projector is loaded.adapters.projector(Adapter.SPEECH)
+    assert plan.projector is not loaded.model.model.mm_speech_projector
+    stage4 = _logits(loaded)
+    activate(loaded.model, loaded.adapters, Adapter.NONE)
+    assert not torch.allclose(stage4, _logits(loaded))
+
+
 def test_stage4_needs_a_generator(loaded: LoadedModel) -> None:
     with pytest.raises(UsageError, match="speech generator"):
         prepare_for_stage(loaded.model, resolve_stage("stage4", {}), None)

@@ -17,12 +17,31 @@ import typer
 from lyra_cli.commands import common
 from lyra_cli.errors import UsageError
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as engine.train.loop.PRECISIONS, without importing torch for --help
+
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
 
-def train(
-    stage_name: str = typer.Argument(..., metavar="STAGE", help="stage1 | stage2 | stage3 | stage4"),
+train_app = typer.Typer(
+    help="Train one of the paper's four stages (output in the release layout), or merge a trained adapter "
+    "into a full model folder.",
+    no_args_is_help=True,
+)
+
+STAGE_HELP = {
+    "stage1": "Stage 1: the speech projector on ASR data, on the plain LLM (no LoRA). Writes mm_speech_projector.bin.",
+    "stage2": "Stage 2: the speech LoRA (r64/α16) and the projector, with the latent cross-modality regularizer. "
+              "Writes speech_lora/.",
+    "stage3": "Stage 3: the long-speech LoRA (r128/α256) and the projector, on recordings over 30 s. "
+              "Writes long_speech_lora/.",
+    "stage4": "Stage 4: the speech generator (CTC on tgt_unit), LLM frozen with the speech adapter on, as the "
+              "authors' merged stage-2 model. Writes speech_generator.safetensors.",
+}  # fmt: skip
+
+
+def train_stage(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Training records: the official JSON list (or JSONL)."),
     out: Path = typer.Option(..., "--out", help="Output folder: checkpoints, metrics.jsonl and the result."),
     image_folder: Path | None = typer.Option(None, "--image-folder", help="Root of `image` paths (default: beside --data)."),
@@ -48,14 +67,13 @@ def train(
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
 ) -> None:
-    """Train one of Lyra's four stages and write its result in the release layout."""
+    """Train one of Lyra's four stages (the subcommand's name) and write its result in the release layout."""
     from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
 
+    stage_name = str(ctx.info_name)
     flags = {"learning_rate": lr, "grad_accumulation": grad_accum, "extract": extract}
     overrides = {k: v for k, v in flags.items() if v is not None}
     stage = stage_from_file(config, stage_name, overrides) if config else resolve_stage(stage_name, overrides)
-    from lyra_cli.engine.train.loop import PRECISIONS
-
     if precision not in PRECISIONS:
         raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
     if steps is not None and steps < 1 or save_every < 1:
@@ -98,7 +116,7 @@ def _prepare(model: str, request: Any, stage: Any, seed: int) -> tuple[Any, Any,
         generator = load_speech_generator(loaded.model_dir, loaded.config, device=loaded.runtime.device,
                                           dtype=loaded.runtime.dtype)  # fmt: skip
     torch.manual_seed(seed)  # new LoRA weights are drawn from the global generator
-    return engine, generator, prepare_for_stage(engine.model, stage, generator)
+    return engine, generator, prepare_for_stage(engine.model, stage, generator, loaded.adapters)
 
 
 def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, strict: bool) -> list:
@@ -176,3 +194,40 @@ def _export(engine: Any, generator: Any, stage: Any, out: Path) -> None:
     else:
         path = export_adapter(engine.model, stage, out, base_model=str(engine.loaded.model_dir))
     info(f"wrote `{path}` (place it in a release folder for `lyra chat --model`)")
+
+
+for _name, _help in STAGE_HELP.items():
+    train_app.command(_name, help=_help)(train_stage)
+
+
+@train_app.command(
+    "merge",
+    help="Merge a LoRA adapter and its speech projector into a full model folder without adapter folders (the "
+    "authors' stage-4 starting point). Streams shard by shard; an interrupted merge leaves nothing behind.",
+)
+def merge(
+    out: Path = typer.Option(..., "--out", help="New folder for the merged model (must not exist or be empty)."),
+    adapter: str = typer.Option("speech", "--adapter", metavar="speech|long_speech", help="The adapter to merge."),
+    adapter_folder: Path | None = typer.Option(
+        None, "--adapter-folder",
+        help="A trained adapter folder (e.g. OUT/speech_lora of `lyra train stage2`) instead of the model's own."),
+    save_dtype: str | None = typer.Option(None, "--save-dtype", metavar="bf16|fp16|fp32",
+                                          help="Store the weights in this dtype (default: as the model stores them)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    model: str = common.ModelOption,
+) -> None:
+    """`lyra train merge`: see the help above."""
+    from lyra_cli.console import info
+    from lyra_cli.engine.adapters import ADAPTER_NAMES, Adapter
+    from lyra_cli.engine.train.merge import SAVE_DTYPES, merge_adapter
+
+    if adapter not in ADAPTER_NAMES:
+        raise UsageError(f"unknown adapter `{adapter}`", f"choose one of: {', '.join(sorted(ADAPTER_NAMES))}")
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise UsageError(f"unknown --save-dtype `{save_dtype}`", f"choose one of: {', '.join(SAVE_DTYPES)}")
+    progress = None if quiet else (lambda done, total: info(f"merged shard {done}/{total}"))
+    report = merge_adapter(common.model_dir_for(model), Adapter(adapter), out, adapter_dir=adapter_folder,
+                           save_dtype=save_dtype, on_progress=progress)  # fmt: skip
+    dropped = f"; left out: {', '.join(report.dropped)}" if report.dropped else ""
+    info(f"wrote `{report.out}`: {report.merged_layers} weight matrices merged, "
+         f"{report.projector_tensors} projector tensors replaced{dropped}")  # fmt: skip

@@ -36,6 +36,8 @@ ADAPTER_DIRS: dict[Adapter, str] = {Adapter.SPEECH: "speech_lora", Adapter.LONG_
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 PROJECTOR_FILE = "non_lora_trainables.bin"
+MERGED_KEY = "merged_adapter"  # config.json of a `lyra train merge` output: the adapter folded into the weights
+ADAPTER_NAMES = {a.value for a in ADAPTER_DIRS}
 PROJECTOR_KEY = "mm_speech_projector."
 # PEFT prefixes saved keys with the wrapper path; our module tree starts at the inner model.
 PEFT_KEY_PREFIX = "base_model.model."
@@ -59,12 +61,13 @@ class AdapterBank:
     available: tuple[Adapter, ...]
     projectors: dict[Adapter, SpeechProjector]
     active: Adapter = Adapter.NONE
+    merged: Adapter | None = None  # `lyra train merge` folded this adapter into the decoder weights
 
     def projector(self, adapter: Adapter) -> SpeechProjector:
         return self.projectors.get(adapter, self.projectors[Adapter.NONE])
 
 
-def _projector_state(path: Path) -> dict[str, torch.Tensor]:
+def projector_state(path: Path) -> dict[str, torch.Tensor]:
     """`non_lora_trainables.bin`: keys like `model.model.mm_speech_projector.linear1.weight` → `linear1.weight`."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +82,7 @@ def _projector_state(path: Path) -> dict[str, torch.Tensor]:
 def _load_projector(config: LyraConfig, like: SpeechProjector, path: Path) -> SpeechProjector:
     weight = like.linear1.weight
     projector = SpeechProjector(config.speech, config.text.hidden_size).to(device=weight.device, dtype=weight.dtype)
-    state = _projector_state(path)
+    state = projector_state(path)
     expected = set(projector.state_dict())
     if set(state) != expected:
         raise CheckpointError(
@@ -89,7 +92,8 @@ def _load_projector(config: LyraConfig, like: SpeechProjector, path: Path) -> Sp
     return projector.eval()
 
 
-def _lora_state(folder: Path, adapter: Adapter) -> dict[str, torch.Tensor]:
+def lora_state(folder: Path) -> dict[str, torch.Tensor]:
+    """An adapter folder's LoRA weights with our module paths (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
     path = folder / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"`{path}` is missing", f"the `{folder.name}` adapter folder is incomplete")
@@ -115,7 +119,7 @@ def _inject(model: LyraForCausalLM, folder: Path, adapter: Adapter, dtype: torch
         # PEFT warns when a second adapter joins the first: that is exactly the multi-adapter design
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         inject_adapter_in_model(lora, model, adapter_name=adapter.value)
-    state = _lora_state(folder, adapter)
+    state = lora_state(folder)
     result = set_peft_model_state_dict(model, state, adapter_name=adapter.value)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     missing = [k for k in result.missing_keys if f".{adapter.value}." in k and "lora_" in k]
@@ -143,7 +147,8 @@ def load_adapters(model: LyraForCausalLM, model_dir: Path, config: LyraConfig, d
         if base is not None and (folder / PROJECTOR_FILE).is_file():
             projectors[adapter] = _load_projector(config, base, folder / PROJECTOR_FILE)
         available.append(adapter)
-    bank = AdapterBank(tuple(available), projectors)
+    merged = config.raw.get(MERGED_KEY)
+    bank = AdapterBank(tuple(available), projectors, merged=Adapter(merged) if merged in ADAPTER_NAMES else None)
     activate(model, bank, Adapter.NONE)
     return bank
 
@@ -159,7 +164,8 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
 def activate(model: nn.Module, bank: AdapterBank, adapter: Adapter) -> Adapter:
     """Switch the LoRA layers to `adapter` (or off). Falls back to no adapter when it is not shipped."""
     if adapter is not Adapter.NONE and adapter not in bank.available:
-        log.warning("the %s adapter is not in this model folder; using the plain LLM", adapter.value)
+        if adapter is not bank.merged:  # a merged adapter is the plain weights now: nothing to switch
+            log.warning("the %s adapter is not in this model folder; using the plain LLM", adapter.value)
         adapter = Adapter.NONE
     for layer in _tuner_layers(model):
         if adapter is Adapter.NONE:

@@ -138,7 +138,7 @@ _KNOWN_KEYS = _TEXT_KEYS | {
     "model_type", "mm_vision_tower", "mm_speech_tower", "mm_projector_type", "mm_speech_projector_type",
     "speech_encoder_ds_rate", "speech_encoder_hidden_size", "speech_norm", "vision_config", "compress_gap",
     "keep_rate", "speech_generator_type", "ctc_decoder_config", "ctc_upsample_factor", "unit_vocab_size", "ctc_loss_weight",
-    "tokenizer_model_max_length", "text_config",
+    "tokenizer_model_max_length", "text_config", "merged_adapter",
 }  # fmt: skip
 
 

@@ -49,7 +49,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
 MAX_GRAD_NORM = 1.0  # HF Trainer default, which the authors' scripts keep
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # also in commands/train.py, which must not import torch
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 Projection = Callable[[SpeechPart], Tensor]
@@ -301,6 +301,8 @@ class Trainer:
             raise UsageError("total_steps must be >= 1")
         self.model, self.plan, self.dataset, self.generator = model, plan, dataset, generator
         self.stage = plan.stage
+        if project is None and plan.projector is not None:
+            project = trainable_projection(plan.projector)
         self.project = project
         self.extractor = stage_extractor(self.stage, model)
         self.total_steps = total_steps

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from lyra_cli.engine.adapters import DECODER_TARGETS, Adapter
+from lyra_cli.engine.adapters import DECODER_TARGETS, Adapter, AdapterBank, activate
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.extractor import parse_extract
 from lyra_cli.engine.model import LyraForCausalLM
@@ -239,6 +239,7 @@ class TrainablePlan:
     stage: StageConfig
     parameters: dict[str, nn.Parameter] = field(repr=False)
     frozen_count: int = 0
+    projector: nn.Module | None = field(default=None, repr=False)  # what projects speech in this stage's forward
 
     @property
     def names(self) -> list[str]:
@@ -303,16 +304,38 @@ def _match_dtype(model: LyraForCausalLM, name: str) -> None:
             layer.lora_B[name].to(dtype)
 
 
+def _stage_start(model: LyraForCausalLM, stage: StageConfig, bank: AdapterBank | None) -> nn.Module | None:
+    """Put the shipped adapters where the stage's official starting point has them; return the speech
+    projector its forward uses. stage 1: the plain LLM (adapters off); stage 4: the stage-2 model with
+    `speech_lora` merged, i.e. the speech adapter on with its own projector; LoRA stages: the fresh adapter."""
+    base = model.model.mm_speech_projector
+    if bank is None:
+        return base
+    if stage.trains is Trains.PROJECTOR:
+        activate(model, bank, Adapter.NONE)
+    elif stage.trains is Trains.SPEECH_GENERATOR:
+        if Adapter.SPEECH in bank.available:
+            activate(model, bank, Adapter.SPEECH)
+            return bank.projector(Adapter.SPEECH)
+        if bank.merged is not Adapter.SPEECH:
+            log.warning("no speech adapter in this model folder: %s runs the plain LLM, not the authors' "
+                        "stage-2 model", stage.name)  # fmt: skip
+    return base
+
+
 def prepare_for_stage(
-    model: LyraForCausalLM, stage: StageConfig, generator: nn.Module | None = None
+    model: LyraForCausalLM, stage: StageConfig, generator: nn.Module | None = None, bank: AdapterBank | None = None
 ) -> TrainablePlan:
-    """Freeze everything, then unfreeze (and for LoRA stages first inject) exactly what `stage` trains."""
+    """Freeze everything, then unfreeze (and for LoRA stages first inject) exactly what `stage` trains.
+
+    With the model's adapter `bank`, the shipped adapters are also set as the stage starts from them."""
     if stage.trains is Trains.SPEECH_GENERATOR and generator is None:
         raise UsageError(f"{stage.name} trains the speech generator, but this model has none",
                          "use a model folder whose config.json declares `speech_generator_type: ctc`")  # fmt: skip
     if stage.trains is not Trains.SPEECH_GENERATOR and model.model.mm_speech_projector is None:
         raise UsageError(f"{stage.name} trains the speech projector, but this model has no speech tower")
     stage_extractor(stage, model)  # a bad --extract fails here, before any data is read
+    projector = _stage_start(model, stage, bank)
     if stage.trains is Trains.LORA_AND_PROJECTOR:
         _match_dtype(model, inject_fresh_adapter(model, stage))
         model.train(model.training)  # new dropout modules start in training mode; follow the model's mode
@@ -332,7 +355,7 @@ def prepare_for_stage(
         p.requires_grad_(True)
     total = sum(p.numel() for p in model.parameters())
     frozen = total - sum(p.numel() for n, p in params.items() if not n.startswith(GENERATOR_MODULE))
-    return TrainablePlan(stage, params, frozen_count=frozen)
+    return TrainablePlan(stage, params, frozen_count=frozen, projector=projector)
 
 
 def stage_extractor(stage: StageConfig, model: LyraForCausalLM) -> ExtractorConfig | None:
