@@ -42,9 +42,9 @@ def examples(tiny_dir: Path, records: dict) -> dict:
     return {i: build_example(records[i], engine.loaded.tokenizer, encode) for i in chosen}
 
 
-def _setup(tiny_dir: Path, examples: dict, stage_name: str, ids: tuple[str, ...], **overrides):  # noqa: ANN202
+def _setup(tiny_dir: Path, examples: dict, stage_name: str, ids: tuple[str, ...], runtime=CPU, **overrides):  # noqa: ANN001, ANN202
     torch.manual_seed(0)  # a fresh LoRA adapter's A is drawn from the global RNG
-    loaded: LoadedModel = load_model(tiny_dir, CPU)
+    loaded: LoadedModel = load_model(tiny_dir, runtime)
     generator = None
     if stage_name == "stage4":
         generator = load_speech_generator(loaded.model_dir, loaded.config, device="cpu", dtype=torch.float32)
@@ -217,3 +217,20 @@ def test_fp16_uses_loss_scaling_and_resumes_it(tiny_dir: Path, examples: dict, t
     resumed = Trainer(loaded.model, plan, dataset, total_steps=4, precision=torch.float16)
     resumed.load_checkpoint(folder)
     assert resumed.scaler.get_scale() == 1024.0
+
+
+def test_qlora_trains_lora_on_a_frozen_4bit_base(tiny_dir: Path, examples: dict) -> None:
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    runtime = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32", quantization="4bit"))
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage2", ("asr_0",), runtime=runtime,
+                                      learning_rate=2e-3, lr_schedule="constant")  # fmt: skip
+    base = loaded.model.model.layers[0].self_attn.q_proj.get_base_layer()
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
+    assert not base.weight.requires_grad and all(p.dtype == torch.float32 for p in plan.parameters.values())
+    packed = base.weight.detach().clone()
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=6)
+    losses = [trainer.step()["loss"] for _ in range(6)]
+    assert losses[-1] < 0.95 * losses[0]
+    assert torch.equal(base.weight, packed)  # the 4-bit base never changes

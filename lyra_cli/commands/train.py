@@ -66,6 +66,9 @@ def train_stage(
     model: str = common.ModelOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
+    load_8bit: bool = common.Load8bitOption,
+    load_4bit: bool = typer.Option(False, "--load-4bit",
+                                   help="QLoRA: the frozen decoder in 4-bit NF4 (bitsandbytes), LoRA on top in full precision."),
 ) -> None:
     """Train one of Lyra's four stages (the subcommand's name) and write its result in the release layout."""
     from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
@@ -78,7 +81,7 @@ def train_stage(
         raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
     if steps is not None and steps < 1 or save_every < 1:
         raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
-    request = common.runtime_request(device, dtype, False, False)
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
     engine, generator, plan = _prepare(model, request, stage, seed)
     if dry_run:
         _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
