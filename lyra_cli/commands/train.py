@@ -81,15 +81,24 @@ def train_stage(
         raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
     if steps is not None and steps < 1 or save_every < 1:
         raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
-    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
-    engine, generator, plan = _prepare(model, request, stage, seed)
-    if dry_run:
-        _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
-                           "trainable_tensors": len(plan.names)}, indent=2))  # fmt: skip
-        return
-    records = _records(data, image_folder, speech_folder, strict)
-    _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
-         resume=resume, seed=seed, quiet=quiet, precision=precision)  # fmt: skip
+    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.train.distributed import Distributed
+
+    runtime = resolve_runtime(common.runtime_request(device, dtype, load_8bit, load_4bit))
+    ranks = Distributed.from_env()  # one process, or one of `torchrun` / `accelerate launch`'s
+    ranks.start(runtime.device.type)
+    try:
+        engine, generator, plan = _prepare(model, runtime, stage, seed, ranks)
+        if dry_run:
+            if ranks.is_main:
+                _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
+                                   "trainable_tensors": len(plan.names)}, indent=2))  # fmt: skip
+            return
+        records = _records(data, image_folder, speech_folder, strict, report=ranks.is_main)
+        _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
+             resume=resume, seed=seed, quiet=quiet or not ranks.is_main, precision=precision, ranks=ranks)  # fmt: skip
+    finally:
+        ranks.stop()
 
 
 def _settings(stage: Any) -> dict:
@@ -104,25 +113,26 @@ def _print(text: str) -> None:
     write_answer(text + "\n")
 
 
-def _prepare(model: str, request: Any, stage: Any, seed: int) -> tuple[Any, Any, Any]:
+def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any) -> tuple[Any, Any, Any]:
     import torch
 
     from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.runtime import resolve_runtime
     from lyra_cli.engine.speech_out import load_speech_generator
     from lyra_cli.engine.train.stages import Trains, prepare_for_stage
 
-    engine = Engine.load(common.model_dir_for(model), resolve_runtime(request))
+    engine = Engine.load(common.model_dir_for(model), runtime)
     loaded = engine.loaded
     generator = None
     if stage.trains is Trains.SPEECH_GENERATOR:
         generator = load_speech_generator(loaded.model_dir, loaded.config, device=loaded.runtime.device,
                                           dtype=loaded.runtime.dtype)  # fmt: skip
-    torch.manual_seed(seed)  # new LoRA weights are drawn from the global generator
-    return engine, generator, prepare_for_stage(engine.model, stage, generator, loaded.adapters)
+    torch.manual_seed(seed)  # new LoRA weights are drawn from the global generator: the same on every rank
+    plan = prepare_for_stage(engine.model, stage, generator, loaded.adapters)
+    torch.manual_seed(seed + ranks.rank)  # each rank its own dropout draws (rank 0: as a single process)
+    return engine, generator, plan
 
 
-def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, strict: bool) -> list:
+def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, strict: bool, *, report: bool) -> list:
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import parse_records
     from lyra_cli.errors import InputError
@@ -132,12 +142,13 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
     root = data.parent
     records, problems = parse_records(data, image_folder=image_folder or root, speech_folder=speech_folder or root,
                                       strict=strict)  # fmt: skip
-    info(f"{len(records)} usable records; skipped: {problems.summary()}")
+    if report:
+        info(f"{len(records)} usable records; skipped: {problems.summary()}")
     return records
 
 
 def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, steps: int | None, save_every: int,
-         keep_last: int, resume: bool, seed: int, quiet: bool, precision: str) -> None:  # fmt: skip
+         keep_last: int, resume: bool, seed: int, quiet: bool, precision: str, ranks: Any) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
     from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision
@@ -145,23 +156,26 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     stage = plan.stage
     encode = engine_media_encoder(engine)
     dataset = TrainDataset(records, lambda r: build_example(r, engine.loaded.tokenizer, encode), seed=seed)
-    total = steps or max(1, math.ceil(stage.epochs * len(records) / stage.grad_accumulation))
+    total = steps or max(1, math.ceil(stage.epochs * len(records) / (stage.grad_accumulation * ranks.world_size)))
     out.mkdir(parents=True, exist_ok=True)
     runtime = engine.loaded.runtime
     autocast = resolve_precision(precision, stage, runtime.device, runtime.dtype)
     trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
-                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast)  # fmt: skip
+                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks)  # fmt: skip
     last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
         trainer.load_checkpoint(last)
-        info(f"resumed from `{last}` at step {trainer.step_count}")
+        if ranks.is_main:
+            info(f"resumed from `{last}` at step {trainer.step_count}")
     if not quiet:
         compute = f"autocast {_dtype_name(autocast)}" if autocast else f"{_dtype_name(runtime.dtype)} weights"
         extract = f", extractor {stage.extract}" if stage.extract else ""
+        processes = f", {ranks.world_size} processes" if ranks.enabled else ""
         info(f"{stage.name}: {plan.count:,} trainable parameters, {total} steps, lr {stage.learning_rate}, "
-             f"{compute} on {runtime.device}{extract}")
+             f"{compute} on {runtime.device}{processes}{extract}")
     _loop(trainer, total, out, save_every, quiet)
-    _export(engine, generator, stage, out)
+    if ranks.is_main:
+        _export(engine, generator, stage, out)
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -421,6 +421,9 @@ class TrainDataset:
         epoch, offset = divmod(position, len(self.records))
         return self.records[self.order(epoch)[offset]]
 
+    def example_at(self, position: int) -> TrainExample:
+        return self.make_example(self.record_at(position))
+
     def iter_from(self, position: int = 0, *, stop: int | None = None) -> Iterator[tuple[int, TrainExample]]:
         """(position, example) from `position` up to `stop` (exclusive; None: forever)."""
         while stop is None or position < stop:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -38,10 +39,13 @@ from lyra_cli.engine.extractor import context_mask, query_mask
 from lyra_cli.engine.llm import N_ROPE_AXES
 from lyra_cli.engine.prompt import PromptInputs, SpeechPart
 from lyra_cli.engine.train.data import IGNORE_INDEX, TrainDataset, TrainExample
+from lyra_cli.engine.train.distributed import Distributed
 from lyra_cli.engine.train.extract import ExtractedForward, forward_extracting
 from lyra_cli.engine.train.lcmr import lcmr_loss
 from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains, stage_extractor
 from lyra_cli.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -49,6 +53,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
 MAX_GRAD_NORM = 1.0  # HF Trainer default, which the authors' scripts keep
+LOSS_PARTS = ("ce", "lcmr", "ctc", "kept_tokens")  # what train_step_loss may report besides the loss
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # also in commands/train.py, which must not import torch
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -296,6 +301,7 @@ class Trainer:
         keep_last: int = 3,
         max_grad_norm: float | None = MAX_GRAD_NORM,
         precision: torch.dtype | None = None,
+        distributed: Distributed = Distributed(),
     ) -> None:
         if total_steps < 1:
             raise UsageError("total_steps must be >= 1")
@@ -315,6 +321,7 @@ class Trainer:
         params = [plan.parameters[n] for n in self.names]
         self.device_type = params[0].device.type
         self.precision = precision  # autocast dtype, None = the weights' own
+        self.distributed = distributed
         # fp16's narrow range needs loss scaling (skipped steps on overflow); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == torch.float16 else None
         self.optimizer = torch.optim.AdamW(params, lr=self.stage.learning_rate, weight_decay=self.stage.weight_decay)
@@ -323,7 +330,11 @@ class Trainer:
             self.optimizer, lr_lambda(self.stage.lr_schedule, self.warmup_steps, total_steps)
         )
         self.step_count = 0  # optimizer steps done
-        self.position = 0  # next dataset position
+        self.position = 0  # next dataset position (global: every rank's records count)
+
+    @property
+    def records_per_step(self) -> int:
+        return self.stage.grad_accumulation * self.distributed.world_size
 
     def _train_mode(self) -> None:
         """Dropout where the trained parts live (decoder LoRA, projector, generator); towers stay in eval."""
@@ -347,8 +358,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, tokens, supervised = 0.0, 0, 0
         parts_sum: dict[str, float] = {}
-        examples = self.dataset.iter_from(self.position, stop=self.position + accumulation)
-        for _, example in examples:
+        world, rank = self.distributed.world_size, self.distributed.rank
+        for k in range(accumulation):  # this rank's share of the step's records
+            example = self.dataset.example_at(self.position + k * world + rank)
             with self._autocast():
                 loss, parts = train_step_loss(self.model, example, self.stage, project=self.project,
                                               generator=self.generator, extractor=self.extractor)  # fmt: skip
@@ -361,6 +373,12 @@ class Trainer:
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value
         params = [self.plan.parameters[n] for n in self.names]
+        self.distributed.average_gradients(params)
+        # every rank sends the same fixed list; a part no record of the step had is left out of the log
+        sums = [parts_sum.get(k, 0.0) for k in LOSS_PARTS] + [float(k in parts_sum) for k in LOSS_PARTS]
+        total, tokens, supervised, *sums = self.distributed.sum_floats([total, tokens, supervised, *sums],
+                                                                      params[0].device)  # fmt: skip
+        parts_sum = {k: v for k, v, seen in zip(LOSS_PARTS, sums, sums[len(LOSS_PARTS):]) if seen}
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
@@ -372,23 +390,24 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.position += accumulation
+        self.position += self.records_per_step
         self.step_count += 1
         elapsed = time.perf_counter() - start
+        n_records = self.records_per_step
         record = {
             "step": self.step_count,
-            "loss": total / accumulation,
-            **{k: v / accumulation for k, v in parts_sum.items()},
+            "loss": total / n_records,
+            **{k: v / n_records for k, v in parts_sum.items()},
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": tokens,
-            "supervised_tokens": supervised,
+            "tokens": int(tokens),
+            "supervised_tokens": int(supervised),
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             "position": self.position,
         }
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
-        if self.log_path is not None:
+        if self.log_path is not None and self.distributed.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -397,10 +416,20 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self, root: str | Path) -> Path:
-        """Write `root/step-NNNNNNNN/` atomically (temp folder, fsync, os.replace); keep the last K."""
+        """Write `root/step-NNNNNNNN/` atomically (temp folder, fsync, os.replace); keep the last K.
+
+        Distributed: every rank must call it (each rank's RNG state is gathered); rank 0 writes."""
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"{CHECKPOINT_PREFIX}{self.step_count:08d}"
+        rng_states = self.distributed.gather(_rng_state())
+        if self.distributed.is_main:
+            assert rng_states is not None
+            self._write_checkpoint(root, final, rng_states)
+        self.distributed.barrier()  # no rank runs ahead of a checkpoint it might need to resume from
+        return final
+
+    def _write_checkpoint(self, root: Path, final: Path, rng_states: list[dict[str, Any]]) -> None:
+        root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -412,9 +441,10 @@ class Trainer:
             if self.scaler is not None:
                 states["scaler"] = self.scaler.state_dict()
             torch.save(states, tmp / OPTIMIZER_FILE)
-            torch.save(_rng_state(), tmp / RNG_FILE)
+            torch.save({"ranks": rng_states}, tmp / RNG_FILE)
             state = {"step": self.step_count, "position": self.position, "stage": self.stage.name,
-                     "total_steps": self.total_steps, "seed": self.dataset.seed, "names": self.names}  # fmt: skip
+                     "total_steps": self.total_steps, "seed": self.dataset.seed, "names": self.names,
+                     "world_size": self.distributed.world_size}  # fmt: skip
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
             for name in (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE):
                 _fsync_file(tmp / name)
@@ -437,7 +467,6 @@ class Trainer:
             raise
         for stale in checkpoints(root)[: -self.keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
-        return final
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore parameters, optimizer, scheduler, RNG states, step and data position from `folder`."""
@@ -459,6 +488,11 @@ class Trainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         if self.scaler is not None and "scaler" in opt:
             self.scaler.load_state_dict(opt["scaler"])
-        _set_rng_state(torch.load(folder / RNG_FILE, weights_only=True))
+        ranks = torch.load(folder / RNG_FILE, weights_only=True)["ranks"]
+        if len(ranks) != self.distributed.world_size:
+            log.warning("checkpoint `%s` was written by %d process(es), resumed by %d: the data order is kept, "
+                        "dropout draws differ from an uninterrupted run", folder, len(ranks),
+                        self.distributed.world_size)  # fmt: skip
+        _set_rng_state(ranks[self.distributed.rank % len(ranks)])
         self.step_count = int(state["step"])
         self.position = int(state["position"])
