@@ -35,6 +35,7 @@ def test_stage2_output_loads_in_chat_and_changes_its_answer(tiny_dir: Path, trai
     assert "resumed from" in err and "step 2" in err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert _tensorboard_losses(out / "tensorboard") == pytest.approx({m["step"]: m["loss"] for m in metrics})
     trained = tmp_path / "model"
     shutil.copytree(tiny_dir, trained)
     shutil.rmtree(trained / "speech_lora")
@@ -47,6 +48,21 @@ def test_stage2_output_loads_in_chat_and_changes_its_answer(tiny_dir: Path, trai
         answers[name] = json.loads(capsys.readouterr().out)
     assert answers["trained"]["adapter"] == "speech"
     assert answers["trained"]["answer"] != answers["base"]["answer"]
+
+
+def _tensorboard_losses(folder: Path) -> dict[int, float]:
+    """step -> train/loss from every event file in `folder` (one per run: the resumed run adds a second)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    losses = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    losses[event.step] = float(tensor_util.make_ndarray(value.tensor))
+    return losses
 
 
 def test_bad_records_are_counted_and_strict_fails(tiny_dir: Path, real: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as engine.train.loop.PRECISIONS
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 train_app = typer.Typer(
@@ -62,6 +63,8 @@ def train_stage(
                                   help="Autocast of the forward passes. auto: bf16 (else fp16 with loss scaling) "
                                        "on CUDA with fp32 weights, as the stages' bf16 setting asks; none on CPU."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and of new LoRA weights."),
+    tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard",
+                                            help="Also log to OUT/tensorboard (default: when tensorboard is installed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     model: str = common.ModelOption,
     device: str = common.DeviceOption,
@@ -96,7 +99,8 @@ def train_stage(
             return
         records = _records(data, image_folder, speech_folder, strict, report=ranks.is_main)
         _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
-             resume=resume, seed=seed, quiet=quiet or not ranks.is_main, precision=precision, ranks=ranks)  # fmt: skip
+             resume=resume, seed=seed, quiet=quiet or not ranks.is_main, precision=precision, ranks=ranks,
+             tensorboard=tensorboard)  # fmt: skip
     finally:
         ranks.stop()
 
@@ -148,10 +152,12 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
 
 
 def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, steps: int | None, save_every: int,
-         keep_last: int, resume: bool, seed: int, quiet: bool, precision: str, ranks: Any) -> None:  # fmt: skip
+         keep_last: int, resume: bool, seed: int, quiet: bool, precision: str, ranks: Any,
+         tensorboard: bool | None) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
-    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision
+    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision, tensorboard_available
+    from lyra_cli.errors import MissingDependencyError
 
     stage = plan.stage
     encode = engine_media_encoder(engine)
@@ -160,8 +166,12 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     out.mkdir(parents=True, exist_ok=True)
     runtime = engine.loaded.runtime
     autocast = resolve_precision(precision, stage, runtime.device, runtime.dtype)
+    if tensorboard and not tensorboard_available():
+        raise MissingDependencyError("tensorboard", "--tensorboard", extra="train")
+    use_tensorboard = tensorboard_available() if tensorboard is None else tensorboard
     trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
-                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks)  # fmt: skip
+                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks,
+                      tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None)  # fmt: skip
     last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
         trainer.load_checkpoint(last)
@@ -173,7 +183,10 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
         processes = f", {ranks.world_size} processes" if ranks.enabled else ""
         info(f"{stage.name}: {plan.count:,} trainable parameters, {total} steps, lr {stage.learning_rate}, "
              f"{compute} on {runtime.device}{processes}{extract}")
-    _loop(trainer, total, out, save_every, quiet)
+    try:
+        _loop(trainer, total, out, save_every, quiet)
+    finally:
+        trainer.close()
     if ranks.is_main:
         _export(engine, generator, stage, out)
 

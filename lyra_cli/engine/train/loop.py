@@ -285,6 +285,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gauss"]))
 
 
+def _summary_writer(folder: str | Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package (extra `train`)
+
+    return SummaryWriter(log_dir=str(folder))
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 class Trainer:
     """Single-process training of `plan.parameters` over `dataset`, one optimizer step per `step()`."""
 
@@ -302,6 +314,7 @@ class Trainer:
         max_grad_norm: float | None = MAX_GRAD_NORM,
         precision: torch.dtype | None = None,
         distributed: Distributed = Distributed(),
+        tensorboard_dir: str | Path | None = None,
     ) -> None:
         if total_steps < 1:
             raise UsageError("total_steps must be >= 1")
@@ -322,6 +335,7 @@ class Trainer:
         self.device_type = params[0].device.type
         self.precision = precision  # autocast dtype, None = the weights' own
         self.distributed = distributed
+        self.tensorboard = _summary_writer(tensorboard_dir) if tensorboard_dir and distributed.is_main else None
         # fp16's narrow range needs loss scaling (skipped steps on overflow); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == torch.float16 else None
         self.optimizer = torch.optim.AdamW(params, lr=self.stage.learning_rate, weight_decay=self.stage.weight_decay)
@@ -411,7 +425,17 @@ class Trainer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "position") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, self.step_count)
         return record
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard log (the JSONL log is written through on every step)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     # -- checkpoints -------------------------------------------------------------------------------
 
