@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _measure(args: argparse.Namespace, engine: Engine, records: list, examples: dict, size: TinySize,
              device: torch.device) -> dict:  # fmt: skip
-    base_stage = resolve_stage("stage2", {"warmup_ratio": 0.0})
+    base_stage = resolve_stage("stage2", {"warmup_ratio": 0.0, "per_device_batch_size": 1})  # one record per step
     torch.manual_seed(0)
     plan = prepare_for_stage(engine.model, base_stage)
     arms = {}

@@ -19,7 +19,7 @@ from lyra_cli.main import run
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
 # no dropout: with it, rank 1 draws other masks than a single process would for the same record
-SETTINGS = {"lora_dropout": 0.0, "warmup_ratio": 0.0, "learning_rate": 0.02}
+SETTINGS = {"lora_dropout": 0.0, "warmup_ratio": 0.0, "learning_rate": 0.02, "per_device_batch_size": 1}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,15 @@ from lyra_cli.engine.pipeline import Engine
 from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.engine.speech_out import load_speech_generator
 from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder, parse_records
-from lyra_cli.engine.train.loop import Trainer, checkpoints, latest_checkpoint, resolve_precision, train_step_loss
+from lyra_cli.engine.train.loop import (
+    Trainer,
+    ce_targets,
+    checkpoints,
+    latest_checkpoint,
+    resolve_precision,
+    train_step_loss,
+    train_step_terms,
+)
 from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage, stage_extractor
 from lyra_cli.engine.train.synthetic import write_synthetic_set
 from lyra_cli.errors import UsageError
@@ -48,7 +56,7 @@ def _setup(tiny_dir: Path, examples: dict, stage_name: str, ids: tuple[str, ...]
     generator = None
     if stage_name == "stage4":
         generator = load_speech_generator(loaded.model_dir, loaded.config, device="cpu", dtype=torch.float32)
-    stage = resolve_stage(stage_name, {"warmup_ratio": 0.0, **overrides})
+    stage = resolve_stage(stage_name, {"warmup_ratio": 0.0, "per_device_batch_size": 1, **overrides})
     plan = prepare_for_stage(loaded.model, stage, generator, loaded.adapters)
     by_record = {examples[i].record.id: examples[i] for i in ids}
     dataset = TrainDataset([examples[i].record for i in ids], lambda r: by_record[r.id], seed=1)
@@ -234,3 +242,27 @@ def test_qlora_trains_lora_on_a_frozen_4bit_base(tiny_dir: Path, examples: dict)
     losses = [trainer.step()["loss"] for _ in range(6)]
     assert losses[-1] < 0.95 * losses[0]
     assert torch.equal(base.weight, packed)  # the 4-bit base never changes
+
+
+def test_a_micro_batch_is_the_padded_batchs_loss(tiny_dir: Path, examples: dict) -> None:
+    """Examples processed one at a time with `batch_weights` give the gradient of the authors' padded batch:
+    CE averaged over all the batch's targets, LCMR over the examples with a transcript."""
+    ids = ("asr_0", "mm_1")
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage2", ids, per_device_batch_size=2, lora_dropout=0.0)
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=1)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    total, _, _, parts = trainer.accumulate_gradients()
+    ours = {n: p.grad.clone() for n, p in plan.parameters.items()}
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    batch = [dataset.example_at(0), dataset.example_at(1)]
+    terms = [train_step_terms(loaded.model, e, plan.stage) for e in batch]
+    n = [ce_targets(e) for e in batch]
+    with_transcript = [t.lcmr for t in terms if t.lcmr is not None]
+    assert len(with_transcript) == 2 and n[0] != n[1]  # unequal lengths: a plain mean of means would differ
+    reference = (terms[0].ce * n[0] + terms[1].ce * n[1]) / sum(n) + plan.stage.lcmr_weight * torch.stack(with_transcript).mean()
+    reference.backward()
+    assert total == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert parts["ce"] == pytest.approx(float(((terms[0].ce * n[0] + terms[1].ce * n[1]) / sum(n)).detach()), rel=1e-5)
+    for name, param in plan.parameters.items():
+        torch.testing.assert_close(ours[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -50,7 +50,9 @@ def train_stage(
     config: Path | None = typer.Option(None, "--config", help="JSON/YAML file of stage settings (flags win)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: the stage's epochs over the data)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the stage's)."),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Records per optimizer step."),
+    batch_size: int | None = typer.Option(None, "--batch-size",
+                                          help="Records per micro-batch on each process (default: the stage's)."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
     save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps (and at the end)."),
     keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints kept."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint in --out."),
@@ -77,7 +79,8 @@ def train_stage(
     from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
 
     stage_name = str(ctx.info_name)
-    flags = {"learning_rate": lr, "grad_accumulation": grad_accum, "extract": extract}
+    flags = {"learning_rate": lr, "per_device_batch_size": batch_size, "grad_accumulation": grad_accum,
+             "extract": extract}
     overrides = {k: v for k, v in flags.items() if v is not None}
     stage = stage_from_file(config, stage_name, overrides) if config else resolve_stage(stage_name, overrides)
     if precision not in PRECISIONS:
@@ -162,7 +165,8 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     stage = plan.stage
     encode = engine_media_encoder(engine)
     dataset = TrainDataset(records, lambda r: build_example(r, engine.loaded.tokenizer, encode), seed=seed)
-    total = steps or max(1, math.ceil(stage.epochs * len(records) / (stage.grad_accumulation * ranks.world_size)))
+    per_step = stage.per_device_batch_size * stage.grad_accumulation * ranks.world_size
+    total = steps or max(1, math.ceil(stage.epochs * len(records) / per_step))
     out.mkdir(parents=True, exist_ok=True)
     runtime = engine.loaded.runtime
     autocast = resolve_precision(precision, stage, runtime.device, runtime.dtype)

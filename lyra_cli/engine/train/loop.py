@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,67 @@ def backbone_forward(
                               is_query=is_query, extractor=extractor)  # fmt: skip
 
 
-def train_step_loss(
+@dataclass
+class LossTerms:
+    """One example's loss terms, each a mean over that example (None where the stage or record has none)."""
+
+    ce: Tensor | None = None  # next-token CE over its supervised targets
+    lcmr: Tensor | None = None  # soft-DTW alignment of its speech to its transcript (not yet × λ)
+    ctc: Tensor | None = None  # stage 4: the generator's CTC
+    kept_tokens: int | None = None  # prompt tokens left after the extractor's last drop
+
+    def parts(self) -> dict[str, float]:
+        values = {"ce": self.ce, "lcmr": self.lcmr, "ctc": self.ctc}
+        parts = {k: float(v.detach()) for k, v in values.items() if v is not None}
+        if self.kept_tokens is not None:
+            parts["kept_tokens"] = float(self.kept_tokens)
+        return parts
+
+
+@dataclass(frozen=True)
+class TermWeights:
+    """How much of a micro-batch's loss one example's terms are (1, 1, 1 for a batch of one)."""
+
+    ce: float = 1.0
+    lcmr: float = 1.0
+    ctc: float = 1.0
+
+
+def ce_targets(example: TrainExample) -> int:
+    """Supervised next-token targets of `example` (its CE denominator; the extractor never drops them)."""
+    return int((example.labels[1:] != IGNORE_INDEX).sum())
+
+
+def _has_lcmr(example: TrainExample, stage: StageConfig) -> bool:
+    return stage.lcmr and bool(example.asr_ids) and bool(example.speech_parts)
+
+
+def batch_weights(batch: list[TrainExample], stage: StageConfig) -> list[TermWeights]:
+    """Per-example weights that make a micro-batch processed one example at a time give the loss of the
+    padded batch the authors' trainer builds: CE averaged over all the batch's supervised targets, LCMR over
+    its examples with a transcript, CTC over its examples."""
+    n_targets = sum(ce_targets(e) for e in batch)
+    n_lcmr = sum(_has_lcmr(e, stage) for e in batch)
+    return [
+        TermWeights(ce=ce_targets(e) / n_targets if n_targets else 0.0,
+                    lcmr=1.0 / n_lcmr if n_lcmr else 0.0, ctc=1.0 / len(batch))
+        for e in batch
+    ]  # fmt: skip
+
+
+def combine(terms: LossTerms, stage: StageConfig, weights: TermWeights = TermWeights()) -> Tensor:
+    """The weighted loss: w·CE + λ·w·LCMR + ctc_weight·w·CTC over the terms present."""
+    pieces = []
+    if terms.ce is not None:
+        pieces.append(weights.ce * terms.ce)
+    if terms.lcmr is not None:
+        pieces.append(stage.lcmr_weight * weights.lcmr * terms.lcmr)
+    if terms.ctc is not None:
+        pieces.append(stage.ctc_loss_weight * weights.ctc * terms.ctc)
+    return torch.stack(pieces).sum()
+
+
+def train_step_terms(
     model: nn.Module,
     example: TrainExample,
     stage: StageConfig,
@@ -143,10 +204,10 @@ def train_step_loss(
     project: Projection | None = None,
     generator: nn.Module | None = None,
     extractor: ExtractorConfig | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """One example's training loss for `stage` and its parts (floats) for logging.
+) -> LossTerms:
+    """One example's loss terms for `stage`.
 
-    stage 1/3: shifted CE; stage 2: CE + λ·LCMR(projected speech, embed(asr_ids)) when the record has a
+    stage 1/3: shifted CE; stage 2: CE and LCMR(projected speech, embed(asr_ids)) when the record has a
     transcript; stage 4: the generator's CTC only, the LLM run under no_grad. With `extractor`, the decoder
     drops context tokens block by block (`forward_extracting`); answers are never dropped.
     `project` defaults to `trainable_projection(model.model.mm_speech_projector)`."""
@@ -171,24 +232,31 @@ def train_step_loss(
             out = backbone_forward(backbone, inputs, labels, extractor)
         hidden, kept_labels = out.hidden[0], labels.to(out.hidden.device)[out.kept_index]  # (T', H), (T',)
         states = hidden[kept_labels != IGNORE_INDEX]  # answers are never dropped: all of them are here
-        ctc = generator_ctc_loss(generator, states, example.tgt_units)
-        loss = stage.ctc_loss_weight * ctc
-        return loss, {"ctc": float(ctc.detach())}
+        return LossTerms(ctc=generator_ctc_loss(generator, states, example.tgt_units))
     inputs = example.prompt_inputs(embed_ids=backbone.embed_tokens, project_speech=project_speech)
     out = backbone_forward(backbone, inputs, labels, extractor)
-    ce = _shifted_ce(model, out.hidden[0], labels, out.kept_index)
-    parts = {"ce": float(ce.detach())}
-    if out.drops:
-        parts["kept_tokens"] = float(out.kept_index.numel())
-    loss = ce
+    terms = LossTerms(ce=_shifted_ce(model, out.hidden[0], labels, out.kept_index),
+                      kept_tokens=out.kept_index.numel() if out.drops else None)  # fmt: skip
     cfg = stage.lcmr_config()
     if cfg is not None and example.asr_ids and speech:
         text = backbone.embed_tokens(torch.tensor(example.asr_ids, device=inputs.embeds.device))
         with torch.autocast(inputs.embeds.device.type, enabled=False):  # soft-DTW's log-sum-exps stay exact
-            align = lcmr_loss([torch.cat(speech).float()], [text.float()], cfg)
-        loss = loss + cfg.weight * align
-        parts["lcmr"] = float(align.detach())
-    return loss, parts
+            terms.lcmr = lcmr_loss([torch.cat(speech).float()], [text.float()], cfg)
+    return terms
+
+
+def train_step_loss(
+    model: nn.Module,
+    example: TrainExample,
+    stage: StageConfig,
+    *,
+    project: Projection | None = None,
+    generator: nn.Module | None = None,
+    extractor: ExtractorConfig | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """One example's training loss for `stage` (a batch of one) and its parts (floats) for logging."""
+    terms = train_step_terms(model, example, stage, project=project, generator=generator, extractor=extractor)
+    return combine(terms, stage), terms.parts()
 
 
 # ---------------------------------------------------------------------------------------------- precision
@@ -348,7 +416,7 @@ class Trainer:
 
     @property
     def records_per_step(self) -> int:
-        return self.stage.grad_accumulation * self.distributed.world_size
+        return self.stage.per_device_batch_size * self.stage.grad_accumulation * self.distributed.world_size
 
     def _train_mode(self) -> None:
         """Dropout where the trained parts live (decoder LoRA, projector, generator); towers stay in eval."""
@@ -364,28 +432,12 @@ class Trainer:
         return torch.autocast(self.device_type, dtype=dtype, enabled=self.precision is not None)
 
     def step(self) -> dict[str, Any]:
-        """One optimizer step over `grad_accumulation` examples; returns (and logs) its record."""
-        self._train_mode()
+        """One optimizer step over `per_device_batch_size × grad_accumulation` examples per rank; returns
+        (and logs) its record."""
         start = time.perf_counter()
-        accumulation = self.stage.grad_accumulation
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens, supervised = 0.0, 0, 0
-        parts_sum: dict[str, float] = {}
-        world, rank = self.distributed.world_size, self.distributed.rank
-        for k in range(accumulation):  # this rank's share of the step's records
-            example = self.dataset.example_at(self.position + k * world + rank)
-            with self._autocast():
-                loss, parts = train_step_loss(self.model, example, self.stage, project=self.project,
-                                              generator=self.generator, extractor=self.extractor)  # fmt: skip
-            if loss.requires_grad:  # e.g. a text-only record in stage 1 reaches no trainable weight
-                scaled = loss / accumulation
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total += float(loss.detach())
-            tokens += example.n_tokens
-            supervised += int((example.labels != IGNORE_INDEX).sum())
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + value
+        total, tokens, supervised, parts_sum = self.accumulate_gradients()
         params = [self.plan.parameters[n] for n in self.names]
         self.distributed.average_gradients(params)
         # every rank sends the same fixed list; a part no record of the step had is left out of the log
@@ -407,11 +459,11 @@ class Trainer:
         self.position += self.records_per_step
         self.step_count += 1
         elapsed = time.perf_counter() - start
-        n_records = self.records_per_step
+        n_batches = self.stage.grad_accumulation * self.distributed.world_size
         record = {
             "step": self.step_count,
-            "loss": total / n_records,
-            **{k: v / n_records for k, v in parts_sum.items()},
+            "loss": total / n_batches,  # the mean micro-batch loss, as the authors' trainer logs it
+            **{k: v / n_batches for k, v in parts_sum.items()},
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": int(tokens),
@@ -430,6 +482,38 @@ class Trainer:
                 if key not in ("step", "position") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"train/{key}", value, self.step_count)
         return record
+
+    def accumulate_gradients(self) -> tuple[float, int, int, dict[str, float]]:
+        """Backward passes over this rank's examples of the next step, without stepping.
+
+        Each of the `grad_accumulation` micro-batches of `per_device_batch_size` examples is processed one
+        example at a time (no padding), each weighted as its share of the padded batch's loss
+        (`batch_weights`), then divided by the accumulation. Returns this rank's (sum of micro-batch losses,
+        prompt tokens, supervised tokens, weighted parts)."""
+        self._train_mode()
+        batch_size, accumulation = self.stage.per_device_batch_size, self.stage.grad_accumulation
+        world, rank = self.distributed.world_size, self.distributed.rank
+        total, tokens, supervised = 0.0, 0, 0
+        parts_sum: dict[str, float] = {}
+        for m in range(accumulation):
+            # global positions: rank r takes every world-th one of the step's records
+            batch = [self.dataset.example_at(self.position + (m * batch_size + b) * world + rank)
+                     for b in range(batch_size)]  # fmt: skip
+            for example, weights in zip(batch, batch_weights(batch, self.stage), strict=True):
+                with self._autocast():
+                    terms = train_step_terms(self.model, example, self.stage, project=self.project,
+                                             generator=self.generator, extractor=self.extractor)  # fmt: skip
+                loss = combine(terms, self.stage, weights)
+                if loss.requires_grad:  # e.g. a text-only record in stage 1 reaches no trainable weight
+                    scaled = loss / accumulation
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                total += float(loss.detach())
+                tokens += example.n_tokens
+                supervised += int((example.labels != IGNORE_INDEX).sum())
+                for key, value in terms.parts().items():
+                    share = 1.0 / batch_size if key == "kept_tokens" else getattr(weights, key)
+                    parts_sum[key] = parts_sum.get(key, 0.0) + share * value
+        return total, tokens, supervised, parts_sum
 
     def close(self) -> None:
         """Flush and close the TensorBoard log (the JSONL log is written through on every step)."""
