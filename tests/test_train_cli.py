@@ -76,3 +76,22 @@ def test_bad_records_are_counted_and_strict_fails(tiny_dir: Path, real: Path, tm
 def test_unknown_stage_is_a_usage_error(capsys, tmp_path: Path) -> None:  # noqa: ANN001
     assert run(["train", "stage9", "--data", "x.json", "--out", str(tmp_path)]) == 2
     assert "No such command" in capsys.readouterr().err
+
+
+def test_a_deepspeed_config_sets_what_it_fixes(tiny_dir: Path, train_json: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    authors = {"zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": "auto"},
+               "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}  # fmt: skip
+    (tmp_path / "zero3.json").write_text(json.dumps(authors))
+    args = ["train", "stage2", "--data", str(train_json), "--out", str(tmp_path / "o"), "--dry-run"]
+    assert run([*args, "--deepspeed", str(tmp_path / "zero3.json")]) == 0
+    settings = json.loads(capsys.readouterr().out)["stage"]
+    assert (settings["per_device_batch_size"], settings["grad_accumulation"], settings["zero_stage"]) == (4, 1, 3)
+    fixed = {**authors, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8,
+             "gradient_clipping": 0.5, "bf16": {"enabled": False}}  # fmt: skip
+    (tmp_path / "fixed.json").write_text(json.dumps(fixed))
+    assert run([*args, "--deepspeed", str(tmp_path / "fixed.json"), "--grad-accum", "3"]) == 0  # flags win
+    settings = json.loads(capsys.readouterr().out)["stage"]
+    assert (settings["per_device_batch_size"], settings["grad_accumulation"]) == (2, 3)
+    assert settings["max_grad_norm"] == 0.5 and settings["bf16"] is False
+    (tmp_path / "broken.json").write_text("{")
+    assert run([*args, "--deepspeed", str(tmp_path / "broken.json")]) == 1

@@ -48,6 +48,10 @@ def train_stage(
     image_folder: Path | None = typer.Option(None, "--image-folder", help="Root of `image` paths (default: beside --data)."),
     speech_folder: Path | None = typer.Option(None, "--speech-folder", help="Root of speech paths (default: beside --data)."),
     config: Path | None = typer.Option(None, "--config", help="JSON/YAML file of stage settings (flags win)."),
+    deepspeed: Path | None = typer.Option(
+        None, "--deepspeed", envvar="ACCELERATE_DEEPSPEED_CONFIG_FILE",
+        help="A DeepSpeed config (e.g. the authors' zero3.json): its batch size, accumulation, clipping and bf16 "
+             "apply; training stays plain data parallel (ZeRO partitioning is not performed)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: the stage's epochs over the data)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the stage's)."),
     batch_size: int | None = typer.Option(None, "--batch-size",
@@ -79,9 +83,12 @@ def train_stage(
     from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
 
     stage_name = str(ctx.info_name)
+    from lyra_cli.engine.train.stages import deepspeed_overrides
+
+    from_deepspeed, zero_stage = deepspeed_overrides(deepspeed) if deepspeed else ({}, None)
     flags = {"learning_rate": lr, "per_device_batch_size": batch_size, "grad_accumulation": grad_accum,
              "extract": extract}
-    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides = {**from_deepspeed, **{k: v for k, v in flags.items() if v is not None}}
     stage = stage_from_file(config, stage_name, overrides) if config else resolve_stage(stage_name, overrides)
     if precision not in PRECISIONS:
         raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
@@ -93,6 +100,11 @@ def train_stage(
     runtime = resolve_runtime(common.runtime_request(device, dtype, load_8bit, load_4bit))
     ranks = Distributed.from_env()  # one process, or one of `torchrun` / `accelerate launch`'s
     ranks.start(runtime.device.type)
+    if zero_stage is not None and ranks.is_main and not quiet:
+        from lyra_cli.console import info
+
+        info(f"DeepSpeed config `{deepspeed}` read (ZeRO-{zero_stage}): its batch, accumulation, clipping and bf16 "
+             "settings apply; training runs plain data parallel")  # fmt: skip
     try:
         engine, generator, plan = _prepare(model, runtime, stage, seed, ranks)
         if dry_run:

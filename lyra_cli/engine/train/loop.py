@@ -53,7 +53,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
-MAX_GRAD_NORM = 1.0  # HF Trainer default, which the authors' scripts keep
 LOSS_PARTS = ("ce", "lcmr", "ctc", "kept_tokens")  # what train_step_loss may report besides the loss
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # also in commands/train.py, which must not import torch
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -174,12 +173,14 @@ def _has_lcmr(example: TrainExample, stage: StageConfig) -> bool:
 def batch_weights(batch: list[TrainExample], stage: StageConfig) -> list[TermWeights]:
     """Per-example weights that make a micro-batch processed one example at a time give the loss of the
     padded batch the authors' trainer builds: CE averaged over all the batch's supervised targets, LCMR over
-    its examples with a transcript, CTC over its examples."""
+    its examples with a transcript, CTC summed and divided by all the batch's target units (§6.1)."""
     n_targets = sum(ce_targets(e) for e in batch)
     n_lcmr = sum(_has_lcmr(e, stage) for e in batch)
+    n_units = sum(len(e.tgt_units or ()) for e in batch)
     return [
         TermWeights(ce=ce_targets(e) / n_targets if n_targets else 0.0,
-                    lcmr=1.0 / n_lcmr if n_lcmr else 0.0, ctc=1.0 / len(batch))
+                    lcmr=1.0 / n_lcmr if n_lcmr else 0.0,
+                    ctc=len(e.tgt_units or ()) / n_units if n_units else 0.0)
         for e in batch
     ]  # fmt: skip
 
@@ -379,7 +380,6 @@ class Trainer:
         project: Projection | None = None,
         log_path: str | Path | None = None,
         keep_last: int = 3,
-        max_grad_norm: float | None = MAX_GRAD_NORM,
         precision: torch.dtype | None = None,
         distributed: Distributed = Distributed(),
         tensorboard_dir: str | Path | None = None,
@@ -394,7 +394,7 @@ class Trainer:
         self.extractor = stage_extractor(self.stage, model)
         self.total_steps = total_steps
         self.keep_last = max(1, keep_last)
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = self.stage.max_grad_norm or None  # 0: no clipping
         # the stage's setting (on in every official stage): activations recomputed layer by layer in backward
         model.model.gradient_checkpointing = self.stage.gradient_checkpointing
         self.log_path = Path(log_path) if log_path is not None else None

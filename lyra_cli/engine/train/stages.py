@@ -41,6 +41,7 @@ WEIGHT_DECAY = 0.0
 LR_SCHEDULE = "cosine"
 OPTIMIZER = "adamw_torch"
 LORA_DROPOUT = 0.05
+MAX_GRAD_NORM = 1.0  # HF Trainer's default, which the authors' scripts keep
 # The authors' `target_modules` list, in their order (train.py:1627-1643); we match it as DECODER_TARGETS.
 LORA_TARGET_MODULES = ("v_proj", "o_proj", "down_proj", "gate_proj", "q_proj", "k_proj", "up_proj")
 PROJECTOR_MODULE = "model.mm_speech_projector"
@@ -71,6 +72,7 @@ class StageConfig:
     reference_devices: int = 32  # GPUs in the authors' run: global batch = per_device × devices × accumulation
     max_length: int = 2048  # tokens
     weight_decay: float = WEIGHT_DECAY
+    max_grad_norm: float = MAX_GRAD_NORM  # 0 = no clipping
     lr_schedule: str = LR_SCHEDULE
     optimizer: str = OPTIMIZER
     lora_r: int = 0
@@ -162,6 +164,7 @@ def _validate(stage: StageConfig) -> None:
         (stage.per_device_batch_size >= 1 and stage.grad_accumulation >= 1, "batch sizes must be >= 1"),
         (stage.max_length >= 1, "max_length must be >= 1"),
         (stage.weight_decay >= 0, "weight_decay must be >= 0"),
+        (stage.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
         (stage.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
         (0 <= stage.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (stage.trains is not Trains.LORA_AND_PROJECTOR or (stage.lora_r >= 1 and stage.lora_alpha > 0),
@@ -227,6 +230,29 @@ def stage_from_file(path: Path, name: str | None = None, overrides: dict[str, An
     if not chosen:
         raise UsageError(f"`{path}` names no stage", f"add `\"stage\": \"stage2\"` or pass one of: {', '.join(STAGES)}")
     return resolve_stage(str(chosen), {**data, **(overrides or {})})
+
+
+def deepspeed_overrides(path: Path) -> tuple[dict[str, Any], int | None]:
+    """The settings a DeepSpeed config (e.g. the authors' scripts/zero3.json) fixes, as stage overrides, and
+    its ZeRO stage. "auto" values (the authors' choice for every size) leave the stage's own setting.
+
+    We read the file so the authors' command lines keep working; training itself is plain data parallel,
+    the ZeRO stage is reported, not performed."""
+    data = read_stage_file(path)
+    overrides: dict[str, Any] = {}
+    for key, setting in (("train_micro_batch_size_per_gpu", "per_device_batch_size"),
+                         ("gradient_accumulation_steps", "grad_accumulation"),
+                         ("gradient_clipping", "max_grad_norm")):  # fmt: skip
+        if data.get(key, "auto") != "auto":
+            overrides[setting] = data[key]
+    bf16 = data.get("bf16")
+    if isinstance(bf16, dict) and isinstance(bf16.get("enabled"), bool):
+        overrides["bf16"] = bf16["enabled"]
+    zero = data.get("zero_optimization")
+    zero_stage = zero.get("stage") if isinstance(zero, dict) else None
+    if isinstance(zero_stage, int):
+        overrides["zero_stage"] = zero_stage
+    return overrides, zero_stage if isinstance(zero_stage, int) else None
 
 
 # ---------------------------------------------------------------------------------------------- trainable set
