@@ -95,3 +95,24 @@ def test_a_deepspeed_config_sets_what_it_fixes(tiny_dir: Path, train_json: Path,
     assert settings["max_grad_norm"] == 0.5 and settings["bf16"] is False
     (tmp_path / "broken.json").write_text("{")
     assert run([*args, "--deepspeed", str(tmp_path / "broken.json")]) == 1
+
+
+def test_any_setting_is_a_flag(tiny_dir: Path, train_json: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    args = ["train", "stage2", "--data", str(train_json), "--out", str(tmp_path / "o"), "--dry-run"]
+    assert run([*args, "--set", "lora_r=8", "--set", "lcmr_weight=0.25", "--set", "lr_schedule=linear"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert (described["stage"]["lora_r"], described["stage"]["lcmr_weight"]) == (8, 0.25)
+    assert described["stage"]["lr_schedule"] == "linear"
+    assert run([*args, "--set", "lora_r"]) == 2
+    assert run([*args, "--set", "nonsense=1"]) == 2
+
+
+def test_records_over_max_length_are_skipped_and_counted(tiny_dir: Path, train_json: Path, tmp_path: Path,
+                                                         capsys) -> None:  # noqa: ANN001  # fmt: skip
+    args = ["train", "stage2", "--data", str(train_json), "--steps", "1", "--batch-size", "6", "-q",
+            "--set", "max_length=400"]  # fmt: skip
+    assert run([*args, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped: longer than max_length 400" in err
+    assert run([*args, "--out", str(tmp_path / "o2"), "--strict"]) == 1
+    assert "over stage2's max_length 400" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def train_stage(
     image_folder: Path | None = typer.Option(None, "--image-folder", help="Root of `image` paths (default: beside --data)."),
     speech_folder: Path | None = typer.Option(None, "--speech-folder", help="Root of speech paths (default: beside --data)."),
     config: Path | None = typer.Option(None, "--config", help="JSON/YAML file of stage settings (flags win)."),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="Any stage setting, e.g. --set lora_r=32 --set lcmr_weight=0.3 "
+                                            "(repeatable; `--dry-run` lists them all)."),
     deepspeed: Path | None = typer.Option(
         None, "--deepspeed", envvar="ACCELERATE_DEEPSPEED_CONFIG_FILE",
         help="A DeepSpeed config (e.g. the authors' zero3.json): its batch size, accumulation, clipping and bf16 "
@@ -88,7 +91,7 @@ def train_stage(
     from_deepspeed, zero_stage = deepspeed_overrides(deepspeed) if deepspeed else ({}, None)
     flags = {"learning_rate": lr, "per_device_batch_size": batch_size, "grad_accumulation": grad_accum,
              "extract": extract}
-    overrides = {**from_deepspeed, **{k: v for k, v in flags.items() if v is not None}}
+    overrides = {**from_deepspeed, **_key_values(settings), **{k: v for k, v in flags.items() if v is not None}}
     stage = stage_from_file(config, stage_name, overrides) if config else resolve_stage(stage_name, overrides)
     if precision not in PRECISIONS:
         raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
@@ -115,9 +118,19 @@ def train_stage(
         records = _records(data, image_folder, speech_folder, strict, report=ranks.is_main)
         _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
              resume=resume, seed=seed, quiet=quiet or not ranks.is_main, precision=precision, ranks=ranks,
-             tensorboard=tensorboard)  # fmt: skip
+             tensorboard=tensorboard, strict=strict)  # fmt: skip
     finally:
         ranks.stop()
+
+
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set `{pair}` is not KEY=VALUE", "e.g. --set warmup_ratio=0.1")
+        values[key.strip()] = value.strip()
+    return values
 
 
 def _settings(stage: Any) -> dict:
@@ -168,7 +181,7 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
 
 def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, steps: int | None, save_every: int,
          keep_last: int, resume: bool, seed: int, quiet: bool, precision: str, ranks: Any,
-         tensorboard: bool | None) -> None:  # fmt: skip
+         tensorboard: bool | None, strict: bool) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
     from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision, tensorboard_available
@@ -187,7 +200,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     use_tensorboard = tensorboard_available() if tensorboard is None else tensorboard
     trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
                       log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks,
-                      tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None)  # fmt: skip
+                      tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None, strict=strict)  # fmt: skip
     last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
         trainer.load_checkpoint(last)
@@ -203,6 +216,9 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
         _loop(trainer, total, out, save_every, quiet)
     finally:
         trainer.close()
+    if trainer.too_long and ranks.is_main:
+        info(f"{len(trainer.too_long)} record(s) skipped: longer than max_length {stage.max_length} "
+             "(raise it with --set max_length=N)")
     if ranks.is_main:
         _export(engine, generator, stage, out)
 

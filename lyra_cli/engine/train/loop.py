@@ -383,6 +383,7 @@ class Trainer:
         precision: torch.dtype | None = None,
         distributed: Distributed = Distributed(),
         tensorboard_dir: str | Path | None = None,
+        strict: bool = False,
     ) -> None:
         if total_steps < 1:
             raise UsageError("total_steps must be >= 1")
@@ -403,6 +404,8 @@ class Trainer:
         self.device_type = params[0].device.type
         self.precision = precision  # autocast dtype, None = the weights' own
         self.distributed = distributed
+        self.strict = strict
+        self.too_long: set[str] = set()  # ids of records skipped for exceeding max_length
         self.tensorboard = _summary_writer(tensorboard_dir) if tensorboard_dir and distributed.is_main else None
         # fp16's narrow range needs loss scaling (skipped steps on overflow); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == torch.float16 else None
@@ -499,6 +502,7 @@ class Trainer:
             # global positions: rank r takes every world-th one of the step's records
             batch = [self.dataset.example_at(self.position + (m * batch_size + b) * world + rank)
                      for b in range(batch_size)]  # fmt: skip
+            batch = [e for e in batch if self._fits(e)]
             for example, weights in zip(batch, batch_weights(batch, self.stage), strict=True):
                 with self._autocast():
                     terms = train_step_terms(self.model, example, self.stage, project=self.project,
@@ -514,6 +518,20 @@ class Trainer:
                     share = 1.0 / batch_size if key == "kept_tokens" else getattr(weights, key)
                     parts_sum[key] = parts_sum.get(key, 0.0) + share * value
         return total, tokens, supervised, parts_sum
+
+    def _fits(self, example: TrainExample) -> bool:
+        """Whether `example` is within the stage's max_length; a longer one is skipped and counted (never
+        truncated, never replaced), or fails the run with `strict`."""
+        if example.n_tokens <= self.stage.max_length:
+            return True
+        message = (f"record `{example.record.id}` has {example.n_tokens} prompt tokens, over {self.stage.name}'s "
+                   f"max_length {self.stage.max_length}")  # fmt: skip
+        if self.strict:
+            raise InputError(message, "raise max_length (--set max_length=N) or drop the record")
+        if example.record.id not in self.too_long:
+            log.warning("%s: skipped", message)
+        self.too_long.add(example.record.id)
+        return False
 
     def close(self) -> None:
         """Flush and close the TensorBoard log (the JSONL log is written through on every step)."""
