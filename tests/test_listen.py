@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from helpers.signals import sigint_default
 from helpers.virtual_audio import virtual_mic_env
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 from lyra_cli.main import run
@@ -80,7 +81,7 @@ def test_barge_in_abandons_the_answer(tiny_dir: Path, real: Path, tmp_path: Path
 
 def _lyra(*args: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lyra_cli.main", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)  # fmt: skip
 
 
 def test_microphone_through_a_virtual_sound_card(tiny_dir: Path, real: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers.signals import sigint_default
 from helpers.virtual_audio import virtual_mic_env as _virtual_mic_env
 import pytest
 import soundfile
@@ -357,7 +358,7 @@ def test_microphone_at_48k_is_resampled_to_16k(tmp_path: Path, jfk: np.ndarray) 
 def _start_helper(env: dict[str, str], out: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(HELPER), str(out), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
     )  # fmt: skip
 
 
