@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,7 +115,12 @@ def test_ctrl_c_exits_cleanly_and_writes_nothing(two_turns: Path, tiny_dir: Path
             break
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    stderr = "".join(seen) + proc.stderr.read()  # the same buffered reader: nothing read ahead is lost
+    watchdog = threading.Timer(60, proc.kill)  # a process that ignores the signal must not stall the suite
+    watchdog.start()
+    try:
+        stderr = "".join(seen) + proc.stderr.read()  # the same buffered reader: nothing read ahead is lost
+    finally:
+        watchdog.cancel()
     assert proc.wait(timeout=60) == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert list(tmp_path.iterdir()) == []  # no reply and no half-written temp file

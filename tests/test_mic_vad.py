@@ -374,7 +374,12 @@ def _wait_for_ready(proc: subprocess.Popen[str], timeout_s: float = 60.0) -> Non
 def _interrupt(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     time.sleep(0.3)  # let it capture for a while
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a spinning capture loop behind a failed test
+        _, stderr = proc.communicate()
+        pytest.fail(f"the capture loop did not stop within 30 s of SIGINT: {stderr[-2000:]}")
     return proc.returncode, stdout, stderr
 
 

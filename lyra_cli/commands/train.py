@@ -114,13 +114,15 @@ def train_stage(
             if ranks.is_main:
                 _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
                                    "trainable_tensors": len(plan.names)}, indent=2))  # fmt: skip
-            return
-        records = _records(data, image_folder, speech_folder, strict, report=ranks.is_main)
-        _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every, keep_last=keep_last,
-             resume=resume, seed=seed, quiet=quiet or not ranks.is_main, precision=precision, ranks=ranks,
-             tensorboard=tensorboard, strict=strict)  # fmt: skip
-    finally:
-        ranks.stop()
+        else:
+            records = _records(data, image_folder, speech_folder, strict, report=ranks.is_main)
+            _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every,
+                 keep_last=keep_last, resume=resume, seed=seed, quiet=quiet or not ranks.is_main,
+                 precision=precision, ranks=ranks, tensorboard=tensorboard, strict=strict)  # fmt: skip
+    except BaseException:
+        ranks.stop(clean=False)
+        raise
+    ranks.stop()
 
 
 def _key_values(pairs: list[str]) -> dict[str, str]:

@@ -58,9 +58,13 @@ class Distributed:
             torch.cuda.set_device(self.local_rank)  # later `cuda` tensors land on this rank's GPU
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
-    def stop(self) -> None:
+    def stop(self, *, clean: bool = True) -> None:
+        """Leave the process group: after a barrier when the run ended normally; at once after an error,
+        since the other ranks then wait in a collective this rank never joins (the launcher ends them when
+        this process exits)."""
         if self.enabled and dist.is_initialized():
-            dist.barrier()
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
