@@ -103,8 +103,10 @@ def test_any_setting_is_a_flag(tiny_dir: Path, train_json: Path, tmp_path: Path,
     described = json.loads(capsys.readouterr().out)
     assert (described["stage"]["lora_r"], described["stage"]["lcmr_weight"]) == (8, 0.25)
     assert described["stage"]["lr_schedule"] == "linear"
+    assert set(described["stage"]["reference_only"]) == {"reference_devices", "zero_stage", "group_by_modality_length"}
     assert run([*args, "--set", "lora_r"]) == 2
     assert run([*args, "--set", "nonsense=1"]) == 2
+    assert run([*args, "--set", "optimizer=sgd"]) == 2  # only the authors' AdamW is implemented
 
 
 def test_records_over_max_length_are_skipped_and_counted(tiny_dir: Path, train_json: Path, tmp_path: Path,

@@ -138,7 +138,11 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
 def _settings(stage: Any) -> dict:
     from dataclasses import asdict
 
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(stage).items()}
+    from lyra_cli.engine.train.stages import REFERENCE_ONLY
+
+    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(stage).items()}
+    settings["reference_only"] = sorted(REFERENCE_ONLY)  # shown for comparison with the authors' runs
+    return settings
 
 
 def _print(text: str) -> None:

@@ -402,6 +402,9 @@ class Trainer:
         self.names = plan.names
         params = [plan.parameters[n] for n in self.names]
         self.device_type = params[0].device.type
+        if self.device_type == "cuda":  # the stages' tf32 setting: TF32 tensor cores for fp32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = self.stage.tf32
+            torch.backends.cudnn.allow_tf32 = self.stage.tf32
         self.precision = precision  # autocast dtype, None = the weights' own
         self.distributed = distributed
         self.strict = strict

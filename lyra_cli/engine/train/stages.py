@@ -86,8 +86,8 @@ class StageConfig:
     bf16: bool = True
     tf32: bool = True
     gradient_checkpointing: bool = True
-    zero_stage: int = 3  # DeepSpeed ZeRO stage of the authors' run (informational on one device)
-    group_by_modality_length: bool = False
+    zero_stage: int = 3  # DeepSpeed ZeRO stage of the authors' run (reported; see REFERENCE_ONLY)
+    group_by_modality_length: bool = False  # the authors' sampler grouping for padded batches (REFERENCE_ONLY)
     extract: str = ""  # LMME as BLOCKSxRATIO (e.g. "4x0.7"); "" = off, as in every official script
 
     @property
@@ -128,6 +128,12 @@ STAGES: dict[str, StageConfig] = {
     ),
 }  # fmt: skip
 
+# Recorded from the authors' scripts so a dry run shows their whole setup, but with no effect here:
+# `reference_devices` only sizes the authors' global batch for comparison; ZeRO partitioning is not performed
+# (plain data parallel); grouping records by modality and length saves padding, and we never pad.
+REFERENCE_ONLY = frozenset({"reference_devices", "zero_stage", "group_by_modality_length"})
+OPTIMIZERS = ("adamw_torch",)  # the authors' (HF's default); the only one implemented
+
 # What a stage *is* cannot be overridden; only how it is trained.
 FIXED_FIELDS = frozenset({"name", "trains", "init", "adapter"})
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -166,6 +172,7 @@ def _validate(stage: StageConfig) -> None:
         (stage.weight_decay >= 0, "weight_decay must be >= 0"),
         (stage.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
         (stage.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
+        (stage.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
         (0 <= stage.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (stage.trains is not Trains.LORA_AND_PROJECTOR or (stage.lora_r >= 1 and stage.lora_alpha > 0),
          "lora_r must be >= 1 and lora_alpha > 0"),
