@@ -238,6 +238,8 @@ def test_qlora_trains_lora_on_a_frozen_4bit_base(tiny_dir: Path, examples: dict)
     assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
     assert not base.weight.requires_grad and all(p.dtype == torch.float32 for p in plan.parameters.values())
     packed = base.weight.detach().clone()
+    full = _setup(tiny_dir, examples, "stage2", ("asr_0",))[2]
+    assert (plan.count, plan.frozen_count) == (full.count, full.frozen_count)  # 4-bit weights counted unpacked
     trainer = Trainer(loaded.model, plan, dataset, total_steps=6)
     losses = [trainer.step()["loss"] for _ in range(6)]
     assert losses[-1] < 0.95 * losses[0]

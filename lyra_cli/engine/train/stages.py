@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lyra_cli.engine.adapters import DECODER_TARGETS, Adapter, AdapterBank, activate
@@ -386,7 +387,7 @@ def prepare_for_stage(
         params |= {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
     for p in params.values():
         p.requires_grad_(True)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_logical_numel(p) for p in model.parameters())
     frozen = total - sum(p.numel() for n, p in params.items() if not n.startswith(GENERATOR_MODULE))
     return TrainablePlan(stage, params, frozen_count=frozen, projector=projector)
 
@@ -396,6 +397,14 @@ def stage_extractor(stage: StageConfig, model: LyraForCausalLM) -> ExtractorConf
     if not stage.extract:
         return None
     return parse_extract(stage.extract, len(model.model.layers))
+
+
+def _logical_numel(param: nn.Parameter) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit one stores two per byte (its quant_state keeps
+    the real shape)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
 def describe(plan: TrainablePlan) -> str:
