@@ -451,17 +451,7 @@ class Trainer:
         total, tokens, supervised, *sums = self.distributed.sum_floats([total, tokens, supervised, *sums],
                                                                       params[0].device)  # fmt: skip
         parts_sum = {k: v for k, v, seen in zip(LOSS_PARTS, sums, sums[len(LOSS_PARTS):]) if seen}
-        grad_norm = None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
-        if self.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self._update(params)
         self.position += self.records_per_step
         self.step_count += 1
         elapsed = time.perf_counter() - start
@@ -479,6 +469,26 @@ class Trainer:
         }
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
+        self._log(record)
+        return record
+
+    def _update(self, params: list[nn.Parameter]) -> float | None:
+        """Clip, step the optimizer (through the loss scaler in fp16) and the schedule; the gradient norm."""
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+        if self.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Append the step's record to the JSONL log and TensorBoard (rank 0 only)."""
         if self.log_path is not None and self.distributed.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as handle:
@@ -487,7 +497,6 @@ class Trainer:
             for key, value in record.items():
                 if key not in ("step", "position") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"train/{key}", value, self.step_count)
-        return record
 
     def accumulate_gradients(self) -> tuple[float, int, int, dict[str, float]]:
         """Backward passes over this rank's examples of the next step, without stepping.
