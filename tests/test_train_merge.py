@@ -74,6 +74,12 @@ def test_cli_merge_answers_speech_like_the_adapter(tiny_dir: Path, tmp_path: Pat
     assert answers["merged"]["answer"] == answers["adapter"]["answer"]
 
 
+def test_info_names_the_merged_adapter(merged_fp32: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["info", "--model", str(merged_fp32), "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["adapters"] == [] and described["merged_adapter"] == "speech"
+
+
 def test_default_keeps_the_stored_dtype(tiny_dir: Path, tmp_path: Path) -> None:
     out = merge_adapter(tiny_dir, Adapter.LONG_SPEECH, tmp_path / "m").out
     index = json.loads((out / "model.safetensors.index.json").read_text())

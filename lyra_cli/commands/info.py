@@ -15,7 +15,7 @@ def info(
 ) -> None:
     """Describe a model folder: config, weight files, adapters, towers."""
     from lyra_cli.console import write_answer
-    from lyra_cli.engine.adapters import ADAPTER_DIRS
+    from lyra_cli.engine.adapters import ADAPTER_DIRS, MERGED_KEY
     from lyra_cli.engine.checkpoint import main_weight_source, resolve_tower_dir
     from lyra_cli.engine.config import load_config
 
@@ -34,6 +34,7 @@ def info(
         "vision_tower": _tower(config.vision.tower if config.vision else None, model_dir, resolve_tower_dir),
         "speech_tower": _tower(config.speech.tower if config.speech else None, model_dir, resolve_tower_dir),
         "adapters": [name for name in ADAPTER_DIRS.values() if (model_dir / name).is_dir()],
+        "merged_adapter": config.raw.get(MERGED_KEY),  # `lyra train merge` folded it into the weights
         "extractor": "off" if not config.extractor.enabled else
                      f"every {config.extractor.compress_gap} layers keep {config.extractor.keep_rate:.0%}",
         "speech_generator": (model_dir / "speech_generator.safetensors").is_file(),
