@@ -145,3 +145,75 @@ def test_pruned_layers_reserve_only_their_tokens(setup) -> None:
         prefill(model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR)
     assert [cache._keys[i].shape[2] for i in range(CONFIG.num_layers)] == [2 * CACHE_BLOCK_TOKENS] + [
         CACHE_BLOCK_TOKENS] * 3  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A follow-up question reusing block 1 of the previous prompt (FirstBlock / resume)
+# ---------------------------------------------------------------------------------------------------------
+
+N_SHARED = N_TOKENS - 9  # everything but the first prompt's question
+N_NEW_QUESTION = 14
+
+
+def _follow_up(setup) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+    """The first prompt's beginning (system, speech, text, speech) with another, longer question."""
+    _, _, embeds, positions, kinds = setup
+    question = torch.randn(1, N_NEW_QUESTION, CONFIG.hidden_size, generator=torch.Generator().manual_seed(7))
+    n = N_SHARED + N_NEW_QUESTION
+    return (torch.cat([embeds[:, :N_SHARED], question], dim=1), torch.arange(n).expand(3, 1, -1),
+            torch.cat([kinds[:N_SHARED], torch.full((N_NEW_QUESTION,), int(TokenKind.TEXT))]))  # fmt: skip
+
+
+def _decode(setup, cache: KVCache, result: PrefillResult, n_prompt: int) -> Tensor:  # noqa: ANN001
+    model, lm_head = setup[0], setup[1]
+    hidden, logits = result.last_hidden, [lm_head(result.last_hidden)[0]]
+    for step in range(N_DECODE_STEPS):
+        token = model.embed_tokens(logits[-1].argmax().view(1, 1))
+        hidden = model(token, torch.full((3, 1, 1), n_prompt + step), cache)[:, -1]
+        logits.append(lm_head(hidden)[0])
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("extractor", [EXTRACTOR, ExtractorConfig(compress_gap=2, keep_rate=0.6)],
+                         ids=["block1=1layer", "block1=2layers"])  # fmt: skip
+@pytest.mark.parametrize("chunk_tokens", [None, 16])
+def test_follow_up_reusing_block_one_equals_a_fresh_prefill(setup, extractor: ExtractorConfig,
+                                                            chunk_tokens: int | None) -> None:  # fmt: skip
+    model, _, embeds, positions, kinds = setup
+    embeds2, positions2, kinds2 = _follow_up(setup)
+    n2 = embeds2.shape[1]
+    with torch.no_grad():
+        fresh_cache = KVCache.empty(CONFIG)
+        fresh = prefill(model, embeds2, positions2, fresh_cache, kinds=kinds2, extractor=extractor)
+        fresh_logits = _decode(setup, fresh_cache, fresh, n2)
+
+        cache = KVCache.empty(CONFIG)
+        first = prefill(model, embeds, positions, cache, kinds=kinds, extractor=extractor, keep_first_block=True)
+        assert first.first_block is not None and first.first_block.boundary.shape[1] == N_TOKENS
+        cache.keep_first_block(first.first_block.n_layers, N_SHARED)
+        calls: list[tuple[int, int]] = []
+        resumed = prefill(model, embeds2, positions2, cache, kinds=kinds2, extractor=extractor, chunk_tokens=chunk_tokens,
+                          resume=first.first_block, on_progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+        resumed_logits = _decode(setup, cache, resumed, n2)
+    assert torch.equal(resumed.kept_index, fresh.kept_index) and resumed.drops == fresh.drops
+    assert (resumed.last_hidden - fresh.last_hidden).abs().max().item() <= CHUNKED_ATOL
+    assert (resumed_logits - fresh_logits).abs().max().item() <= CHUNKED_ATOL
+    assert [cache.layer_length(i) for i in range(CONFIG.num_layers)] == [
+        fresh_cache.layer_length(i) for i in range(CONFIG.num_layers)]  # fmt: skip
+    # only the new question went through block 1: the work counted says so, and it ends at its total
+    n_first = first.first_block.n_layers
+    assert calls[-1][0] == calls[-1][1] and calls[-1][1] < N_SHARED * n_first + sum(
+        d.n_after for d in fresh.drops) * CONFIG.num_layers  # fmt: skip
+    assert resumed.first_block is not None and resumed.first_block.boundary.shape[1] == n2  # reusable again
+
+
+def test_resume_refuses_a_first_block_of_other_blocks(setup) -> None:
+    model, _, embeds, positions, kinds = setup
+    embeds2, positions2, kinds2 = _follow_up(setup)
+    cache = KVCache.empty(CONFIG)
+    with torch.no_grad():
+        first = prefill(model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR, keep_first_block=True)
+        cache.keep_first_block(first.first_block.n_layers, N_SHARED)
+        with pytest.raises(ValueError, match="first block"):
+            prefill(model, embeds2, positions2, cache, kinds=kinds2, extractor=ExtractorConfig(compress_gap=2, keep_rate=0.6),
+                    resume=first.first_block)  # fmt: skip

@@ -63,3 +63,28 @@ def test_truncated_cache_equals_a_fresh_prefill(engines) -> None:  # noqa: ANN00
     reused = model(other, positions[:, :, 12:], cache)
     reference = model(torch.cat([embeds[:, :12], other], dim=1), positions, None)[:, 12:]
     torch.testing.assert_close(reused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_with_the_extractor_follow_ups_reuse_block_one(engines, real: Path) -> None:  # noqa: ANN001
+    """The drops depend on the question, so only the layers before the first drop are reused; the answers,
+    kept counts and evidence equal those of an engine that prefills everything again."""
+    from lyra_cli.engine.extractor import parse_extract
+
+    reusing, fresh = engines
+    extractor = parse_extract("2x0.5", reusing.model.config.text.num_layers)
+    clip = reusing.encode(DecodedSpeech(load_audio(real / "jfk.flac"), "jfk.flac"))
+    questions = ["What is said?", "Who said it, and when?", "Say it again, slowly."]
+    results = {}
+    for engine in (reusing, fresh):
+        results[engine.reuse_prefix] = [
+            list(engine.respond(Conversation(), [clip, TextPart(q)], SAMPLING, extractor=extractor))[-1]
+            for q in questions
+        ]
+    for done, ref in zip(results[True], results[False], strict=True):
+        assert (done.text, done.kept_tokens, done.evidence) == (ref.text, ref.kept_tokens, ref.evidence)
+        assert ref.reused_tokens == 0 and done.kept_tokens < done.prompt_tokens  # it dropped tokens
+    assert results[True][0].reused_tokens == 0
+    assert all(done.reused_tokens > 300 for done in results[True][1:])  # block 1 of the recording, twice in a row
+    # a question without the extractor after one with it starts over: the deeper layers hold survivors
+    plain = _ask(reusing, Conversation(), [clip, TextPart("What is said?")])
+    assert plain.reused_tokens == 0 and plain.text == _ask(fresh, Conversation(), [clip, TextPart("What is said?")]).text

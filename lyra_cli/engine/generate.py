@@ -16,7 +16,7 @@ import torch
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.prefill import PrefillResult, prefill
+from lyra_cli.engine.prefill import FirstBlock, PrefillResult, prefill
 from lyra_cli.engine.prompt import PromptInputs
 from lyra_cli.errors import UsageError
 
@@ -131,6 +131,8 @@ def stream_steps(
     on_prefilled: Callable[[PrefillResult], None] | None = None,
     cache: KVCache | None = None,
     reused_tokens: int = 0,
+    resume: FirstBlock | None = None,
+    keep_first_block: bool = False,
     feed_end: bool = False,
 ) -> Iterator[Step]:
     """Prefill `inputs` (chunked, with the extractor when given), then yield tokens until an end id
@@ -138,15 +140,18 @@ def stream_steps(
     the extractor may have shortened; new tokens keep the original position numbering.
 
     `cache` holding the first `reused_tokens` of this very prompt (a previous prompt's prefix) skips
-    their prefill; only the rest is computed. With `feed_end`, the end token is fed too and one last
+    their prefill; only the rest is computed. With the extractor, only block 1 of those tokens can be
+    reused: `resume` is that block's state (see `prefill`), and `keep_first_block` asks the prefill to
+    return this prompt's for the next one. With `feed_end`, the end token is fed too and one last
     step (token -1) carries the state it produces: the state *of* the end token, which the speech
     generator sees in training (official-lyra.md §6.1)."""
     backbone = model.model
     if cache is None:
         cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0
-    rest = slice(reused_tokens, None)
+    rest = slice(0 if resume is not None else reused_tokens, None)  # resuming: block 1 sees the rest itself
     result = prefill(backbone, inputs.embeds[:, rest], inputs.positions[:, :, rest], cache, kinds=inputs.kinds[rest],
-                     extractor=extractor, chunk_tokens=chunk_tokens)  # fmt: skip
+                     extractor=extractor, chunk_tokens=chunk_tokens, keep_first_block=keep_first_block,
+                     resume=resume)  # fmt: skip
     if on_prefilled is not None:
         on_prefilled(result)
     hidden = result.last_hidden  # (1, H)

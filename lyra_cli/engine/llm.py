@@ -277,6 +277,16 @@ class KVCache:
         self._lengths = [min(length, n_tokens) for length in self._lengths]
         self._seen = min(self._seen, n_tokens)
 
+    def keep_first_block(self, n_layers: int, n_tokens: int) -> None:
+        """Keep the first `n_tokens` of the first `n_layers` layers and empty the deeper ones.
+
+        For an extractor prefill (`prefill(resume=...)`) of a new prompt sharing `n_tokens` with the one
+        this cache holds: the layers before the first drop hold every token and depend only on earlier
+        tokens, so they stay valid; the deeper layers held that prompt's survivors and are rebuilt."""
+        for layer in range(self.num_layers):
+            self._lengths[layer] = min(self._lengths[layer], n_tokens) if layer < n_layers else 0
+        self._seen = min(self._seen, n_tokens)
+
     def reserve_fewer(self, layer: int, n_tokens: int) -> None:
         """Reserve `n_tokens` fewer for `layer` when it is first allocated.
 

@@ -34,7 +34,7 @@ from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import END_STATE, SamplingConfig, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
 from lyra_cli.engine.llm import KVCache
-from lyra_cli.engine.prefill import PrefillResult
+from lyra_cli.engine.prefill import FirstBlock, PrefillResult, can_resume
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
 from lyra_cli.engine.runtime import Runtime
 from lyra_cli.engine.speech import encode_windows, project_frames
@@ -122,6 +122,8 @@ class PrefixCache:
     positions: torch.Tensor  # (3, 1, T)
     adapter: Adapter
     cache: KVCache
+    extractor: ExtractorConfig | None = None  # on: only block 1 of the cache is reusable ...
+    first_block: FirstBlock | None = None  # ... with this state, set once the prefill returned it
 
     def shared_tokens(self, inputs: PromptInputs, adapter: Adapter) -> int:
         """How many leading tokens of `inputs` this cache already holds (at most all but the last)."""
@@ -236,12 +238,15 @@ class Engine:
 
         def on_prefilled(result: PrefillResult) -> None:
             prefilled.append((result, time.perf_counter() - start))
+            if self._prefix is not None:
+                self._prefix.first_block = result.first_block
 
-        cache, reused = self._reusable(inputs, adapter, extractor, inputs.n_tokens + sampling.max_new_tokens)
+        cache, reused, resume = self._reusable(inputs, adapter, extractor, inputs.n_tokens + sampling.max_new_tokens)
         speaking = voice.start() if voice is not None else None
         audio = AudioClock(voice.sample_rate_hz if voice is not None else 1, start)
         steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
                              chunk_tokens=chunk_tokens, on_prefilled=on_prefilled, cache=cache, reused_tokens=reused,
+                             resume=resume, keep_first_block=self.reuse_prefix,
                              feed_end=voice is not None and voice.config.aligned)  # fmt: skip
         for step in steps:
             if first_token_s is None:
@@ -270,7 +275,10 @@ class Engine:
         turn.answer = streamer.emitted.strip()
         first = first_token_s if first_token_s is not None else total
         result = prefilled[0][0] if prefilled else None
-        kept_tokens = reused + (int(result.kept_index.numel()) if result is not None else inputs.n_tokens - reused)
+        if result is None:
+            kept_tokens = inputs.n_tokens
+        else:  # a resumed prefill's kept set covers the whole prompt, a plain one's only what it computed
+            kept_tokens = int(result.kept_index.numel()) + (0 if resume is not None else reused)
         prefill_s = prefilled[0][1] if prefilled else total
         yield Done(
             text=turn.answer,
@@ -288,14 +296,17 @@ class Engine:
 
     def _reusable(
         self, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig | None, capacity: int
-    ) -> tuple[KVCache | None, int]:
-        """The cache to prefill into and how many of this prompt's first tokens it already holds.
+    ) -> tuple[KVCache | None, int, FirstBlock | None]:
+        """The cache to prefill into, how many of this prompt's first tokens it already holds, and, with the
+        extractor, the state of block 1 to resume from.
 
-        The extractor's drops depend on the question, so a prompt using it prefills in full into a fresh
-        cache, which is not kept (its layers hold different tokens)."""
+        The extractor's drops depend on the question, so with it only block 1 (the layers before the first
+        drop) of a shared beginning is reused; the deeper layers are rebuilt (`prefill(resume=...)`)."""
         previous, self._prefix = self._prefix, None
         if extractor is not None and extractor.enabled:
-            return None, 0
+            return self._reusable_first_block(previous, inputs, adapter, extractor, capacity)
+        if previous is not None and previous.extractor is not None:
+            previous = None  # its deeper layers hold another prompt's survivors
         reused = previous.shared_tokens(inputs, adapter) if previous is not None else 0
         if reused:
             cache = previous.cache  # type: ignore[union-attr]
@@ -304,7 +315,25 @@ class Engine:
             cache = KVCache.empty(self.model.config.text, capacity=capacity)
         if self.reuse_prefix:
             self._prefix = PrefixCache(inputs.embeds, inputs.positions, adapter, cache)
-        return cache, reused
+        return cache, reused, None
+
+    def _reusable_first_block(
+        self, previous: PrefixCache | None, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig,
+        capacity: int,
+    ) -> tuple[KVCache, int, FirstBlock | None]:  # fmt: skip
+        first = previous.first_block if previous is not None and previous.extractor == extractor else None
+        n_layers = self.model.config.text.num_layers
+        reused = 0
+        if first is not None and can_resume(first, inputs.kinds, extractor, n_layers):
+            reused = previous.shared_tokens(inputs, adapter)  # type: ignore[union-attr]
+        if reused:
+            cache = previous.cache  # type: ignore[union-attr]
+            cache.keep_first_block(first.n_layers, reused)  # type: ignore[union-attr]
+        else:
+            cache, first = KVCache.empty(self.model.config.text, capacity=capacity), None
+        if self.reuse_prefix:
+            self._prefix = PrefixCache(inputs.embeds, inputs.positions, adapter, cache, extractor=extractor)
+        return cache, reused, first
 
 
 def speech_tokens(part: SpeechPart, adapter: Adapter, projector: torch.nn.Module) -> torch.Tensor:

@@ -48,10 +48,25 @@ class DropRecord:
 
 
 @dataclass(frozen=True)
+class FirstBlock:
+    """Block 1 of an extractor prefill, kept for a later prompt that shares this one's beginning.
+
+    Tokens attend only to earlier tokens, so block 1 (the layers before the first drop, which keep every
+    token) computes the same for a shared prefix whatever follows it; only the drops depend on the question.
+    A follow-up question about the same recording then runs only its own tokens through block 1."""
+
+    n_layers: int  # layers in block 1; their caches hold every token of the prompt
+    boundary: Tensor  # (1, T, H) every token's hidden state after block 1: the next block's input
+    text_index: Tensor  # (n_text,) prompt indices of the text (non-context) tokens, ascending
+    text_inputs: Tensor  # (1, n_text, H) their inputs to block 1's last layer: the drop scores with these
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     last_hidden: Tensor  # (1, H) final-normed state of the last prompt token: predicts the first new token
     kept_index: Tensor  # (T_final,) prompt indices that survived every drop, ascending (CPU, long)
     drops: list[DropRecord]
+    first_block: FirstBlock | None = None  # with keep_first_block, after a drop into an empty cache
 
 
 @dataclass
@@ -89,6 +104,8 @@ def prefill(
     extractor: ExtractorConfig | None = None,
     chunk_tokens: int | None = None,
     on_progress: ProgressFn | None = None,
+    keep_first_block: bool = False,
+    resume: FirstBlock | None = None,
 ) -> PrefillResult:
     """Fill `cache` with the prompt inputs_embeds (1, T, H) at position_ids (3, 1, T).
 
@@ -96,7 +113,10 @@ def prefill(
     chunk_tokens bounds the tokens one layer call processes (None: all at once). Without chunking and
     without drops this is exactly `model(inputs_embeds, position_ids, cache)[:, -1]`. on_progress(done,
     total) is called after every chunk, in token-layers (the total is known up front, drops included).
-    Inference only: runs without autograd.
+    keep_first_block returns block 1's state (`FirstBlock`) for a later prompt with the same beginning;
+    `resume` is such a state: then the inputs are the whole new prompt, block 1's layers of `cache` hold
+    its first `cache.layer_length(0)` tokens (see `KVCache.keep_first_block`), and only the rest runs
+    through block 1. Inference only: runs without autograd.
     """
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -104,23 +124,91 @@ def prefill(
     live = _live_tokens(inputs_embeds, position_ids, kinds)
     drop_layers = _drop_layers(extractor, n_layers, live)
     keep_rate = extractor.keep_rate if extractor is not None else 1.0
+    if resume is not None:
+        return _resume(model, live, cache, drop_layers, keep_rate, chunk_tokens, on_progress, resume)
     progress = _Progress(on_progress, _planned_work(live, drop_layers, n_layers, keep_rate))
     if not drop_layers and chunk_tokens is None:  # the plain path, shared with every other caller
         last_hidden = model(inputs_embeds, position_ids, cache)[:, -1]
         progress.advance(n_tokens * n_layers)
         return PrefillResult(last_hidden, live.original_index.cpu(), [])
     *dropping_blocks, last_block = _blocks(drop_layers, n_layers)
+    first_block = None
+    if dropping_blocks:
+        fresh = cache.seq_length == 0  # block 1 then covers the whole prompt: worth keeping
+        layers = range(*dropping_blocks[0])
+        live.hidden, text_inputs = _run_block(model, layers, live, cache, chunk_tokens, progress, keep_all=True)
+        if keep_first_block and fresh:
+            first_block = FirstBlock(len(layers), live.hidden, live.original_index[~live.is_context], text_inputs)
+        live, drops = _drop_and_continue(model, live, text_inputs, cache, dropping_blocks, keep_rate, chunk_tokens,
+                                         progress)  # fmt: skip
+    else:
+        drops = []
+    hidden, _ = _run_block(model, range(*last_block), live, cache, chunk_tokens, progress, keep_all=False)
+    last_hidden = model.norm(hidden[:, -1:])[:, -1]  # (1, H)
+    return PrefillResult(last_hidden, live.original_index.cpu(), drops, first_block)
+
+
+def _drop_and_continue(
+    model: LyraTextModel,
+    live: LiveTokens,
+    text_inputs: Tensor,
+    cache: KVCache,
+    dropping_blocks: list[tuple[int, int]],
+    keep_rate: float,
+    chunk_tokens: int | None,
+    progress: _Progress,
+) -> tuple[LiveTokens, list[DropRecord]]:
+    """The drop after block 1 (already run: `live.hidden` is its output), then every further dropping block
+    with its drop. Returns the survivors entering the last block."""
+    n_layers = len(model.layers)
     drops: list[DropRecord] = []
-    for block_start, block_stop in dropping_blocks:
-        layers = range(block_start, block_stop)
-        live.hidden, query_inputs = _run_block(model, layers, live, cache, chunk_tokens, progress, keep_all=True)
-        live, record = _drop(model, layers[-1], live, query_inputs, cache, keep_rate)
+    for i, (block_start, block_stop) in enumerate(dropping_blocks):
+        if i > 0:
+            layers = range(block_start, block_stop)
+            live.hidden, text_inputs = _run_block(model, layers, live, cache, chunk_tokens, progress, keep_all=True)
+        live, record = _drop(model, block_stop - 1, live, text_inputs, cache, keep_rate)
         drops.append(record)
         for deeper in range(block_stop, n_layers):
             cache.reserve_fewer(deeper, record.n_before - record.n_after)
+    return live, drops
+
+
+def _resume(
+    model: LyraTextModel,
+    live: LiveTokens,
+    cache: KVCache,
+    drop_layers: list[int],
+    keep_rate: float,
+    chunk_tokens: int | None,
+    on_progress: ProgressFn | None,
+    resume: FirstBlock,
+) -> PrefillResult:
+    """Prefill a prompt whose first `cache.layer_length(0)` tokens went through block 1 for an earlier
+    prompt (`resume`): the rest runs through block 1, then the whole prompt is dropped and continues."""
+    n_layers, n_shared = len(model.layers), cache.layer_length(0)
+    *dropping_blocks, last_block = _blocks(drop_layers, n_layers)
+    if not dropping_blocks or dropping_blocks[0][1] != resume.n_layers or not 0 < n_shared < live.n_tokens:
+        raise ValueError("the kept first block does not fit this prompt's extractor blocks")
+    progress = _Progress(on_progress, _planned_work(live, drop_layers, n_layers, keep_rate) - n_shared * resume.n_layers)
+    rest = live.take(torch.arange(n_shared, live.n_tokens, device=live.hidden.device))
+    layers = range(*dropping_blocks[0])
+    rest_boundary, rest_text_inputs = _run_block(model, layers, rest, cache, chunk_tokens, progress, keep_all=True)
+    shared_text = resume.text_index < n_shared  # the shared tokens are identical: so are their text rows
+    live.hidden = torch.cat([resume.boundary[:, :n_shared], rest_boundary], dim=1)
+    text_inputs = torch.cat([resume.text_inputs[:, shared_text], rest_text_inputs], dim=1)
+    first_block = FirstBlock(len(layers), live.hidden, live.original_index[~live.is_context], text_inputs)
+    live, drops = _drop_and_continue(model, live, text_inputs, cache, dropping_blocks, keep_rate, chunk_tokens,
+                                     progress)  # fmt: skip
     hidden, _ = _run_block(model, range(*last_block), live, cache, chunk_tokens, progress, keep_all=False)
-    last_hidden = model.norm(hidden[:, -1:])[:, -1]  # (1, H)
-    return PrefillResult(last_hidden, live.original_index.cpu(), drops)
+    last_hidden = model.norm(hidden[:, -1:])[:, -1]
+    return PrefillResult(last_hidden, live.original_index.cpu(), drops, first_block)
+
+
+def can_resume(first_block: FirstBlock, kinds: Tensor, extractor: ExtractorConfig | None, n_layers: int) -> bool:
+    """Whether a prompt of these kinds (T,), prefilled with `extractor`, starts with the same block 1 as
+    `first_block`: it drops (it has media and a question) and its first drop follows the same layer."""
+    drops = _planned_drops(extractor, n_layers, context_mask(kinds), query_mask(kinds))
+    return bool(drops) and drops[0] + 1 == first_block.n_layers
 
 
 def _live_tokens(inputs_embeds: Tensor, position_ids: Tensor, kinds: Tensor | None) -> LiveTokens:
@@ -136,11 +224,16 @@ def _live_tokens(inputs_embeds: Tensor, position_ids: Tensor, kinds: Tensor | No
 
 
 def _drop_layers(extractor: ExtractorConfig | None, n_layers: int, live: LiveTokens) -> list[int]:
-    """Where drops happen: none without the extractor, without kinds, or without anyone asking (no queries)."""
-    if extractor is None or not bool(live.is_query.any()) or not bool(live.is_context.any()):
-        return []
-    if live.hidden.shape[0] != 1:
+    drops = _planned_drops(extractor, n_layers, live.is_context, live.is_query)
+    if drops and live.hidden.shape[0] != 1:
         raise ValueError(f"the extractor prefills one sequence at a time, got a batch of {live.hidden.shape[0]}")
+    return drops
+
+
+def _planned_drops(extractor: ExtractorConfig | None, n_layers: int, is_context: Tensor, is_query: Tensor) -> list[int]:
+    """Where drops happen: none without the extractor, without media, or without anyone asking (no queries)."""
+    if extractor is None or not bool(is_query.any()) or not bool(is_context.any()):
+        return []
     return compress_layers(extractor, n_layers)
 
 
@@ -183,32 +276,35 @@ def _run_block(
     """Run every live token through `layers`, chunk by chunk, filling their caches.
 
     Returns the block's output, (1, T', H) when `keep_all` (a drop follows) or else only the last chunk's
-    (1, C, H), and, when `keep_all`, the inputs (1, Q, H) of the block's last layer at the query tokens,
-    which the drop scores with.
+    (1, C, H), and, when `keep_all`, the inputs (1, n_text, H) of the block's last layer at the text
+    (non-context) tokens: the drop scores with the query tokens' among them.
     """
     n_live = live.n_tokens
     step = chunk_tokens or n_live
     out = torch.empty_like(live.hidden) if keep_all else None  # (1, T', H): the next block's input
-    query_inputs = []
+    text_inputs = []
     for start in range(0, n_live, step):
         stop = min(start + step, n_live)
         x = live.hidden[:, start:stop]  # (1, C, H)
         rope = model.rotary(live.positions[..., start:stop], x.dtype)
         for i in layers:
             if keep_all and i == layers[-1]:
-                query_inputs.append(x[:, live.is_query[start:stop]])  # (1, Q_chunk, H)
+                text_inputs.append(x[:, ~live.is_context[start:stop]])  # (1, n_text_chunk, H)
             x, rope = model.forward_layer(i, x, rope, cache)
         if out is not None:
             out[:, start:stop] = x
         progress.advance((stop - start) * len(layers))
-    queries = torch.cat(query_inputs, dim=1) if query_inputs else x[:, :0]
-    return (out if out is not None else x), queries  # without a drop to follow, only the last row matters
+    texts = torch.cat(text_inputs, dim=1) if text_inputs else x[:, :0]
+    return (out if out is not None else x), texts  # without a drop to follow, only the last row matters
 
 
 def _drop(
-    model: LyraTextModel, layer: int, live: LiveTokens, query_inputs: Tensor, cache: KVCache, keep_rate: float
+    model: LyraTextModel, layer: int, live: LiveTokens, text_inputs: Tensor, cache: KVCache, keep_rate: float
 ) -> tuple[LiveTokens, DropRecord]:
-    """Score the live context tokens at `layer` and keep the top ones (all other tokens stay)."""
+    """Score the live context tokens at `layer` and keep the top ones (all other tokens stay).
+
+    text_inputs (1, n_text, H): the layer's inputs at the live text tokens, in order; the queries are among them."""
+    query_inputs = text_inputs[:, live.is_query[~live.is_context]]  # (1, Q, H)
     decoder_layer = model.layers[layer]
     query_rope = model.rotary(live.positions[..., live.is_query], query_inputs.dtype)
     # the same q the layer computed in its forward, recomputed for the Q query rows only
