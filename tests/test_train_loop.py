@@ -185,18 +185,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir: Path, example
 
 def test_precision_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     stage, cpu, cuda = resolve_stage("stage2"), torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", stage, cpu, torch.float32) is None  # CPU: the weights' dtype
-    assert resolve_precision("fp32", stage, cuda, torch.float32) is None
-    assert resolve_precision("bf16", stage, cpu, torch.float32) is torch.bfloat16  # forced: any device
-    assert resolve_precision("fp16", stage, cpu, torch.float32) is torch.float16
+    assert resolve_precision("auto", stage, cpu) is None  # CPU: the frozen weights' dtype
+    assert resolve_precision("fp32", stage, cuda) is None
+    assert resolve_precision("bf16", stage, cpu) is torch.bfloat16  # forced: any device
+    assert resolve_precision("fp16", stage, cpu) is torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_precision("auto", stage, cuda, torch.float32) is torch.bfloat16
-    assert resolve_precision("auto", stage, cuda, torch.bfloat16) is None  # already 16-bit weights
-    assert resolve_precision("auto", resolve_stage("stage2", {"bf16": False}), cuda, torch.float32) is None
+    assert resolve_precision("auto", stage, cuda) is torch.bfloat16
+    assert resolve_precision("auto", resolve_stage("stage2", {"bf16": False}), cuda) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100: fp16 + loss scaling
-    assert resolve_precision("auto", stage, cuda, torch.float32) is torch.float16
+    assert resolve_precision("auto", stage, cuda) is torch.float16
     with pytest.raises(UsageError, match="precision"):
-        resolve_precision("fp8", stage, cpu, torch.float32)
+        resolve_precision("fp8", stage, cpu)
+
+
+@pytest.mark.parametrize(("stage_name", "ids"), [("stage1", ("asr_0",)), ("stage2", ("asr_0",)),
+                                                 ("stage4", ("unit_4",))])  # fmt: skip
+def test_16_bit_models_train_fp32_master_weights(tiny_dir: Path, examples: dict, stage_name: str,
+                                                 ids: tuple[str, ...]) -> None:  # fmt: skip
+    """A bf16 model (`--dtype bf16`, the CUDA default) keeps its frozen weights in bf16 and trains fp32 copies
+    of what it trains, so AdamW's small updates are not rounded away."""
+    runtime = resolve_runtime(RuntimeRequest(device="cpu", dtype="bf16"))
+    loaded, generator, plan, dataset = _setup(tiny_dir, examples, stage_name, ids, runtime=runtime,
+                                              learning_rate=2e-3, lr_schedule="constant")  # fmt: skip
+    assert loaded.model.model.layers[0].mlp.up_proj.get_base_layer().weight.dtype == torch.bfloat16  # frozen
+    assert {p.dtype for p in plan.parameters.values()} == {torch.float32}
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=6, generator=generator)
+    losses = [trainer.step()["loss"] for _ in range(6)]
+    assert losses[-1] < 0.95 * losses[0]
+    assert {p.dtype for p in plan.parameters.values()} == {torch.float32}
 
 
 def test_bf16_autocast_trains_in_16_bits_with_fp32_weights(tiny_dir: Path, examples: dict) -> None:

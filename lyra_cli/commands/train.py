@@ -70,7 +70,8 @@ def train_stage(
                                             "multimodal tokens block by block (faster steps; off by default)."),
     precision: str = typer.Option("auto", "--precision", metavar="auto|fp32|bf16|fp16",
                                   help="Autocast of the forward passes. auto: bf16 (else fp16 with loss scaling) "
-                                       "on CUDA with fp32 weights, as the stages' bf16 setting asks; none on CPU."),
+                                       "on CUDA, as the stages' bf16 setting asks; none on CPU. Trained weights "
+                                       "are fp32 whatever --dtype."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and of new LoRA weights."),
     tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard",
                                             help="Also log to OUT/tensorboard (default: when tensorboard is installed)."),
@@ -200,7 +201,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     total = steps or max(1, math.ceil(stage.epochs * len(records) / per_step))
     out.mkdir(parents=True, exist_ok=True)
     runtime = engine.loaded.runtime
-    autocast = resolve_precision(precision, stage, runtime.device, runtime.dtype)
+    autocast = resolve_precision(precision, stage, runtime.device)
     if tensorboard and not tensorboard_available():
         raise MissingDependencyError("tensorboard", "--tensorboard", extra="train")
     use_tensorboard = tensorboard_available() if tensorboard is None else tensorboard

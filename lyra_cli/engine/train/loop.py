@@ -263,19 +263,19 @@ def train_step_loss(
 # ---------------------------------------------------------------------------------------------- precision
 
 
-def resolve_precision(choice: str, stage: StageConfig, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype of training's forward passes, or None (compute in the weights' dtype).
+def resolve_precision(choice: str, stage: StageConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training's forward passes, or None (compute in the frozen weights' dtype).
 
-    `auto` follows the stage's `bf16` setting (on in every official stage) where it pays: on CUDA with
-    fp32 weights, bf16 where the GPU has it, else fp16 (with loss scaling). On CPU, and for weights already
-    loaded in 16 bits (`--dtype`), `auto` adds nothing. `bf16`/`fp16` force autocast on any device."""
+    The trained parameters are fp32 whatever the model's dtype (`prepare_for_stage`). `auto` follows the
+    stage's `bf16` setting (on in every official stage) where it pays: on CUDA, bf16 where the GPU has it,
+    else fp16 (with loss scaling). On CPU `auto` adds nothing. `bf16`/`fp16` force autocast on any device."""
     if choice not in PRECISIONS:
         raise UsageError(f"unknown precision `{choice}`", f"choose one of: {', '.join(PRECISIONS)}")
     if choice == "fp32":
         return None
     if choice in AUTOCAST_DTYPES:
         return AUTOCAST_DTYPES[choice]
-    if device.type != "cuda" or weight_dtype != torch.float32 or not stage.bf16:
+    if device.type != "cuda" or not stage.bf16:
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 

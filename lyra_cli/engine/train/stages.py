@@ -329,15 +329,6 @@ def inject_fresh_adapter(model: LyraForCausalLM, stage: StageConfig) -> str:
     return name
 
 
-def _match_dtype(model: LyraForCausalLM, name: str) -> None:
-    """New LoRA weights are created in fp32; keep them in the dtype of the layer they wrap."""
-    for layer in _tuner_layers(model):
-        dtype = layer.get_base_layer().weight.dtype
-        if dtype.is_floating_point:
-            layer.lora_A[name].to(dtype)
-            layer.lora_B[name].to(dtype)
-
-
 def _stage_start(model: LyraForCausalLM, stage: StageConfig, bank: AdapterBank | None) -> nn.Module | None:
     """Put the shipped adapters where the stage's official starting point has them; return the speech
     projector its forward uses. stage 1: the plain LLM (adapters off); stage 4: the stage-2 model with
@@ -371,7 +362,7 @@ def prepare_for_stage(
     stage_extractor(stage, model)  # a bad --extract fails here, before any data is read
     projector = _stage_start(model, stage, bank)
     if stage.trains is Trains.LORA_AND_PROJECTOR:
-        _match_dtype(model, inject_fresh_adapter(model, stage))
+        inject_fresh_adapter(model, stage)
         model.train(model.training)  # new dropout modules start in training mode; follow the model's mode
     model.requires_grad_(False)
     if generator is not None:
@@ -386,6 +377,8 @@ def prepare_for_stage(
         tag = f".{stage.adapter.value}."  # type: ignore[union-attr]
         params |= {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
     for p in params.values():
+        if p.dtype != torch.float32:  # fp32 master weights: AdamW steps on 16-bit weights round small updates away
+            p.data = p.data.float()
         p.requires_grad_(True)
     total = sum(_logical_numel(p) for p in model.parameters())
     frozen = total - sum(p.numel() for n, p in params.items() if not n.startswith(GENERATOR_MODULE))
