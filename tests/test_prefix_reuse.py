@@ -88,3 +88,33 @@ def test_with_the_extractor_follow_ups_reuse_block_one(engines, real: Path) -> N
     # a question without the extractor after one with it starts over: the deeper layers hold survivors
     plain = _ask(reusing, Conversation(), [clip, TextPart("What is said?")])
     assert plain.reused_tokens == 0 and plain.text == _ask(fresh, Conversation(), [clip, TextPart("What is said?")]).text
+
+
+def _interrupt_layer_call(monkeypatch: pytest.MonkeyPatch, layer: torch.nn.Module, at_call: int) -> None:
+    """Ctrl-C arriving inside `layer` on its `at_call`-th call (1-based), as a KeyboardInterrupt would."""
+    original, calls = layer.forward, [0]
+
+    def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", forward)
+
+
+@pytest.mark.parametrize("at_call", [1, 3], ids=["during-prefill", "during-decode"])
+def test_an_interrupted_turn_never_leaves_a_broken_cache(engines, real: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         at_call: int) -> None:  # fmt: skip
+    """Ctrl-C inside the last layer, in the prefill or in a decode step: the next question still gets the
+    answer a fresh engine gives, reusing the recording only when its prefill had completed."""
+    reusing, fresh = engines
+    clip = reusing.encode(DecodedSpeech(load_audio(real / "jfk.flac"), "jfk.flac"))
+    _ask(reusing, Conversation(), [TextPart("warm up")])  # a previous prompt to reuse, if the cache allowed it
+    with monkeypatch.context() as patch:
+        _interrupt_layer_call(patch, reusing.model.model.layers[-1], at_call)
+        with pytest.raises(KeyboardInterrupt):
+            _ask(reusing, Conversation(), [clip, TextPart("What is said?")])
+    done = _ask(reusing, Conversation(), [clip, TextPart("Who said it?")])
+    assert done.text == _ask(fresh, Conversation(), [clip, TextPart("Who said it?")]).text
+    assert (done.reused_tokens > 300) == (at_call > 1)  # the recording's prefill completed only when decoding

@@ -267,24 +267,21 @@ class KVCache:
         self._lengths[layer] = n
 
     def truncate(self, n_tokens: int) -> None:
-        """Forget everything after the first `n_tokens` of every layer (O(1): storage is reused).
-
-        Only meaningful while all layers hold the same tokens (no extractor drop happened): then the
-        cache of a previous prompt serves as the prefill of a new prompt that shares its first tokens.
-        """
-        if len(set(self._lengths)) > 1:
-            raise ValueError("cannot truncate a cache whose layers hold different tokens (after a drop)")
-        self._lengths = [min(length, n_tokens) for length in self._lengths]
-        self._seen = min(self._seen, n_tokens)
+        """Forget everything after the first `n_tokens` of every layer (O(1): storage is reused): the cache of
+        a previous prompt then serves as the prefill of a new prompt that shares its first tokens."""
+        self.keep_first_block(self.num_layers, n_tokens)
 
     def keep_first_block(self, n_layers: int, n_tokens: int) -> None:
         """Keep the first `n_tokens` of the first `n_layers` layers and empty the deeper ones.
 
         For an extractor prefill (`prefill(resume=...)`) of a new prompt sharing `n_tokens` with the one
         this cache holds: the layers before the first drop hold every token and depend only on earlier
-        tokens, so they stay valid; the deeper layers held that prompt's survivors and are rebuilt."""
+        tokens, so they stay valid; the deeper layers held that prompt's survivors and are rebuilt. A kept
+        layer must hold all `n_tokens` (not so after a drop, or a prefill cut short)."""
+        if any(length < n_tokens for length in self._lengths[:n_layers]):
+            raise ValueError(f"cannot keep {n_tokens} tokens: a layer holds fewer (after a drop or a cut-short prefill)")
         for layer in range(self.num_layers):
-            self._lengths[layer] = min(self._lengths[layer], n_tokens) if layer < n_layers else 0
+            self._lengths[layer] = n_tokens if layer < n_layers else 0
         self._seen = min(self._seen, n_tokens)
 
     def reserve_fewer(self, layer: int, n_tokens: int) -> None:

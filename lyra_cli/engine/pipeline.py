@@ -238,10 +238,12 @@ class Engine:
 
         def on_prefilled(result: PrefillResult) -> None:
             prefilled.append((result, time.perf_counter() - start))
-            if self._prefix is not None:
-                self._prefix.first_block = result.first_block
+            if pending is not None:  # a complete prefill: the next prompt may build on it
+                pending.first_block = result.first_block
+                self._prefix = pending
 
-        cache, reused, resume = self._reusable(inputs, adapter, extractor, inputs.n_tokens + sampling.max_new_tokens)
+        cache, reused, resume, pending = self._reusable(inputs, adapter, extractor,
+                                                        inputs.n_tokens + sampling.max_new_tokens)  # fmt: skip
         speaking = voice.start() if voice is not None else None
         audio = AudioClock(voice.sample_rate_hz if voice is not None else 1, start)
         steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
@@ -296,44 +298,30 @@ class Engine:
 
     def _reusable(
         self, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig | None, capacity: int
-    ) -> tuple[KVCache | None, int, FirstBlock | None]:
-        """The cache to prefill into, how many of this prompt's first tokens it already holds, and, with the
-        extractor, the state of block 1 to resume from.
+    ) -> tuple[KVCache, int, FirstBlock | None, PrefixCache | None]:
+        """The cache to prefill into, how many of this prompt's first tokens it already holds, the state of
+        block 1 to resume from (extractor on), and this prompt's entry to keep once its prefill completed.
 
         The extractor's drops depend on the question, so with it only block 1 (the layers before the first
         drop) of a shared beginning is reused; the deeper layers are rebuilt (`prefill(resume=...)`)."""
-        previous, self._prefix = self._prefix, None
-        if extractor is not None and extractor.enabled:
-            return self._reusable_first_block(previous, inputs, adapter, extractor, capacity)
-        if previous is not None and previous.extractor is not None:
-            previous = None  # its deeper layers hold another prompt's survivors
-        reused = previous.shared_tokens(inputs, adapter) if previous is not None else 0
+        previous, self._prefix = self._prefix, None  # kept again only after this prompt's prefill completes
+        extractor = extractor if extractor is not None and extractor.enabled else None
+        reused, first = 0, None
+        if previous is not None and previous.extractor == extractor:
+            if extractor is None:
+                reused = previous.shared_tokens(inputs, adapter)
+            elif previous.first_block is not None and can_resume(
+                previous.first_block, inputs.kinds, extractor, self.model.config.text.num_layers
+            ):
+                first = previous.first_block
+                reused = previous.shared_tokens(inputs, adapter)
         if reused:
             cache = previous.cache  # type: ignore[union-attr]
-            cache.truncate(reused)
-        else:
-            cache = KVCache.empty(self.model.config.text, capacity=capacity)
-        if self.reuse_prefix:
-            self._prefix = PrefixCache(inputs.embeds, inputs.positions, adapter, cache)
-        return cache, reused, None
-
-    def _reusable_first_block(
-        self, previous: PrefixCache | None, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig,
-        capacity: int,
-    ) -> tuple[KVCache, int, FirstBlock | None]:  # fmt: skip
-        first = previous.first_block if previous is not None and previous.extractor == extractor else None
-        n_layers = self.model.config.text.num_layers
-        reused = 0
-        if first is not None and can_resume(first, inputs.kinds, extractor, n_layers):
-            reused = previous.shared_tokens(inputs, adapter)  # type: ignore[union-attr]
-        if reused:
-            cache = previous.cache  # type: ignore[union-attr]
-            cache.keep_first_block(first.n_layers, reused)  # type: ignore[union-attr]
+            cache.keep_first_block(first.n_layers if first is not None else cache.num_layers, reused)
         else:
             cache, first = KVCache.empty(self.model.config.text, capacity=capacity), None
-        if self.reuse_prefix:
-            self._prefix = PrefixCache(inputs.embeds, inputs.positions, adapter, cache, extractor=extractor)
-        return cache, reused, first
+        pending = PrefixCache(inputs.embeds, inputs.positions, adapter, cache, extractor) if self.reuse_prefix else None
+        return cache, reused, first, pending
 
 
 def speech_tokens(part: SpeechPart, adapter: Adapter, projector: torch.nn.Module) -> torch.Tensor:
