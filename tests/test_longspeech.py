@@ -116,3 +116,21 @@ def test_cache_info_and_clear(real: Path, tiny_dir: Path, tmp_path: Path, capsys
     assert run(["cache", "clear"]) == 0
     assert "removed 1" in capsys.readouterr().err
     assert list((tmp_path / "speech").glob("*.safetensors")) == []
+
+
+def test_encode_batch_is_windows_per_encoder_call(ten_minutes: Path, tiny_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from lyra_cli.engine import speech
+
+    per_call: list[int] = []  # windows in each encoder call (one log-mel batch per call)
+    mel = speech.log_mel_spectrogram
+
+    def counting(windows, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        per_call.append(len(windows))
+        return mel(windows, **kwargs)
+
+    monkeypatch.setattr(speech, "log_mel_spectrogram", counting)
+    args = ["longspeech", str(ten_minutes), "--ask", "q", "--max-new-tokens", "1", "--extract", "2x0.5",
+            "--encode-batch", "16", "--no-cache", "-q"]  # fmt: skip
+    assert run(args) == 0
+    assert per_call == [16, 4]  # 20 windows: one encoder call of 16, then the 4 left

@@ -145,7 +145,7 @@ class RecordingEncoder:
         adapter = Adapter.SPEECH
         for batch in iter_window_batches(windows, self.settings.encode_batch):
             peak = max(peak, max((float(np.abs(w).max()) for w in batch if len(w)), default=0.0))
-            frames = encode_windows(tower, batch)  # (b, 1500, E)
+            frames = encode_windows(tower, batch, batch_size=len(batch))  # (b, 1500, E): one encoder call
             n_windows += len(batch)
             n_samples += sum(len(w) for w in batch)
             if pending is not None or n_windows > 1:
