@@ -378,3 +378,11 @@ def test_a_real_kill_then_resume_equals_one_uninterrupted_run(data: Path, tmp_pa
     _, uninterrupted, _ = lyra_eval(capsys, *args, "--out", str(whole))
     assert answers_by_id(killed) == answers_by_id(whole)
     assert runner.Summary(**resumed).comparable() == runner.Summary(**uninterrupted).comparable()
+
+
+def test_a_broken_generation_config_is_a_one_line_error(data: Path, tiny_copy: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    (tiny_copy / "generation_config.json").write_text("{not json")
+    code, _, err = lyra_eval(capsys, "textvqa-s", "--data", str(data), "-m", str(tiny_copy), "--limit", "1",
+                             "--out", str(tmp_path / "p.jsonl"))  # fmt: skip
+    assert code == 1 and "generation_config.json" in err and "Traceback" not in err

@@ -224,11 +224,10 @@ def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
 def eval_sampling(model_dir: Path, max_new_tokens: int, flags: dict[str, Any]) -> Any:
     """The checkpoint's generation_config (its repetition penalty applies, as in the authors' `generate`),
     greedy (`--temperature 0` in every eval script) and the suite's token budget, unless flags say otherwise."""
-    from lyra_cli.engine.generate import SamplingConfig, sampling_from_generation_config
-    from lyra_cli.engine.loader import GENERATION_CONFIG_FILE
+    from lyra_cli.engine.generate import sampling_from_generation_config
+    from lyra_cli.engine.loader import read_generation_config
 
-    path = model_dir / GENERATION_CONFIG_FILE
-    defaults = sampling_from_generation_config(json.loads(path.read_text())) if path.is_file() else SamplingConfig()
+    defaults = sampling_from_generation_config(read_generation_config(model_dir))
     eval_flags = {"temperature": 0.0, "max_new_tokens": max_new_tokens,
                   **{k: v for k, v in flags.items() if v is not None}}  # fmt: skip
     return common.sampling_config(defaults, **eval_flags)

@@ -84,6 +84,12 @@ def _build_towers(config: LyraConfig, model_dir: Path, source: ckpt.WeightSource
     return vit, whisper
 
 
+def read_generation_config(model_dir: Path) -> dict:
+    """`generation_config.json` ({} when the folder has none); a broken one is a `CheckpointError`."""
+    path = model_dir / GENERATION_CONFIG_FILE
+    return read_json(path) if path.is_file() else {}
+
+
 def _quantize(model: LyraForCausalLM, runtime: Runtime) -> None:
     from lyra_cli.engine.quant import quantize_linears
 
@@ -117,8 +123,7 @@ def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
     if runtime.quantization != "none":
         _quantize(model, runtime)
     adapters = load_adapters(model, model_dir, config, runtime.dtype)
-    gen_path = model_dir / GENERATION_CONFIG_FILE
-    generation = read_json(gen_path) if gen_path.is_file() else {}
+    generation = read_generation_config(model_dir)
     visual = None
     if config.vision is not None:
         visual = VisualProcessor.from_dir(ckpt.resolve_tower_dir(model_dir, config.vision.tower))
