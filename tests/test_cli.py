@@ -152,7 +152,7 @@ def test_no_question_without_terminal_is_a_usage_error(capsys, monkeypatch) -> N
     assert_one_line_error(err, "no question")
 
 
-def test_debug_shows_the_traceback(capsys) -> None:  # noqa: ANN001
+def test_debug_lets_the_exception_through(capsys) -> None:  # noqa: ANN001
     with pytest.raises(Exception, match="missing.jpg"):
         run(["--debug", "chat", "--image", "missing.jpg", "--text", "hi"])
 

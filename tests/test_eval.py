@@ -80,7 +80,9 @@ def test_mmvet_exports_for_the_online_grader(data: Path, tmp_path: Path, tiny_di
     code, summary, _ = lyra_eval(capsys, "mmvet-s", "--data", str(data), "--out", str(tmp_path / "mm.jsonl"), "-q", *FAST)
     assert code == 0 and summary["score"] is None and "GPT judge" in summary["notes"][0]  # no judge: no score
     export = json.loads(Path(summary["mmvet_export"]).read_text())
-    assert list(export) == ["v1_0", "v1_1"] and all(isinstance(v, str) for v in export.values())
+    predictions = answers_by_id(tmp_path / "mm.jsonl")
+    assert list(export) == ["v1_0", "v1_1"]
+    assert export == {f"v1_{qid}": prediction for qid, (prediction, _) in predictions.items()}  # each answer, by key
 
 
 def test_mmvet_judge_grades_against_mm_vet_ground_truth(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -72,7 +72,7 @@ def test_needle_grid_on_the_tiny_model(extract: str | None, real: Path, tmp_path
     printed = json.loads(capsys.readouterr().out)
     grid = json.loads((out / "needle.json").read_text())
     assert grid["lengths_s"] == [40.0, 70.0] and grid["depths"] == [0.0, 1.0] and grid["extract"] == extract
-    assert np.array(grid["scores"]).shape == (2, 2) and set(np.ravel(grid["scores"])) <= {0.0, 1.0}
+    assert np.array(grid["scores"]).shape == (2, 2)
     assert printed["scores"] == grid["scores"] and printed["png"] == str(out / "needle.png")
     prompt, kept = np.array(grid["prompt_tokens"]), np.array(grid["kept_tokens"])
     assert (prompt[1] - prompt[0] == 300).all()  # 70 s is one 30 s window (300 tokens) more than 40 s

@@ -52,7 +52,7 @@ def test_streamed_answer_equals_vocoding_at_the_end(engine: Engine, chunk_units:
         assert kinds.index("AudioChunk") < len(kinds) - 1 - kinds[::-1].index("TextDelta")
 
 
-def test_units_equal_the_offline_generator(engine: Engine) -> None:
+def test_aligned_voice_feeds_each_tokens_own_state(engine: Engine) -> None:
     """The authors' inputs: the state that predicted each token, the end token's included."""
     voice = load_voice(engine.loaded, None, VoiceConfig())
     done, _, _ = _speak(engine, voice, n_tokens=30)
