@@ -283,3 +283,13 @@ def test_a_micro_batch_is_the_padded_batchs_loss(tiny_dir: Path, examples: dict)
     assert parts["ce"] == pytest.approx(float(((terms[0].ce * n[0] + terms[1].ce * n[1]) / sum(n)).detach()), rel=1e-5)
     for name, param in plan.parameters.items():
         torch.testing.assert_close(ours[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_resume_refuses_another_seed(tiny_dir: Path, examples: dict, tmp_path: Path) -> None:
+    loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=2)
+    trainer.step()
+    folder = trainer.save_checkpoint(tmp_path / "ckpt")
+    other = TrainDataset(dataset.records, dataset.make_example, seed=dataset.seed + 1)
+    with pytest.raises(UsageError, match="--seed"):
+        Trainer(loaded.model, plan, other, total_steps=2).load_checkpoint(folder)

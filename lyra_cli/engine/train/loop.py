@@ -616,6 +616,12 @@ class Trainer:
         if state["stage"] != self.stage.name or state["names"] != self.names:
             raise UsageError(f"checkpoint `{folder}` is for {state['stage']} with other trainable tensors",
                              f"resume it with the same stage ({self.stage.name} now) and model")  # fmt: skip
+        if state["seed"] != self.dataset.seed:  # another record order: the saved position would mean nothing
+            raise UsageError(f"checkpoint `{folder}` was trained with --seed {state['seed']}, not {self.dataset.seed}",
+                             f"resume with --seed {state['seed']}, or pass --no-resume to start over")  # fmt: skip
+        if state["total_steps"] != self.total_steps:
+            log.warning("resuming a %d-step run as a %d-step run: the learning-rate schedule changes from here",
+                        state["total_steps"], self.total_steps)  # fmt: skip
         tensors = load_file(str(folder / TRAINABLE_FILE))
         with torch.no_grad():
             for name in self.names:
