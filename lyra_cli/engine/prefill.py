@@ -207,7 +207,7 @@ def _resume(
 def can_resume(first_block: FirstBlock, kinds: Tensor, extractor: ExtractorConfig | None, n_layers: int) -> bool:
     """Whether a prompt of these kinds (T,), prefilled with `extractor`, starts with the same block 1 as
     `first_block`: it drops (it has media and a question) and its first drop follows the same layer."""
-    drops = _planned_drops(extractor, n_layers, context_mask(kinds), query_mask(kinds))
+    drops = planned_drops(extractor, n_layers, context_mask(kinds), query_mask(kinds))
     return bool(drops) and drops[0] + 1 == first_block.n_layers
 
 
@@ -224,14 +224,15 @@ def _live_tokens(inputs_embeds: Tensor, position_ids: Tensor, kinds: Tensor | No
 
 
 def _drop_layers(extractor: ExtractorConfig | None, n_layers: int, live: LiveTokens) -> list[int]:
-    drops = _planned_drops(extractor, n_layers, live.is_context, live.is_query)
+    drops = planned_drops(extractor, n_layers, live.is_context, live.is_query)
     if drops and live.hidden.shape[0] != 1:
         raise ValueError(f"the extractor prefills one sequence at a time, got a batch of {live.hidden.shape[0]}")
     return drops
 
 
-def _planned_drops(extractor: ExtractorConfig | None, n_layers: int, is_context: Tensor, is_query: Tensor) -> list[int]:
-    """Where drops happen: none without the extractor, without media, or without anyone asking (no queries)."""
+def planned_drops(extractor: ExtractorConfig | None, n_layers: int, is_context: Tensor, is_query: Tensor) -> list[int]:
+    """The layers after which tokens are dropped: none without the extractor, without media (is_context), or
+    without anyone asking (is_query); the same rule in prefill and in training (`train/extract.py`)."""
     if extractor is None or not bool(is_query.any()) or not bool(is_context.any()):
         return []
     return compress_layers(extractor, n_layers)

@@ -74,8 +74,14 @@ class Distributed:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(self.world_size)
+        # one collective for all of them (hundreds of LoRA tensors): flatten, reduce, copy back
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
 
     def sum_floats(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum of `values` over the ranks (for logging totals)."""

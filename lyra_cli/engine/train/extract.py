@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import attention_scores, compress_layers, select_kept
+from lyra_cli.engine.extractor import attention_scores, select_kept
 from lyra_cli.engine.llm import LyraTextModel
-from lyra_cli.engine.prefill import DropRecord
+from lyra_cli.engine.prefill import DropRecord, planned_drops
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,9 @@ def forward_extracting(
     n_tokens, device = inputs_embeds.shape[1], inputs_embeds.device
     kept_index = torch.arange(n_tokens, device=device)
     is_context, is_query = is_context.to(device), is_query.to(device)
-    drop_layers: set[int] = set()
-    if extractor is not None and bool(is_context.any()) and bool(is_query.any()):
-        if inputs_embeds.shape[0] != 1:
-            raise ValueError(f"the extractor trains on one sequence at a time, got {inputs_embeds.shape[0]}")
-        drop_layers = set(compress_layers(extractor, len(model.layers)))
+    drop_layers = set(planned_drops(extractor, len(model.layers), is_context, is_query))
+    if drop_layers and inputs_embeds.shape[0] != 1:
+        raise ValueError(f"the extractor trains on one sequence at a time, got {inputs_embeds.shape[0]}")
     x, positions = inputs_embeds, position_ids
     rope = model.rotary(positions, x.dtype)
     drops: list[DropRecord] = []
