@@ -65,10 +65,25 @@ def run(setup, extractor: ExtractorConfig | None, chunk_tokens: int | None) -> t
 def test_plain_prefill_is_exactly_the_model(setup) -> None:
     model, _, embeds, positions, kinds = setup
     with torch.no_grad():
-        expected = model(embeds, positions, KVCache.empty(CONFIG))[:, -1]
+        expected = model(embeds, positions, KVCache.empty(CONFIG), n_out=1)[:, -1]
         result = prefill(model, embeds, positions, KVCache.empty(CONFIG), kinds=kinds)
     assert torch.equal(result.last_hidden, expected)
     assert result.kept_index.tolist() == list(range(N_TOKENS)) and result.drops == []
+
+
+@pytest.mark.parametrize("n_out", [0, 1, 5])
+def test_last_layer_computes_only_the_rows_read_and_caches_every_row(setup, n_out: int) -> None:
+    """n_out skips the last layer's attention and MLP for rows nobody reads: the same last rows as the full
+    forward, and the same cache (every layer, every token), so decoding afterwards is unchanged."""
+    model, _, embeds, positions, _ = setup
+    full_cache, cache = KVCache.empty(CONFIG), KVCache.empty(CONFIG)
+    with torch.no_grad():
+        full = model(embeds, positions, full_cache)
+        last_rows = model(embeds, positions, cache, n_out=n_out)
+    assert last_rows.shape == (1, n_out, CONFIG.hidden_size)
+    torch.testing.assert_close(last_rows, full[:, N_TOKENS - n_out :], rtol=0, atol=1e-5)
+    for layer in range(CONFIG.num_layers):
+        assert all(torch.equal(a, b) for a, b in zip(cache.get(layer), full_cache.get(layer)))
 
 
 @pytest.mark.parametrize("extractor", [None, EXTRACTOR], ids=["plain", "extractor"])

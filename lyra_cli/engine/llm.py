@@ -146,24 +146,44 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, H) -> q (B, nh, T, hs), k and v (B, nkv, T, hs); q and k rotated (post-RoPE)."""
+        return self.queries(x, rope), self.keys(x, rope), self.values(x)
+
+    def queries(self, x: Tensor, rope: Rope) -> Tensor:
+        """x (B, T, H) -> post-RoPE queries (B, nh, T, hs)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, rope), self.keys(x, rope), v
+        return apply_rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2), rope)
 
     def keys(self, x: Tensor, rope: Rope) -> Tensor:
         """x (B, T, H) -> post-RoPE keys (B, nkv, T, hs), without computing queries or values."""
         B, T, _ = x.shape
         return apply_rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2), rope)
 
-    def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None) -> Tensor:
-        """x (B, T, H) -> (B, T, H); appends this layer's new keys/values to `cache`."""
+    def values(self, x: Tensor) -> Tensor:
+        """x (B, T, H) -> values (B, nkv, T, hs)."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, rope)
+        return self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None, n_out: int | None = None) -> Tensor:
+        """x (B, T, H) -> (B, T, H); appends this layer's new keys/values to `cache`.
+
+        n_out: return only the last n_out rows (B, n_out, H). Every row's keys and values are still cached,
+        but only the rows whose output someone reads pay for queries, attention and the output projection.
+        """
+        B, T, _ = x.shape
+        k, v = self.keys(x, rope), self.values(x)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, L, hs)
-        y = attend(q, k, v)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        first = 0 if n_out is None else T - n_out
+        if first == T:
+            return x[:, :0]
+        q = self.queries(x[:, first:], _rope_rows(rope, first))  # (B, nh, T - first, hs)
+        y = attend(q, k, v)  # the last rows' causal view: each sees the keys up to itself
+        return self.o_proj(y.transpose(1, 2).reshape(B, T - first, self.num_heads * self.head_dim))
+
+
+def _rope_rows(rope: Rope, first: int) -> Rope:
+    """The rotary tables of rows first.. (B, T - first, hs)."""
+    return rope if first == 0 else (rope[0][:, first:], rope[1][:, first:])
 
 
 class MLP(nn.Module):
@@ -189,8 +209,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+    def forward(self, x: Tensor, rope: Rope, cache: KVCache | None = None, n_out: int | None = None) -> Tensor:
+        """x (B, T, H) -> (B, T, H), or only its last n_out rows (every row still cached): the last layer of a
+        prefill computes just the row that predicts the next token."""
+        attended = self.self_attn(self.input_layernorm(x), rope, cache, n_out)
+        x = x[:, x.shape[1] - attended.shape[1] :] + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -339,28 +362,36 @@ class LyraTextModel(nn.Module):
         # time). Only applies to cache-less forwards of layers in training mode with gradients on.
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache | None = None, n_out: int | None = None
+    ) -> Tensor:
         """inputs_embeds (B, T, H), position_ids (3, B, T) -> final-normed hidden states (B, T, H).
 
         With a cache, the T tokens come after those already cached (prefill in one go or in chunks, or
         a decode step with T == 1); their positions are the caller's (3-D M-RoPE, official-lyra.md §2.5).
+        n_out: the last layer computes only the last n_out rows, (B, n_out, H) (a prefill reads one).
         """
         x = inputs_embeds
         rope = self.rotary(position_ids, x.dtype)  # once per forward, shared by all layers
+        last = len(self.layers) - 1
         for i in range(len(self.layers)):
-            x, rope = self.forward_layer(i, x, rope, cache)
+            x, rope = self.forward_layer(i, x, rope, cache, n_out if i == last else None)
         return self.norm(x)
 
-    def forward_layer(self, i: int, x: Tensor, rope: Rope, cache: KVCache | None) -> tuple[Tensor, Rope]:
-        """Run decoder layer i on x (B, T, H).
+    def forward_layer(
+        self, i: int, x: Tensor, rope: Rope, cache: KVCache | None, n_out: int | None = None
+    ) -> tuple[Tensor, Rope]:
+        """Run decoder layer i on x (B, T, H); with n_out, only its last n_out rows come out, with their rope.
 
-        The seam for the extractor: a subclass may drop tokens after a layer, returning the shorter
-        x (B, T', H) together with the matching rope rows (B, T', hs), and `cache.select` the deeper layers.
+        The seam for the extractor: `engine.prefill` runs the layers block by block through this and
+        drops tokens (hidden rows, rope rows, deeper layers' caches) between blocks.
         """
         layer = self.layers[i]
         if self.gradient_checkpointing and cache is None and layer.training and torch.is_grad_enabled():
-            return checkpoint(layer, x, rope, None, use_reentrant=False), rope
-        return layer(x, rope, cache), rope
+            x = checkpoint(layer, x, rope, None, n_out, use_reentrant=False)
+        else:
+            x = layer(x, rope, cache, n_out)
+        return x, _rope_rows(rope, rope[0].shape[1] - x.shape[1])
 
     def init_weights(self, std: float = INIT_STD) -> None:
         """Qwen2's random initialisation (normal weights, zero biases, unit norms), for tiny models."""

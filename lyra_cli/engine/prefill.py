@@ -111,7 +111,7 @@ def prefill(
 
     kinds (T,) TokenKind is needed by the extractor (which tokens are image/speech, which are queries).
     chunk_tokens bounds the tokens one layer call processes (None: all at once). Without chunking and
-    without drops this is exactly `model(inputs_embeds, position_ids, cache)[:, -1]`. on_progress(done,
+    without drops this is exactly `model(inputs_embeds, position_ids, cache, n_out=1)[:, -1]`. on_progress(done,
     total) is called after every chunk, in token-layers (the total is known up front, drops included).
     keep_first_block returns block 1's state (`FirstBlock`) for a later prompt with the same beginning;
     `resume` is such a state: then the inputs are the whole new prompt, block 1's layers of `cache` hold
@@ -128,7 +128,7 @@ def prefill(
         return _resume(model, live, cache, drop_layers, keep_rate, chunk_tokens, on_progress, resume)
     progress = _Progress(on_progress, _planned_work(live, drop_layers, n_layers, keep_rate))
     if not drop_layers and chunk_tokens is None:  # the plain path, shared with every other caller
-        last_hidden = model(inputs_embeds, position_ids, cache)[:, -1]
+        last_hidden = model(inputs_embeds, position_ids, cache, n_out=1)[:, -1]
         progress.advance(n_tokens * n_layers)
         return PrefillResult(last_hidden, live.original_index.cpu(), [])
     *dropping_blocks, last_block = _blocks(drop_layers, n_layers)
@@ -276,8 +276,9 @@ def _run_block(
 ) -> tuple[Tensor, Tensor]:
     """Run every live token through `layers`, chunk by chunk, filling their caches.
 
-    Returns the block's output, (1, T', H) when `keep_all` (a drop follows) or else only the last chunk's
-    (1, C, H), and, when `keep_all`, the inputs (1, n_text, H) of the block's last layer at the text
+    Returns the block's output, (1, T', H) when `keep_all` (a drop follows) or else (the last block) only
+    the last token's (1, 1, H): the model's last layer then only caches the other rows, since nothing reads
+    their output. When `keep_all`, also the inputs (1, n_text, H) of the block's last layer at the text
     (non-context) tokens: the drop scores with the query tokens' among them.
     """
     n_live = live.n_tokens
@@ -291,12 +292,13 @@ def _run_block(
         for i in layers:
             if keep_all and i == layers[-1]:
                 text_inputs.append(x[:, ~live.is_context[start:stop]])  # (1, n_text_chunk, H)
-            x, rope = model.forward_layer(i, x, rope, cache)
+            n_out = None if keep_all or i != layers[-1] else int(stop == n_live)  # only the last token's
+            x, rope = model.forward_layer(i, x, rope, cache, n_out)
         if out is not None:
             out[:, start:stop] = x
         progress.advance((stop - start) * len(layers))
     texts = torch.cat(text_inputs, dim=1) if text_inputs else x[:, :0]
-    return (out if out is not None else x), texts  # without a drop to follow, only the last row matters
+    return (out if out is not None else x), texts
 
 
 def _drop(
