@@ -75,6 +75,8 @@ def chat(
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
     load_4bit: bool = common.Load4bitOption,
+    device_map: str = common.DeviceMapOption,
+    max_memory: str | None = common.MaxMemoryOption,
     temperature: float | None = common.TemperatureOption,
     top_p: float | None = common.TopPOption,
     top_k: int | None = common.TopKOption,
@@ -92,7 +94,7 @@ def chat(
         if not piped:
             raise UsageError("no question: give --text or --speech, or pipe text on stdin", "e.g. --text 'describe it'")
         items.append(InputItem("text", piped))
-    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)

@@ -30,6 +30,12 @@ Load8bitOption = typer.Option(False, "--load-8bit", help="Load the decoder's lin
 Load4bitOption = typer.Option(
     False, "--load-4bit", help="Load the decoder's linear layers in 4-bit NF4 with double quantization (bitsandbytes)."
 )
+DeviceMapOption = typer.Option(
+    "none", "--device-map", help="auto: spread the layers over all GPUs, then the CPU, for a model one GPU cannot hold."
+)
+MaxMemoryOption = typer.Option(
+    None, "--max-memory", help="With --device-map auto: weights per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB."
+)
 TemperatureOption = typer.Option(None, "--temperature", help="0 = greedy. Default: the model's generation_config.")
 TopPOption = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --temperature > 0).")
 TopKOption = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
@@ -65,13 +71,20 @@ def extractor_for(spec: str | None, model_dir: Path) -> "ExtractorConfig | None"
     return config.extractor if config.extractor.enabled else None
 
 
-def runtime_request(device: str, dtype: str, load_8bit: bool, load_4bit: bool) -> "RuntimeRequest":
+def runtime_request(
+    device: str,
+    dtype: str,
+    load_8bit: bool,
+    load_4bit: bool,
+    device_map: str = "none",
+    max_memory: str | None = None,
+) -> "RuntimeRequest":
     from lyra_cli.engine.runtime import RuntimeRequest
 
     if load_8bit and load_4bit:
         raise UsageError("--load-8bit and --load-4bit exclude each other", "pick one")
     quantization = "8bit" if load_8bit else "4bit" if load_4bit else "none"
-    request = RuntimeRequest(device=device, dtype=dtype, quantization=quantization)
+    request = RuntimeRequest(device, dtype, quantization, device_map, max_memory)
     request.validate()
     return request
 
@@ -96,6 +109,8 @@ def header_lines(loaded: "LoadedModel", model_spec: str) -> list[str]:
     name = "tiny (random weights: answers are noise)" if model_spec == TINY else str(loaded.model_dir)
     lines = [f"lyra · model {name} · loaded in {loaded.load_s:.1f}s", f"runtime {runtime.describe()}"]
     lines += [f"  {reason}" for reason in runtime.reasons]
+    if loaded.placement.spread:
+        lines.append(f"  placement {loaded.placement.describe()}")
     if runtime.quantization != "none":
         from lyra_cli.engine.quant import describe_quantization
 

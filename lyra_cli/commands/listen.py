@@ -165,6 +165,8 @@ def listen(
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
     load_4bit: bool = common.Load4bitOption,
+    device_map: str = common.DeviceMapOption,
+    max_memory: str | None = common.MaxMemoryOption,
     temperature: float | None = common.TemperatureOption,
     top_p: float | None = common.TopPOption,
     top_k: int | None = common.TopKOption,
@@ -179,7 +181,7 @@ def listen(
     if mic and input_file is not None:
         raise UsageError("--mic and --input-file exclude each other", "pick one source")
     vad = _vad_config(vad_threshold, min_speech, end_silence, max_turn)
-    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)

@@ -376,7 +376,15 @@ class LyraTextModel(nn.Module):
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             x, rope = self.forward_layer(i, x, rope, cache, n_out if i == last else None)
-        return self.norm(x)
+        return self.final_norm(x, inputs_embeds.device)
+
+    def final_norm(self, x: Tensor, home: torch.device) -> Tensor:
+        """The final norm of the last layer's output, computed where the norm lives, returned to `home` (the
+        inputs' device): with the layers spread over devices (engine/placement.py), callers never see it."""
+        return self.norm(x.to(self.norm.weight.device)).to(home)
+
+    def layer_device(self, i: int) -> torch.device:
+        return self.layers[i].input_layernorm.weight.device
 
     def forward_layer(
         self, i: int, x: Tensor, rope: Rope, cache: KVCache | None, n_out: int | None = None
@@ -384,9 +392,12 @@ class LyraTextModel(nn.Module):
         """Run decoder layer i on x (B, T, H); with n_out, only its last n_out rows come out, with their rope.
 
         The seam for the extractor: `engine.prefill` runs the layers block by block through this and
-        drops tokens (hidden rows, rope rows, deeper layers' caches) between blocks.
+        drops tokens (hidden rows, rope rows, deeper layers' caches) between blocks. x and rope move to the
+        layer's device first, so the outputs are on it.
         """
-        layer = self.layers[i]
+        layer, device = self.layers[i], self.layer_device(i)
+        if x.device != device:  # a spread model: the activations follow the layers
+            x, rope = x.to(device), (rope[0].to(device), rope[1].to(device))
         if self.gradient_checkpointing and cache is None and layer.training and torch.is_grad_enabled():
             x = checkpoint(layer, x, rope, None, n_out, use_reentrant=False)
         else:

@@ -7,8 +7,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 from transformers import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -18,6 +19,7 @@ from lyra_cli.engine.adapters import AdapterBank, load_adapters
 from lyra_cli.engine.config import GENERATION_CONFIG_FILE, LyraConfig, load_config, read_json
 from lyra_cli.engine.generate import SamplingConfig, sampling_from_generation_config
 from lyra_cli.engine.model import LyraForCausalLM
+from lyra_cli.engine.placement import Placement, auto_budgets, module_sizes, plan_placement
 from lyra_cli.engine.runtime import Runtime
 from lyra_cli.engine.speech import whisper_config, whisper_config_from_shapes
 from lyra_cli.engine.tokenizer import end_token_ids, load_tokenizer
@@ -37,6 +39,7 @@ class LoadedModel:
     config: LyraConfig
     tokenizer: Any
     runtime: Runtime
+    placement: Placement
     visual: VisualProcessor | None
     adapters: AdapterBank
     sampling_defaults: SamplingConfig
@@ -90,11 +93,49 @@ def read_generation_config(model_dir: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def _quantize(model: LyraForCausalLM, runtime: Runtime) -> None:
+def _placement(model: LyraForCausalLM, config: LyraConfig, runtime: Runtime) -> Placement:
+    """One device, or with `--device-map auto` on CUDA the layers spread over GPUs and CPU."""
+    if runtime.device_map != "auto" or runtime.device.type != "cuda":
+        return Placement(runtime.device)
+    sizes = module_sizes(model, runtime.dtype, runtime.quantization)
+    placement = plan_placement(sizes, config.text.num_layers, auto_budgets(runtime.max_memory),
+                               tied_lm_head=config.text.tie_word_embeddings)  # fmt: skip
+    log.info("placement: %s", placement.describe())
+    return placement
+
+
+def _staging_device_for(runtime: Runtime, placement: Placement) -> Callable[[str], torch.device]:
+    """Where each weight goes as it is read. With 8/4-bit, the decoder's linear weights wait on the CPU
+    and are quantized onto their device layer by layer (`_quantize`): the GPU then never holds the
+    full-precision decoder, which is the point of quantizing (a 4-bit Lyra-Base on a GPU too small for
+    it in bf16). Everything else goes straight to its device."""
+    if runtime.quantization == "none":
+        return placement.device_for
+    staging = torch.device("cpu")
+    return lambda key: staging if _is_quantized_key(key) else placement.device_for(key)
+
+
+def _is_quantized_key(key: str) -> bool:
+    """`model.layers.{i}.self_attn.q_proj.weight` and the like: the parameters of the decoder's linears."""
+    return key.startswith(f"{QUANTIZED_SCOPE}.") and key.rpartition(".")[0].endswith("_proj")
+
+
+def _quantize(model: LyraForCausalLM, runtime: Runtime, placement: Placement) -> None:
     from lyra_cli.engine.quant import quantize_linears
 
-    n = quantize_linears(model.model.layers, runtime.quantization, compute_dtype=runtime.dtype)  # type: ignore[arg-type]
+    n = 0
+    for i, layer in enumerate(model.model.layers):
+        device = placement.device_for(f"{QUANTIZED_SCOPE}.{i}")
+        n += quantize_linears(layer, runtime.quantization, compute_dtype=runtime.dtype, device=device)  # type: ignore[arg-type]
     log.info("quantized %d decoder linear layers to %s", n, runtime.quantization)
+
+
+def _move_buffers(model: nn.Module, placement: Placement) -> None:
+    """Move every buffer to its module's device. Not the parameters: they were placed as they were read,
+    and bitsandbytes' packed ones must not be moved again."""
+    for module_name, module in model.named_modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to(placement.device_for(module_name)))
 
 
 def _check_vocab(tokenizer: Any, config: LyraConfig) -> None:
@@ -116,12 +157,14 @@ def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
     model: LyraForCausalLM = ckpt.build_empty(lambda: LyraForCausalLM(config, vit, whisper))  # type: ignore[assignment]
     model.tie_weights()
     ignore = (ckpt.GENERATOR_PREFIX, "lm_head.") if config.text.tie_word_embeddings else (ckpt.GENERATOR_PREFIX,)
-    report = ckpt.load_weights(model, source, device_for=lambda _: runtime.device, dtype=runtime.dtype, ignore_prefixes=ignore)
+    placement = _placement(model, config, runtime)
+    device_for = _staging_device_for(runtime, placement)
+    report = ckpt.load_weights(model, source, device_for=device_for, dtype=runtime.dtype, ignore_prefixes=ignore)
     model.tie_weights()
-    model.to(runtime.device)  # buffers (rotary tables) were built on the CPU
     model.eval().requires_grad_(False)
     if runtime.quantization != "none":
-        _quantize(model, runtime)
+        _quantize(model, runtime, placement)
+    _move_buffers(model, placement)  # the rotary tables were built on the CPU
     adapters = load_adapters(model, model_dir, config, runtime.dtype)
     generation = read_generation_config(model_dir)
     visual = None
@@ -132,6 +175,7 @@ def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
         config=config,
         tokenizer=tokenizer,
         runtime=runtime,
+        placement=placement,
         visual=visual,
         adapters=adapters,
         sampling_defaults=sampling_from_generation_config(generation),

@@ -77,5 +77,6 @@ class LyraForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, H) after the final norm → logits (B, T, vocab) in fp32 for stable sampling."""
-        return self.lm_head(hidden).float()
+        """hidden (B, T, H) after the final norm → logits (B, T, vocab) in fp32 for stable sampling, on the
+        hidden states' device (lm_head may sit on another one in a spread model)."""
+        return self.lm_head(hidden.to(self.lm_head.weight.device)).float().to(hidden.device)

@@ -144,7 +144,7 @@ def prefill(
     else:
         drops = []
     hidden, _ = _run_block(model, range(*last_block), live, cache, chunk_tokens, progress, keep_all=False)
-    last_hidden = model.norm(hidden[:, -1:])[:, -1]  # (1, H)
+    last_hidden = model.final_norm(hidden[:, -1:], live.hidden.device)[:, -1]  # (1, H)
     return PrefillResult(last_hidden, live.original_index.cpu(), drops, first_block)
 
 
@@ -195,12 +195,13 @@ def _resume(
     rest_boundary, rest_text_inputs = _run_block(model, layers, rest, cache, chunk_tokens, progress, keep_all=True)
     shared_text = resume.text_index < n_shared  # the shared tokens are identical: so are their text rows
     live.hidden = torch.cat([resume.boundary[:, :n_shared], rest_boundary], dim=1)
-    text_inputs = torch.cat([resume.text_inputs[:, shared_text], rest_text_inputs], dim=1)
+    shared_text_inputs = resume.text_inputs[:, shared_text.to(resume.text_inputs.device)]
+    text_inputs = torch.cat([shared_text_inputs, rest_text_inputs.to(shared_text_inputs.device)], dim=1)
     first_block = FirstBlock(len(layers), live.hidden, live.original_index[~live.is_context], text_inputs)
     live, drops = _drop_and_continue(model, live, text_inputs, cache, dropping_blocks, keep_rate, chunk_tokens,
                                      progress)  # fmt: skip
     hidden, _ = _run_block(model, range(*last_block), live, cache, chunk_tokens, progress, keep_all=False)
-    last_hidden = model.norm(hidden[:, -1:])[:, -1]
+    last_hidden = model.final_norm(hidden[:, -1:], live.hidden.device)[:, -1]
     return PrefillResult(last_hidden, live.original_index.cpu(), drops, first_block)
 
 
@@ -291,7 +292,7 @@ def _run_block(
         rope = model.rotary(live.positions[..., start:stop], x.dtype)
         for i in layers:
             if keep_all and i == layers[-1]:
-                text_inputs.append(x[:, ~live.is_context[start:stop]])  # (1, n_text_chunk, H)
+                text_inputs.append(x[:, ~live.is_context[start:stop].to(x.device)])  # (1, n_text_chunk, H)
             n_out = None if keep_all or i != layers[-1] else int(stop == n_live)  # only the last token's
             x, rope = model.forward_layer(i, x, rope, cache, n_out)
         if out is not None:
@@ -306,15 +307,16 @@ def _drop(
 ) -> tuple[LiveTokens, DropRecord]:
     """Score the live context tokens at `layer` and keep the top ones (all other tokens stay).
 
-    text_inputs (1, n_text, H): the layer's inputs at the live text tokens, in order; the queries are among them."""
-    query_inputs = text_inputs[:, live.is_query[~live.is_context]]  # (1, Q, H)
-    decoder_layer = model.layers[layer]
-    query_rope = model.rotary(live.positions[..., live.is_query], query_inputs.dtype)
+    text_inputs (1, n_text, H): the layer's inputs at the live text tokens, in order; the queries are among them.
+    Scoring runs on the layer's device (where its cache is); the live tokens stay where they are."""
+    decoder_layer, device = model.layers[layer], model.layer_device(layer)
+    query_inputs = text_inputs.to(device)[:, live.is_query[~live.is_context].to(device)]  # (1, Q, H)
+    cos, sin = model.rotary(live.positions[..., live.is_query], query_inputs.dtype)
     # the same q the layer computed in its forward, recomputed for the Q query rows only
-    q, _, _ = decoder_layer.self_attn.project(decoder_layer.input_layernorm(query_inputs), query_rope)
+    q = decoder_layer.self_attn.queries(decoder_layer.input_layernorm(query_inputs), (cos.to(device), sin.to(device)))
     keys, _ = cache.get(layer)  # (1, nkv, S, hs): any earlier turns' tokens, then all live tokens
     n_earlier = keys.shape[2] - live.n_tokens
     context = live.is_context.nonzero().squeeze(1)  # (n_ctx,)
-    scores = attention_scores(q, keys, context + n_earlier)  # (n_ctx,)
-    kept = select_kept(scores, live.is_context, keep_rate)
+    scores = attention_scores(q, keys, (context + n_earlier).to(device))  # (n_ctx,)
+    kept = select_kept(scores.to(live.is_context.device), live.is_context, keep_rate)
     return live.take(kept), DropRecord(layer, live.n_tokens, kept.shape[0])

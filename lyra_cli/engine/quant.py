@@ -50,12 +50,16 @@ def quantize_linears(
     *,
     compute_dtype: torch.dtype,
     skip: Callable[[str], bool] = lambda name: False,
+    device: torch.device | None = None,
 ) -> int:
     """Replace every plain `nn.Linear` below `module` (qualified names not `skip`ped) by a bnb layer.
 
-    The linears must already hold their real weights (CPU or CUDA); each is quantized on that device and
-    keeps its bias. Returns the number of layers replaced. Subclasses of `nn.Linear` are left alone: some
-    (e.g. `nn.MultiheadAttention.out_proj`) are read by weight, not called.
+    The linears must already hold their real weights; each is quantized onto `device` (default: where its
+    weight is) and keeps its bias. The loader stages the weights on the CPU and quantizes onto the GPU one
+    layer at a time, so the GPU never holds the full-precision decoder. A linear that stays in full
+    precision (skipped, or a shape the CPU kernel lacks) is moved to `device` as it is. Returns the number
+    of layers replaced. Subclasses of `nn.Linear` are left alone: some (e.g.
+    `nn.MultiheadAttention.out_proj`) are read by weight, not called.
     """
     _check_mode(mode)
     bnb = _import_bitsandbytes()
@@ -64,9 +68,14 @@ def quantize_linears(
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear and name]
     replaced = 0
     for name, linear in targets:
-        if skip(name) or not _quantizable(name, linear, mode):
+        target = linear.weight.device if device is None else torch.device(device)
+        if skip(name) or not _quantizable(name, linear, mode, target):
+            linear.to(target)
             continue
-        new = _int8_linear(bnb, linear) if mode == "8bit" else _nf4_linear(bnb, linear, compute_dtype)
+        if mode == "8bit":
+            new = _int8_linear(bnb, linear, target)
+        else:
+            new = _nf4_linear(bnb, linear, compute_dtype, target)
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, new)
         replaced += 1
@@ -74,8 +83,7 @@ def quantize_linears(
     return replaced
 
 
-def _int8_linear(bnb, linear: nn.Linear) -> nn.Module:  # type: ignore[no-untyped-def]
-    device = linear.weight.device
+def _int8_linear(bnb, linear: nn.Linear, device: torch.device) -> nn.Module:  # type: ignore[no-untyped-def]
     layer = bnb.nn.Linear8bitLt(
         linear.in_features,
         linear.out_features,
@@ -90,7 +98,7 @@ def _int8_linear(bnb, linear: nn.Linear) -> nn.Module:  # type: ignore[no-untype
     return layer.to(device).train(linear.training)
 
 
-def _nf4_linear(bnb, linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:  # type: ignore[no-untyped-def]
+def _nf4_linear(bnb, linear: nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:  # type: ignore[no-untyped-def]
     layer = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
@@ -104,13 +112,13 @@ def _nf4_linear(bnb, linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module
         linear.weight.data, requires_grad=False, compress_statistics=True, quant_type=NF4, module=layer
     )
     layer.bias = linear.bias
-    return layer.to(linear.weight.device).train(linear.training)
+    return layer.to(device).train(linear.training)
 
 
-def _quantizable(name: str, linear: nn.Linear, mode: QuantMode) -> bool:
+def _quantizable(name: str, linear: nn.Linear, mode: QuantMode, target: torch.device) -> bool:
     if linear.weight.device.type == "meta":
         raise ValueError(f"`{name}` has no weights yet (meta device): load the checkpoint before quantizing")
-    if mode == "4bit" and linear.weight.device.type == "cpu":
+    if mode == "4bit" and target.type == "cpu":
         fits = linear.in_features % NF4_BLOCKSIZE == 0 and linear.out_features % CPU_4BIT_OUT_TILE == 0
         if not fits:
             log.warning(

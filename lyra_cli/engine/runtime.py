@@ -22,6 +22,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
+DEVICE_MAPS: tuple[str, ...] = ("none", "auto")
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -32,21 +33,35 @@ class RuntimeRequest:
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "none"
+    device_map: str = "none"  # "auto": spread over GPUs and CPU (engine/placement.py)
+    max_memory: str | None = None  # `0=20GiB,cpu=64GiB`: per-device weight budgets for the device map
 
     def validate(self) -> None:
         _check_choice("--device", self.device, DEVICES)
         _check_choice("--dtype", self.dtype, ("auto", *DTYPES))
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("--device-map", self.device_map, DEVICE_MAPS)
+        if self.device_map == "auto" and self.device not in ("auto", "cuda"):
+            raise UsageError(f"--device-map auto spreads over GPUs; it cannot go with --device {self.device}",
+                             "use --device auto or cuda, or drop --device-map")  # fmt: skip
+        if self.max_memory is not None:
+            if self.device_map != "auto":
+                raise UsageError("--max-memory only applies with --device-map auto", "add --device-map auto")
+            from lyra_cli.engine.placement import parse_max_memory
+
+            parse_max_memory(self.max_memory)
 
 
 @dataclass(frozen=True)
 class Runtime:
     """The resolved placement and numeric format of a model, with reasons for the header."""
 
-    device: torch.device
+    device: torch.device  # the main device: inputs, towers, sampling (and every layer, unless spread)
     dtype: torch.dtype
     quantization: str
     reasons: tuple[str, ...] = field(default=())
+    max_memory: dict[str, int] | None = None  # with a device map: budgets per device, None = what is free
+    device_map: str = "none"
 
     @property
     def dtype_name(self) -> str:
@@ -55,6 +70,14 @@ class Runtime:
     def describe(self) -> str:
         quant = "" if self.quantization == "none" else f", {self.quantization}"
         return f"{self.device.type}, {self.dtype_name}{quant}"
+
+
+def _map_devices(device: torch.device, max_memory: dict[str, int] | None) -> str:
+    if device.type != "cuda":
+        return f"{device.type} only (no GPU to spread over)"
+    if max_memory is not None:
+        return ", ".join(max_memory)
+    return f"{torch.cuda.device_count()} GPU(s) and the CPU"
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
@@ -106,7 +129,13 @@ def resolve_runtime(request: RuntimeRequest) -> Runtime:
         if device.type == "mps":
             raise RuntimeSetupError("8/4-bit loading is not supported on MPS", "use --device cpu or a CUDA GPU")
         reasons.append(f"quantization {request.quantization}: requested (bitsandbytes)")
-    runtime = Runtime(device, dtype, request.quantization, tuple(reasons))
+    max_memory = None
+    if request.device_map == "auto":
+        from lyra_cli.engine.placement import parse_max_memory
+
+        max_memory = parse_max_memory(request.max_memory) if request.max_memory is not None else None
+        reasons.append(f"device map auto: layers over {_map_devices(device, max_memory)}, cut between layers")
+    runtime = Runtime(device, dtype, request.quantization, tuple(reasons), max_memory, request.device_map)
     log.info("runtime: %s (%s)", runtime.describe(), "; ".join(reasons))
     return runtime
 
