@@ -13,7 +13,8 @@ reset through /proc/self/clear_refs after malloc_trim, so freed memory is not co
 cache storage actually allocated is reported too (exact, from the cache).
 
 The theoretical FLOP ratio counts prefill matmuls: every linear layer, plus QKᵀ and AV over the causal
-half, for the token count each block really processed; scoring is not counted (it is LMME's overhead).
+half, for the token count each block really processed (the model's last layer only caches keys and values,
+except for the last token); scoring is not counted (it is LMME's overhead).
 
     python -m benchmarks.extractor --device cuda        # the issue's sizes: 24 layers of 896, 1k..16k tokens
     python -m benchmarks.extractor --dtype bfloat16 --lengths 1024,2048,4096,8192   # what a 2-core CPU manages
@@ -197,16 +198,25 @@ def block_tokens(result: PrefillResult, n_tokens: int, n_layers: int) -> list[tu
 
 
 def prefill_flops(config: TextModelConfig, blocks: list[tuple[int, int]]) -> float:
-    """Matmul FLOPs (2 per multiply-add) of a prefill on an empty cache: linears + causal QKᵀ and AV."""
+    """Matmul FLOPs (2 per multiply-add) of a prefill on an empty cache: linears + causal QKᵀ and AV.
+
+    The model's last layer caches keys and values for every token but computes the rest (queries,
+    attention, output projection, MLP) only for the last token, whose state predicts the first new token."""
+    *inner, (n_last, last_block_layers) = blocks
+    total = sum(layers * layer_flops(config, n, n_out=n) for n, layers in inner)
+    total += (last_block_layers - 1) * layer_flops(config, n_last, n_out=n_last)
+    return total + layer_flops(config, n_last, n_out=1)
+
+
+def layer_flops(config: TextModelConfig, n: int, n_out: int) -> float:
+    """One decoder layer over n tokens of which the last n_out produce an output (the rest are only cached)."""
     H, I, hs = config.hidden_size, config.intermediate_size, config.head_dim
     q_width, kv_width = config.num_heads * hs, config.num_kv_heads * hs
-    linear_per_token = 2 * (H * q_width + 2 * H * kv_width + q_width * H + 3 * H * I)
-    total = 0.0
-    for n, layers in blocks:
-        causal_pairs = n * (n + 1) / 2  # query-key pairs under the causal mask
-        attention = 2 * 2 * config.num_heads * hs * causal_pairs  # QKᵀ and AV
-        total += layers * (n * linear_per_token + attention)
-    return total
+    cached_per_token = 2 * 2 * H * kv_width  # k and v projections
+    output_per_token = 2 * (H * q_width + q_width * H + 3 * H * I)  # q, o and the MLP
+    causal_pairs = n * (n + 1) / 2 - (n - n_out) * (n - n_out + 1) / 2  # query-key pairs of the output rows
+    attention = 2 * 2 * config.num_heads * hs * causal_pairs  # QKᵀ and AV
+    return n * cached_per_token + n_out * output_per_token + attention
 
 
 # ---------------------------------------------------------------------------------------------- the run

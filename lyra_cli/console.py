@@ -70,3 +70,50 @@ class AudioProgress:
         eta = clock((total_s - done_s) / speed) if speed > 0 and total_s >= done_s else "--:--:--"
         self._progress.update(self._task, completed=done_s, total=total_s or None,
                               position=f"{clock(done_s)} of {clock(total_s)}", speed=f"{speed:.1f}× real time", eta=eta)  # fmt: skip
+
+
+class PrefillProgress:
+    """A stderr bar for the prefill of a long prompt: share of the work done, elapsed, ETA.
+
+    Fed `update(done, total)` in token-layers (`engine.prefill`); it goes away as soon as the prefill
+    completes, before the answer streams to stdout (the caller prints a summary line after). Nothing
+    renders when `enabled` is false (`--quiet`)."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("prefill"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=ui,
+            transient=True,
+            disable=not enabled,
+            redirect_stdout=False,  # the answer goes to the real stdout, never through the bar
+            redirect_stderr=False,
+        )
+        self._task = self._progress.add_task("prefill", total=None)
+        self._live = False
+
+    def __enter__(self) -> "PrefillProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def update(self, done: int, total: int) -> None:
+        if done >= total:
+            self._stop()
+            return
+        if not self._live:
+            self._progress.start()
+            self._live = True
+        self._progress.update(self._task, completed=done, total=total)
+
+    def _stop(self) -> None:
+        if self._live:
+            self._progress.stop()
+            self._live = False
+

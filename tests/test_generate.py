@@ -69,6 +69,35 @@ class _ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+class _CountingTokenizer(_ByteTokenizer):
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):  # noqa: ANN001
+        self.decoded += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_streamer_decodes_a_window_not_the_whole_answer() -> None:
+    tokenizer = _CountingTokenizer()
+    streamer = TextStreamer(tokenizer)
+    text = "ab中" * 400  # 2000 ids, some characters in three pieces
+    deltas = [streamer.push(b) for b in text.encode()] + [streamer.flush()]
+    assert "".join(deltas) == text == streamer.emitted
+    assert tokenizer.decoded < 10 * len(text.encode())  # re-decoding everything each step: ~2,000,000
+
+
+def test_streamer_equals_decoding_the_whole_answer_with_the_real_tokenizer(tiny_dir) -> None:
+    from lyra_cli.engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_dir)
+    ids = tokenizer.encode("Hello, wörld! 中文 🙂 tabs\tand\nlines", add_special_tokens=False)
+    ids = ids[:5] + [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ids[5:]  # a special token is skipped
+    streamer = TextStreamer(tokenizer)
+    streamed = "".join(streamer.push(i) for i in ids) + streamer.flush()
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def test_streamer_never_splits_a_character() -> None:
     streamer = TextStreamer(_ByteTokenizer())
     deltas = [streamer.push(b) for b in "é中🙂!".encode()]

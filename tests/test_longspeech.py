@@ -134,3 +134,20 @@ def test_encode_batch_is_windows_per_encoder_call(ten_minutes: Path, tiny_dir: P
             "--encode-batch", "16", "--no-cache", "-q"]  # fmt: skip
     assert run(args) == 0
     assert per_call == [16, 4]  # 20 windows: one encoder call of 16, then the 4 left
+
+
+def test_prefill_progress_follows_the_chunks_to_the_end(ten_minutes: Path, tiny_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The prefill bar is fed chunk by chunk in token-layers, drops included, and ends exactly at its total."""
+    from lyra_cli import console
+
+    reports: list[tuple[int, int]] = []
+    update = console.PrefillProgress.update
+    monkeypatch.setattr(console.PrefillProgress, "update", lambda self, d, t: (reports.append((d, t)), update(self, d, t)))
+    args = ["longspeech", str(ten_minutes), "--ask", "q", "--max-new-tokens", "1", "--extract", "2x0.5",
+            "--chunk-tokens", "1000", "-q"]  # fmt: skip
+    assert run(args) == 0
+    done, totals = [d for d, _ in reports], {t for _, t in reports}
+    assert len(totals) == 1 and done == sorted(done) and done[-1] == totals.pop()
+    # 6,035 tokens through layer 0 in 7 chunks, then 3,035 survivors through layer 1 in 4
+    assert len(reports) == 7 + 4

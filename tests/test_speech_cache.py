@@ -14,7 +14,6 @@ import torch
 
 from lyra_cli.audio import cache as cache_module
 from lyra_cli.audio.cache import (
-    CACHE_DIR_ENV,
     CACHE_FORMAT_VERSION,
     CacheKey,
     CachedSpeech,
@@ -24,6 +23,7 @@ from lyra_cli.audio.cache import (
     model_fingerprint,
 )
 from lyra_cli.errors import CheckpointError
+from lyra_cli.fileio import CACHE_DIR_ENV
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 JFK = REAL / "jfk.flac"

@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lyra_cli.errors import CheckpointError
+from lyra_cli.fileio import cache_root, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -33,16 +32,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1  # bump when the entry layout or the meaning of a key field changes
-CACHE_DIR_ENV = "LYRA_CACHE_DIR"
-DEFAULT_CACHE_ROOT = Path("~/.cache/lyra")
 SPEECH_SUBDIR = "speech"
 HASH_CHUNK_BYTES = 1 << 20  # 1 MiB reads: hashing runs at disk speed without holding the file
 
 ENTRY_SUFFIX = ".safetensors"
-TEMP_SUFFIX = ".tmp"
 TOKENS_TENSOR = "tokens"
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")  # only what we wrote: clear() never touches other files
-_TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\..*\.tmp")
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\..*\.tmp")  # fileio.write_atomically's temporaries (and older ones)
 
 # What identifies a model folder cheaply (see `model_fingerprint`).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -54,8 +50,7 @@ SettingValue = str | int | float | bool
 
 def default_cache_dir() -> Path:
     """`$LYRA_CACHE_DIR/speech`, or `~/.cache/lyra/speech` when the variable is unset or empty."""
-    root = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_ROOT
-    return Path(root).expanduser() / SPEECH_SUBDIR
+    return cache_root() / SPEECH_SUBDIR
 
 
 def file_digest(path: str | Path, chunk: int = HASH_CHUNK_BYTES) -> str:
@@ -152,18 +147,8 @@ class SpeechTokenCache:
         tokens = tokens.detach().to("cpu").contiguous()
         key_json, meta_json = key.to_json(), _canonical_json(meta)
         metadata = {"key": key_json, "meta": meta_json, "entry_sha256": _entry_sha256(tokens, key_json, meta_json)}
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.path_for(key)
-        fd, temp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=TEMP_SUFFIX, dir=self.root)
-        os.close(fd)
-        temp = Path(temp_name)
-        try:
-            save_file({TOKENS_TENSOR: tokens}, temp, metadata=metadata)
-            _fsync(temp)  # the data is on disk before the name points at it, even across a power cut
-            os.replace(temp, final)
-        except BaseException:  # also on Ctrl-C: never leave the temporary file behind; the error goes on
-            temp.unlink(missing_ok=True)
-            raise
+        write_atomically(final, lambda temp: save_file({TOKENS_TENSOR: tokens}, temp, metadata=metadata))
         log.debug("speech cache: stored %d tokens in %s", tokens.shape[0], final.name)
         return final
 
@@ -215,13 +200,6 @@ def _entry_sha256(tokens: torch.Tensor, key_json: str, meta_json: str) -> str:
 def _canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -392,20 +391,7 @@ class WavWriter:
 
 
 def _write_wav_atomic(path: Path, pcm: np.ndarray) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(fd, 0o666 & ~umask)  # a user's output file, not a private temp file (mkstemp makes it 0600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            soundfile.write(f, pcm, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV")
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: never leave the temporary file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: soundfile.write(tmp, pcm, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV"))
 
 
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:

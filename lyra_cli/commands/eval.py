@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 from lyra_cli.commands import common
 from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES, TEXT_MODE
 from lyra_cli.errors import UsageError
+from lyra_cli.fileio import write_atomically
 
 if TYPE_CHECKING:
     from lyra_cli.engine.eval.runner import Shard, Summary
@@ -80,6 +81,8 @@ class EvalRequest:
     load_8bit: bool
     load_4bit: bool
     sampling_flags: dict[str, Any]
+    device_map: str = "none"
+    max_memory: str | None = None
 
 
 DataOption = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder).")
@@ -115,6 +118,8 @@ def _suite_command(name: str) -> Callable[..., None]:
         dtype: str = common.DtypeOption,
         load_8bit: bool = common.Load8bitOption,
         load_4bit: bool = common.Load4bitOption,
+        device_map: str = common.DeviceMapOption,
+        max_memory: str | None = common.MaxMemoryOption,
         temperature: float | None = EvalTemperatureOption,
         top_p: float | None = common.TopPOption,
         top_k: int | None = common.TopKOption,
@@ -125,7 +130,7 @@ def _suite_command(name: str) -> Callable[..., None]:
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                      max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
         evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
-                             quiet, model, device, dtype, load_8bit, load_4bit, flags))  # fmt: skip
+                             quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory))  # fmt: skip
 
     return command
 
@@ -213,7 +218,7 @@ def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
     """Model folder, runtime, extractor and decoding, all resolved without loading weights."""
     from lyra_cli.engine.runtime import resolve_runtime
 
-    request = common.runtime_request(req.device, req.dtype, req.load_8bit, req.load_4bit)
+    request = common.runtime_request(req.device, req.dtype, req.load_8bit, req.load_4bit, req.device_map, req.max_memory)
     common.check_sampling_flags(req.sampling_flags)
     model_dir = common.model_dir_for(req.model)
     extractor = common.extractor_for(req.extract, model_dir)
@@ -471,6 +476,8 @@ def needle(
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
     load_4bit: bool = common.Load4bitOption,
+    device_map: str = common.DeviceMapOption,
+    max_memory: str | None = common.MaxMemoryOption,
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default 64: the answer is a short fact."),
 ) -> None:
     from lyra_cli.audio.io import load_audio, require_speech
@@ -478,7 +485,7 @@ def needle(
     from lyra_cli.engine.runtime import resolve_runtime
 
     spec = NeedleSpec(question, tuple(answer), parse_lengths(lengths), parse_depths(depths))
-    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     flags = {"max_new_tokens": NEEDLE_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens}
     common.check_sampling_flags(flags)
     if out.exists() and not out.is_dir():
@@ -540,8 +547,8 @@ def _write_needle(grid: Any, out: Path, context: dict[str, Any], *, title: str, 
     out.mkdir(parents=True, exist_ok=True)
     record = grid.to_json(**context)
     json_path, png_path = out / NEEDLE_JSON, out / NEEDLE_PNG
-    _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n"))
-    _atomic_write(png_path, lambda tmp: draw_heatmap(grid, title).save(tmp, format="PNG"))
+    write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n"))
+    write_atomically(png_path, lambda tmp: draw_heatmap(grid, title).save(tmp, format="PNG"))
     if not quiet:
         mean = record["mean_score"]
         info(f"needle found in {sum(c.score for c in grid.cells):g} of {len(grid.cells)} recordings (mean {mean:.2f})"
@@ -549,10 +556,4 @@ def _write_needle(grid: Any, out: Path, context: dict[str, Any], *, title: str, 
     write_answer(json.dumps({**{k: record[k] for k in ("lengths_s", "depths", "scores", "kept_tokens", "seconds",
                                                          "mean_score", "extract")},
                              "json": str(json_path), "png": str(png_path)}) + "\n")  # fmt: skip
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
 

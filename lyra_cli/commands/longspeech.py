@@ -71,6 +71,8 @@ def longspeech(
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
     load_4bit: bool = common.Load4bitOption,
+    device_map: str = common.DeviceMapOption,
+    max_memory: str | None = common.MaxMemoryOption,
     temperature: float | None = common.TemperatureOption,
     top_p: float | None = common.TopPOption,
     top_k: int | None = common.TopKOption,
@@ -86,7 +88,7 @@ def longspeech(
     if encode_batch < 1 or chunk_tokens < 1:
         raise UsageError("--encode-batch and --chunk-tokens must be ≥ 1", "e.g. --encode-batch 8 --chunk-tokens 8192")
     max_audio_s = parse_duration(max_audio) if max_audio is not None else None
-    request = common.runtime_request(device, dtype, load_8bit, load_4bit)
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
@@ -189,18 +191,19 @@ def _encode(engine, file: Path, settings, quiet: bool):  # noqa: ANN001, ANN202
 
 def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_tokens, json_out, quiet,  # noqa: ANN001
          show_evidence) -> None:  # fmt: skip
-    from lyra_cli.console import info, write_answer
+    from lyra_cli.console import PrefillProgress, info, write_answer
     from lyra_cli.engine.events import Done, TextDelta
     from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation, TextPart
 
     conversation = Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT)
     done = None
-    for event in engine.respond(conversation, [part, TextPart(question)], sampling, extractor=extractor,
-                                chunk_tokens=chunk_tokens):  # fmt: skip
-        if isinstance(event, TextDelta) and not json_out:
-            write_answer(event.text)
-        elif isinstance(event, Done):
-            done = event
+    with PrefillProgress(enabled=not quiet) as bar:
+        for event in engine.respond(conversation, [part, TextPart(question)], sampling, extractor=extractor,
+                                    chunk_tokens=chunk_tokens, on_prefill_progress=bar.update):  # fmt: skip
+            if isinstance(event, TextDelta) and not json_out:
+                write_answer(event.text)
+            elif isinstance(event, Done):
+                done = event
     assert done is not None
     if json_out:
         record = {"question": question, "answer": done.text, "adapter": done.adapter,

@@ -16,7 +16,7 @@ import torch
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.prefill import FirstBlock, PrefillResult, prefill
+from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, prefill
 from lyra_cli.engine.prompt import PromptInputs
 from lyra_cli.errors import UsageError
 
@@ -129,6 +129,7 @@ def stream_steps(
     extractor: ExtractorConfig | None = None,
     chunk_tokens: int | None = None,
     on_prefilled: Callable[[PrefillResult], None] | None = None,
+    on_prefill_progress: ProgressFn | None = None,
     cache: KVCache | None = None,
     reused_tokens: int = 0,
     resume: FirstBlock | None = None,
@@ -150,8 +151,8 @@ def stream_steps(
         cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0
     rest = slice(0 if resume is not None else reused_tokens, None)  # resuming: block 1 sees the rest itself
     result = prefill(backbone, inputs.embeds[:, rest], inputs.positions[:, :, rest], cache, kinds=inputs.kinds[rest],
-                     extractor=extractor, chunk_tokens=chunk_tokens, keep_first_block=keep_first_block,
-                     resume=resume)  # fmt: skip
+                     extractor=extractor, chunk_tokens=chunk_tokens, on_progress=on_prefill_progress,
+                     keep_first_block=keep_first_block, resume=resume)  # fmt: skip
     if on_prefilled is not None:
         on_prefilled(result)
     hidden = result.last_hidden  # (1, H)
@@ -173,22 +174,39 @@ def stream_steps(
 
 
 class TextStreamer:
-    """Turns generated ids into text deltas; holds back text that ends in an incomplete character."""
+    """Turns generated ids into text deltas; holds back text that ends in an incomplete character.
+
+    Decodes only a window of the ids (those since the last complete delta, plus the new ones), so a long
+    answer costs O(n) decoding instead of re-decoding everything per token. The window starts where an
+    earlier delta ended on a whole character, so decoding it alone gives the same characters."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix_offset = 0  # start of the decoded window
+        self.read_offset = 0  # ids[prefix_offset:read_offset] is text already emitted
+        self._deltas: list[str] = []
+
+    @property
+    def emitted(self) -> str:
+        """All text returned so far."""
+        return "".join(self._deltas)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT_CHAR):
-            return ""
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
+        return self._delta(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
+        return self._delta(final=True)
+
+    def _delta(self, *, final: bool) -> str:
+        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if not final and (len(text) <= len(emitted) or text.endswith(REPLACEMENT_CHAR)):
+            return ""  # nothing new yet, or a character whose other bytes are still to come
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._deltas.append(text[len(emitted) :])
+        return self._deltas[-1]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""

@@ -34,7 +34,7 @@ from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import END_STATE, SamplingConfig, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
 from lyra_cli.engine.llm import KVCache
-from lyra_cli.engine.prefill import FirstBlock, PrefillResult, can_resume
+from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, can_resume
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
 from lyra_cli.engine.runtime import Runtime
 from lyra_cli.engine.speech import encode_windows, project_frames
@@ -199,6 +199,7 @@ class Engine:
         chunk_tokens: int | None = None,
         voice: Voice | None = None,
         started_at: float | None = None,
+        on_prefill_progress: ProgressFn | None = None,
     ) -> Iterator[Event]:
         """Add a user turn, stream the answer (text, and audio chunks with a `voice`), record it.
 
@@ -206,7 +207,8 @@ class Engine:
         speech) when given, else from this call.
 
         `extractor` (None: the config's, which the release ships off) drops multimodal tokens block by
-        block during prefill; `chunk_tokens` bounds prefill activations for long prompts."""
+        block during prefill; `chunk_tokens` bounds prefill activations for long prompts.
+        `on_prefill_progress(done, total)` follows the prefill chunk by chunk, in token-layers."""
         if not parts:
             raise InputError("nothing to answer: the turn has no text, image, video or speech", "give --text or media")
         turn = Turn(list(parts))
@@ -214,7 +216,8 @@ class Engine:
         try:
             if extractor is None and self.loaded.config.extractor.enabled:
                 extractor = self.loaded.config.extractor
-            yield from self._answer(conversation, turn, sampling, extractor, chunk_tokens, voice, started_at)
+            yield from self._answer(conversation, turn, sampling, extractor, chunk_tokens, voice, started_at,
+                                    on_prefill_progress)  # fmt: skip
         finally:
             if turn.answer is None:  # interrupted: the turn never happened
                 conversation.turns.remove(turn)
@@ -228,6 +231,7 @@ class Engine:
         chunk_tokens: int | None,
         voice: Voice | None,
         started_at: float | None,
+        on_prefill_progress: ProgressFn | None,
     ) -> Iterator[Event]:
         start = started_at if started_at is not None else time.perf_counter()
         inputs, adapter = self.prepare(conversation)
@@ -247,7 +251,8 @@ class Engine:
         speaking = voice.start() if voice is not None else None
         audio = AudioClock(voice.sample_rate_hz if voice is not None else 1, start)
         steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
-                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled, cache=cache, reused_tokens=reused,
+                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled,
+                             on_prefill_progress=on_prefill_progress, cache=cache, reused_tokens=reused,
                              resume=resume, keep_first_block=self.reuse_prefix,
                              feed_end=voice is not None and voice.config.aligned)  # fmt: skip
         for step in steps:

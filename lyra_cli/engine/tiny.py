@@ -31,12 +31,12 @@ from lyra_cli.engine.speech_out import tiny_generator_config, write_tiny_speech_
 from lyra_cli.engine.vocoder import write_tiny_vocoder
 from lyra_cli.engine.tokenizer import build_tiny_tokenizer
 from lyra_cli.engine.vision import IMAGE_MEAN, IMAGE_STD, MIN_PIXELS
+from lyra_cli.fileio import cache_root
 
 TINY_NAME = "tiny"
 # Bump when the tiny layout changes, so cached copies are rebuilt.
 TINY_FORMAT_VERSION = 3
 DEFAULT_SEED = 0
-CACHE_ENV = "LYRA_CACHE_DIR"
 
 HIDDEN = 64  # ≥ 64: bitsandbytes' 4-bit layers need inputs at least this wide
 VOCAB_MULTIPLE = 64
@@ -67,10 +67,6 @@ class TinySize:
         half = self.hidden // self.heads // 2
         temporal = half // 4
         return [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lyra")
 
 
 def _vocab_size(n_tokens: int) -> int:

@@ -42,9 +42,7 @@ import bisect
 import json
 import logging
 import math
-import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ from torch import nn
 
 from lyra_cli.engine.config import read_json
 from lyra_cli.errors import CheckpointError, InputError
+from lyra_cli.fileio import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -756,22 +755,11 @@ def save_fairseq_checkpoint(model: UnitVocoder, folder: Path) -> None:
         raise ValueError("fairseq checkpoints store weight-normed convs; save the model before folding it")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / CONFIG_FILE, lambda f: f.write(json.dumps(model.config.to_dict(), indent=2).encode()))
+    # fileio's temporaries are dot-names: a half-written one never matches the `g_*` a reader looks for
+    write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2)))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _atomic_write(folder / CHECKPOINT_FILE, lambda f: torch.save({GENERATOR_KEY: state}, f))
+    write_atomically(folder / CHECKPOINT_FILE, lambda p: torch.save({GENERATOR_KEY: state}, p))
 
 
 def write_tiny_vocoder(folder: Path, *, seed: int = 0) -> None:
     save_fairseq_checkpoint(build_tiny_vocoder(seed), folder)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    # A dot-name: a half-written temporary never matches `g_*`.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -206,13 +206,11 @@ def _rewrite_readable(path: Path, existing: PredictionsFile) -> None:
 
 
 def _write_atomically(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+    write_atomically(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from lyra_cli.engine.checkpoint import GENERATOR_PREFIX, SPEECH_GENERATOR_FILE
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.train.stages import LORA_TARGET_MODULES, StageConfig, Trains
 from lyra_cli.errors import UsageError
+from lyra_cli.fileio import write_atomically
 
 EXPORT_DTYPE = torch.bfloat16  # what the release ships (non_lora_trainables.bin is a bf16 pickle)
 STAGE1_PROJECTOR_FILE = "mm_speech_projector.bin"
@@ -48,24 +48,8 @@ ADAPTER_PROJECTOR_PREFIX = "model.model.mm_speech_projector."
 STAGE1_PROJECTOR_PREFIX = "model.mm_speech_projector."
 
 
-# ---------------------------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(temp)` on a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    temp = Path(name)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8"))
+    write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8"))
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -159,7 +143,7 @@ def export_projector(model: LyraForCausalLM, out_path: Path) -> Path:
     """Stage 1: the speech projector as `mm_speech_projector.bin` (`out_path` may be a folder)."""
     path = out_path / STAGE1_PROJECTOR_FILE if out_path.is_dir() else out_path
     state = _cpu(projector_state(model, STAGE1_PROJECTOR_PREFIX), EXPORT_DTYPE)
-    _atomic_write(path, lambda p: torch.save(state, p))
+    write_atomically(path, lambda p: torch.save(state, p))
     return path
 
 
@@ -167,5 +151,5 @@ def export_speech_generator(generator: nn.Module, out_dir: Path, dtype: torch.dt
     """Stage 4: `out_dir/speech_generator.safetensors` with `speech_generator.*` keys."""
     state = _cpu({GENERATOR_PREFIX + k: v for k, v in generator.state_dict().items()}, dtype)
     path = out_dir / SPEECH_GENERATOR_FILE
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomically(path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     return path
