@@ -102,7 +102,7 @@ def test_wav_writer_crash_mid_write_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: BaseException
 ) -> None:
     def write_half_then_fail(file, data, *args, **kwargs):  # type: ignore[no-untyped-def]
-        file.write(b"RIFF\x00\x00\x00\x00WAVEfmt ")  # a torn header is on disk when it fails
+        Path(file).write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")  # a torn header is on disk when it fails
         raise crash
 
     monkeypatch.setattr(playback.soundfile, "write", write_half_then_fail)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyra_cli.audio import cache as cache_module
 from lyra_cli.audio.cache import (
     CACHE_FORMAT_VERSION,
     CacheKey,
@@ -23,6 +22,7 @@ from lyra_cli.audio.cache import (
     model_fingerprint,
 )
 from lyra_cli.errors import CheckpointError
+from lyra_cli import fileio
 from lyra_cli.fileio import CACHE_DIR_ENV
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -203,7 +203,7 @@ def test_failed_put_leaves_neither_entry_nor_temporary_file(store, monkeypatch):
     def crash(src, dst):
         raise OSError("disk unplugged")
 
-    monkeypatch.setattr(cache_module.os, "replace", crash)
+    monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError, match="unplugged"):
         store.put(_key(), _tokens(), META)
     assert list(store.root.iterdir()) == []
@@ -211,7 +211,7 @@ def test_failed_put_leaves_neither_entry_nor_temporary_file(store, monkeypatch):
 
 def test_failed_overwrite_keeps_the_previous_entry(store, monkeypatch):
     store.put(_key(), _tokens(torch.float32), META)
-    monkeypatch.setattr(cache_module.os, "replace", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(fileio.os, "replace", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         store.put(_key(), torch.zeros(600, 64), {"n_windows": 9})
     monkeypatch.undo()

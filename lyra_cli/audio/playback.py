@@ -26,6 +26,7 @@ import soundfile
 
 from lyra_cli.audio.io import RESAMPLE_QUALITY, SAMPLE_RATE_HZ
 from lyra_cli.errors import LyraError, MissingDependencyError
+from lyra_cli.fileio import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -45,6 +45,7 @@ from lyra_cli.engine.eval.suites import (
     unique_ids,
 )
 from lyra_cli.errors import InputError, LyraError, UsageError
+from lyra_cli.fileio import write_atomically
 
 SHARD_SUFFIX = ".shard-{index}-of-{count}"
 # Set by torchrun and `accelerate launch` in every process they start.
