@@ -17,9 +17,9 @@ from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media
 from lyra_cli.engine.train.loop import (
     Trainer,
     checkpoints,
+    combine,
     latest_checkpoint,
     resolve_precision,
-    train_step_loss,
     train_step_terms,
 )
 from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage, stage_extractor
@@ -82,18 +82,18 @@ def test_loss_falls_when_overfitting(tiny_dir: Path, examples: dict, tmp_path: P
 
     def full_loss() -> float:
         with torch.no_grad():
-            return sum(float(train_step_loss(model, examples[i], stage, generator=generator, extractor=extractor)[0])
-                       for i in ids)  # fmt: skip
+            return sum(float(combine(train_step_terms(model, examples[i], stage, generator=generator,
+                                                      extractor=extractor), stage)) for i in ids)  # fmt: skip
 
     before = full_loss()
     if stage_name == "stage2":  # LCMR is active on the transcribed record
-        _, parts = train_step_loss(model, examples["asr_0"], stage)
+        parts = train_step_terms(model, examples["asr_0"], stage).parts()
         assert parts["lcmr"] > 0 and "ce" in parts
     if stage_name == "stage4":
-        _, parts = train_step_loss(model, examples["unit_4"], stage, generator=generator)
+        parts = train_step_terms(model, examples["unit_4"], stage, generator=generator).parts()
         assert set(parts) == {"ctc"}
     if extract:  # the image+speech record really loses tokens
-        _, parts = train_step_loss(model, examples["mm_1"], stage, extractor=extractor)
+        parts = train_step_terms(model, examples["mm_1"], stage, extractor=extractor).parts()
         assert parts["kept_tokens"] < examples["mm_1"].n_tokens
     trainer = Trainer(model, plan, dataset, total_steps=steps, generator=generator, log_path=tmp_path / "log.jsonl")
     for _ in range(steps):
@@ -171,7 +171,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir: Path, example
         loaded, _, plan, _ = _setup(tiny_dir, examples, "stage2", ("asr_0",), lora_dropout=0.0)
         loaded.model.model.gradient_checkpointing = checkpointing
         loaded.model.model.layers.train()
-        loss, _ = train_step_loss(loaded.model, examples["asr_0"], plan.stage)
+        loss = combine(train_step_terms(loaded.model, examples["asr_0"], plan.stage), plan.stage)
         loss.backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in plan.parameters.items() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) == len(plan.parameters)
@@ -221,7 +221,7 @@ def test_bf16_autocast_trains_in_16_bits_with_fp32_weights(tiny_dir: Path, examp
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         trainer = Trainer(loaded.model, plan, dataset, total_steps=6, precision=dtype)
         with trainer._autocast(), torch.no_grad():
-            losses[name] = float(train_step_loss(loaded.model, examples["asr_0"], plan.stage)[0])
+            losses[name] = float(combine(train_step_terms(loaded.model, examples["asr_0"], plan.stage), plan.stage))
     assert losses["bf16"] != losses["fp32"]  # the forward really ran in bf16 ...
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]  # ... and is close to fp32
     records = [trainer.step() for _ in range(6)]

@@ -2,7 +2,8 @@
 `Trainer` with AdamW, warm-up + cosine schedule, gradient accumulation, JSONL logging and atomic,
 exactly-resumable checkpoints.
 
-    loss, parts = train_step_loss(model, example, stage, project=trainable_projection(projector))
+    terms = train_step_terms(model, example, stage, project=trainable_projection(projector))
+    loss, parts = combine(terms, stage), terms.parts()
     trainer = Trainer(model, plan, dataset, total_steps=100, generator=generator, log_path=out / "log.jsonl")
     trainer.step()                       # one optimizer step (grad_accumulation examples)
     trainer.save_checkpoint(out / "checkpoints")
@@ -53,7 +54,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
-LOSS_PARTS = ("ce", "lcmr", "ctc", "kept_tokens")  # what train_step_loss may report besides the loss
+LOSS_PARTS = ("ce", "lcmr", "ctc", "kept_tokens")  # what LossTerms.parts() may report besides the loss
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # also in commands/train.py, which must not import torch
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -245,19 +246,6 @@ def train_step_terms(
             terms.lcmr = lcmr_loss([torch.cat(speech).float()], [text.float()], cfg)
     return terms
 
-
-def train_step_loss(
-    model: nn.Module,
-    example: TrainExample,
-    stage: StageConfig,
-    *,
-    project: Projection | None = None,
-    generator: nn.Module | None = None,
-    extractor: ExtractorConfig | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """One example's training loss for `stage` (a batch of one) and its parts (floats) for logging."""
-    terms = train_step_terms(model, example, stage, project=project, generator=generator, extractor=extractor)
-    return combine(terms, stage), terms.parts()
 
 
 # ---------------------------------------------------------------------------------------------- precision
