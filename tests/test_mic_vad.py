@@ -12,8 +12,6 @@ Needs the Debian package `libportaudio2`; those tests skip without it.
 
 from __future__ import annotations
 
-import ctypes.util
-import importlib.util
 import json
 import os
 import select
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers.signals import sigint_default
+from helpers.virtual_audio import needs_portaudio
 from helpers.virtual_audio import virtual_mic_env as _virtual_mic_env
 import pytest
 import soundfile
@@ -55,18 +54,6 @@ GAP_S = 2.0  # silence between the two recordings
 # Speech found by silero at the default settings (start_s, end_s), on the 32 ms frame grid: "And so my fellow
 # Americans" | "ask not" | "what your country can do for you; ask what you can do for your country" | "Hi ..."
 EXPECTED_TURNS = [(0.352, 2.240), (3.296, 4.416), (5.408, 11.008), (13.184, 16.320)]
-
-
-def _portaudio_missing() -> str | None:
-    # Checked without importing sounddevice: importing it initialises PortAudio in this process.
-    if importlib.util.find_spec("sounddevice") is None:
-        return "needs the `sounddevice` package (pip install 'lyra-cli[mic]')"
-    if ctypes.util.find_library("portaudio") is None:
-        return "needs the PortAudio library (Debian package `libportaudio2`)"
-    return None
-
-
-needs_portaudio = pytest.mark.skipif(_portaudio_missing() is not None, reason=str(_portaudio_missing()))
 
 
 @pytest.fixture(scope="module")

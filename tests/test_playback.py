@@ -9,8 +9,6 @@ Needs the Debian package `libportaudio2` (which brings `libasound2`); those test
 
 from __future__ import annotations
 
-import ctypes.util
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from helpers.virtual_audio import needs_portaudio, portaudio_missing
 
 from lyra_cli.audio import playback
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
@@ -37,18 +36,6 @@ from lyra_cli.audio.playback import (
 from lyra_cli.errors import LyraError, MissingDependencyError
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _portaudio_missing() -> str | None:
-    # Checked without importing sounddevice: importing it initialises PortAudio in this process.
-    if importlib.util.find_spec("sounddevice") is None:
-        return "needs the `sounddevice` package (pip install 'lyra-cli[mic]')"
-    if ctypes.util.find_library("portaudio") is None:
-        return "needs the PortAudio library (Debian package `libportaudio2`)"
-    return None
-
-
-needs_portaudio = pytest.mark.skipif(_portaudio_missing() is not None, reason=str(_portaudio_missing()))
 
 
 @pytest.fixture
@@ -297,8 +284,8 @@ SpeakerFactory = Callable[..., playback.SpeakerSink]
 @pytest.fixture
 def fake_speaker(monkeypatch: pytest.MonkeyPatch) -> SpeakerFactory:
     """A `SpeakerSink` on a stand-in stream; call it with the device's rate."""
-    if _portaudio_missing():
-        pytest.skip(str(_portaudio_missing()))
+    if portaudio_missing():
+        pytest.skip(str(portaudio_missing()))
     import sounddevice
 
     monkeypatch.setattr(sounddevice, "OutputStream", _FakeOutputStream)

@@ -6,10 +6,13 @@ subprocess whose HOME holds this `.asoundrc`.
 
 from __future__ import annotations
 
+import ctypes.util
+import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ
 from lyra_cli.audio.playback import float_to_pcm16
@@ -35,3 +38,14 @@ def virtual_mic_env(tmp_path: Path, recording: np.ndarray, mic_rate_hz: int = SA
     return {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
 
 
+def portaudio_missing() -> str | None:
+    """Why the real sounddevice path cannot run here, or None. Checked without importing sounddevice:
+    importing it initialises PortAudio in this process."""
+    if importlib.util.find_spec("sounddevice") is None:
+        return "needs the `sounddevice` package (pip install 'lyra-cli[mic]')"
+    if ctypes.util.find_library("portaudio") is None:
+        return "needs the PortAudio library (Debian package `libportaudio2`)"
+    return None
+
+
+needs_portaudio = pytest.mark.skipif(portaudio_missing() is not None, reason=str(portaudio_missing()))
