@@ -123,10 +123,8 @@ def _is_quantized_key(key: str) -> bool:
 def _quantize(model: LyraForCausalLM, runtime: Runtime, placement: Placement) -> None:
     from lyra_cli.engine.quant import quantize_linears
 
-    n = 0
-    for i, layer in enumerate(model.model.layers):
-        device = placement.device_for(f"{QUANTIZED_SCOPE}.{i}")
-        n += quantize_linears(layer, runtime.quantization, compute_dtype=runtime.dtype, device=device)  # type: ignore[arg-type]
+    n = quantize_linears(model.model.layers, runtime.quantization, compute_dtype=runtime.dtype,  # type: ignore[arg-type]
+                         device_for=lambda name: placement.device_for(f"{QUANTIZED_SCOPE}.{name}"))  # fmt: skip
     log.info("quantized %d decoder linear layers to %s", n, runtime.quantization)
 
 

@@ -50,14 +50,14 @@ def quantize_linears(
     *,
     compute_dtype: torch.dtype,
     skip: Callable[[str], bool] = lambda name: False,
-    device: torch.device | None = None,
+    device_for: Callable[[str], torch.device] | None = None,
 ) -> int:
     """Replace every plain `nn.Linear` below `module` (qualified names not `skip`ped) by a bnb layer.
 
-    The linears must already hold their real weights; each is quantized onto `device` (default: where its
-    weight is) and keeps its bias. The loader stages the weights on the CPU and quantizes onto the GPU one
+    The linears must already hold their real weights; each is quantized onto `device_for(name)` (default:
+    where its weight is) and keeps its bias. The loader stages the weights on the CPU and quantizes onto the GPU one
     layer at a time, so the GPU never holds the full-precision decoder. A linear that stays in full
-    precision (skipped, or a shape the CPU kernel lacks) is moved to `device` as it is. Returns the number
+    precision (skipped, or a shape the CPU kernel lacks) is moved to its device as it is. Returns the number
     of layers replaced. Subclasses of `nn.Linear` are left alone: some (e.g.
     `nn.MultiheadAttention.out_proj`) are read by weight, not called.
     """
@@ -68,7 +68,7 @@ def quantize_linears(
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear and name]
     replaced = 0
     for name, linear in targets:
-        target = linear.weight.device if device is None else torch.device(device)
+        target = linear.weight.device if device_for is None else torch.device(device_for(name))
         if skip(name) or not _quantizable(name, linear, mode, target):
             linear.to(target)
             continue
@@ -79,7 +79,7 @@ def quantize_linears(
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, new)
         replaced += 1
-    log.info("quantized %d linear layers: %s", replaced, describe_quantization(mode, compute_dtype))
+    log.debug("quantized %d linear layers: %s", replaced, describe_quantization(mode, compute_dtype))
     return replaced
 
 
