@@ -90,8 +90,9 @@ def check_entries(done: Done, deltas: list, raw: list[torch.Tensor], chosen: lis
 
 
 @pytest.mark.parametrize("penalty", [1.0, 2.0])
-def test_greedy_logprobs_are_the_log_softmax_of_the_penalized_logits(engine: Engine, penalty: float,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_greedy_logprobs_are_the_log_softmax_of_the_penalized_logits(
+    engine: Engine, penalty: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sampling = SamplingConfig(max_new_tokens=8, repetition_penalty=penalty, logprobs=5)
     deltas, done, raw, chosen = answer(engine, sampling, monkeypatch)
     expected = check_entries(done, deltas, raw, chosen, penalty=penalty, n=5)
@@ -200,7 +201,9 @@ def test_chat_without_logprobs_has_no_field(capsys: pytest.CaptureFixture[str], 
     assert code == 0 and "logprobs" not in json.loads(out)
 
 
-def test_longspeech_json_has_logprobs(capsys: pytest.CaptureFixture[str], tiny_dir: Path, real: Path) -> None:  # noqa: ARG001
+def test_longspeech_json_has_logprobs(
+    capsys: pytest.CaptureFixture[str], tiny_dir: Path, real: Path  # noqa: ARG001
+) -> None:
     code, out, err = lyra(capsys, "longspeech", str(real / "jfk.flac"), "--ask", "who speaks?", "--max-new-tokens", "3",
                           "--logprobs", "1", "--json", "-q", "--no-cache")  # fmt: skip
     assert code == 0, err
@@ -216,8 +219,9 @@ def textvqa(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_eval_predictions_carry_logprobs_and_resume_and_merge(textvqa: Path, tmp_path: Path, tiny_dir: Path,  # noqa: ARG001
-                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_eval_predictions_carry_logprobs_and_resume_and_merge(
+    textvqa: Path, tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]  # noqa: ARG001
+) -> None:
     from lyra_cli.engine.eval.runner import read_predictions
 
     args = ["eval", "textvqa-s", "--data", str(textvqa), "-q", "--max-new-tokens", "3"]
