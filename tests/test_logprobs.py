@@ -114,6 +114,20 @@ def test_sampled_logprobs_are_not_temperature_scaled(engine: Engine, monkeypatch
     assert max(abs(s - e.logprob) for s, e in zip(scaled, done.logprobs)) > 1e-3
 
 
+def test_a_character_split_over_tokens_carries_both_logprobs_on_its_delta(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = engine.loaded.tokenizer
+    first, second = tokenizer.convert_tokens_to_ids(["Ã", "©"])  # the two bytes of `é`, byte-level pieces
+    space_a = tokenizer.encode(" a")[0]
+    forced = iter([space_a, first, second, space_a])
+    monkeypatch.setattr(generate, "sample_token", lambda *_args: next(forced))
+    events = list(engine.respond(Conversation(), [TextPart(QUESTION)], SamplingConfig(max_new_tokens=4, logprobs=1)))
+    deltas = [(e.text, [lp.id for lp in e.logprobs]) for e in events if isinstance(e, TextDelta)]
+    assert deltas == [(" a", [space_a]), ("é", [first, second]), (" a", [space_a])]
+    assert [lp.token for lp in events[-1].logprobs] == [" a", "\ufffd", "\ufffd", " a"]  # a half character alone
+
+
 def test_logprobs_zero_gives_the_chosen_token_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     deltas, done, raw, chosen = answer(engine, SamplingConfig(max_new_tokens=4, logprobs=0), monkeypatch)
     check_entries(done, deltas, raw, chosen, penalty=1.0, n=0)
