@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from lyra_cli.timefmt import clock
+
+if TYPE_CHECKING:
+    from lyra_cli.engine.events import TokenLogprob
 
 ui = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -26,6 +32,31 @@ def error(message: str, hint: str | None) -> None:
     ui.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
         ui.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+
+
+def logprob_table(entries: Sequence["TokenLogprob"]) -> None:
+    """One row per generated token: its text (quoted, so spaces and newlines show), id, log-probability and
+    the most likely alternatives. Cells are plain `Text`: a token like `[/]` is not markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    with_top = any(entry.top_logprobs for entry in entries)  # none with `--logprobs 0`
+    table = Table(box=None, header_style="dim", pad_edge=False)
+    table.add_column("token")
+    table.add_column("id", justify="right")
+    table.add_column("logprob", justify="right")
+    if with_top:
+        table.add_column("top alternatives")
+    for entry in entries:
+        row = [Text(_quoted(entry.token)), str(entry.id), f"{entry.logprob:.4f}"]
+        if with_top:
+            row.append(Text("  ".join(f"{_quoted(t.token)} {t.logprob:.3f}" for t in entry.top_logprobs)))
+        table.add_row(*row)
+    ui.print(table)
+
+
+def _quoted(token: str) -> str:
+    return json.dumps(token, ensure_ascii=False)
 
 
 class AudioProgress:

@@ -83,6 +83,7 @@ def chat(
     repetition_penalty: float | None = common.RepetitionOption,
     max_new_tokens: int | None = common.MaxNewTokensOption,
     seed: int | None = common.SeedOption,
+    logprobs: int | None = common.LogprobsOption,
 ) -> None:
     """Ask Lyra about images, video and speech."""
     items = order_inputs(common.ARGV, {"image": [str(p) for p in image], "video": [str(p) for p in video],
@@ -96,7 +97,7 @@ def chat(
         items.append(InputItem("text", piped))
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+                          max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
 
     from lyra_cli.engine.pipeline import read_media
@@ -162,7 +163,7 @@ class TurnSettings:
 
 def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig",
             turn: TurnSettings) -> "Done":  # fmt: skip
-    from lyra_cli.console import info, write_answer
+    from lyra_cli.console import info, logprob_table, write_answer
     from lyra_cli.engine.events import AudioChunk, Done, TextDelta
 
     done = None
@@ -188,6 +189,8 @@ def _answer(engine: "Engine", conversation: "Conversation", parts: list, samplin
         write_answer(json.dumps(turn_json(done, parts), ensure_ascii=False) + "\n")
     else:
         write_answer("\n")
+        if done.logprobs is not None:
+            logprob_table(done.logprobs)
     if turn.stats:
         info(speech_io.latency_line(done))
     return done
@@ -207,6 +210,7 @@ def turn_json(done: "Done", parts: list) -> dict:
         "speech_units": len(done.units),
         "evidence": done.evidence,
         "inputs": [_describe_part(p) for p in parts],
+        **({"logprobs": [lp.to_json() for lp in done.logprobs]} if done.logprobs is not None else {}),
     }
 
 

@@ -42,6 +42,11 @@ TopKOption = typer.Option(None, "--top-k", help="Sample among the k most likely 
 RepetitionOption = typer.Option(None, "--repetition-penalty", help="1 = off. Default: the model's generation_config.")
 MaxNewTokensOption = typer.Option(None, "--max-new-tokens", help="Most tokens to generate per answer (default 512).")
 SeedOption = typer.Option(None, "--seed", help="Random seed for sampling (answers repeat with the same seed).")
+LogprobsOption = typer.Option(
+    None, "--logprobs", help="Log-probability of each generated token and its N most likely alternatives (0..20; "
+    "0 = the chosen token's only), as OpenAI reports them: after the repetition penalty, before temperature and "
+    "top-k/top-p. With --json in each record's `logprobs`; otherwise a table on stderr (shown even with --quiet)."
+)
 
 
 def model_dir_for(spec: str) -> Path:

@@ -98,6 +98,10 @@ ExtractOption = typer.Option(None, "--extract", help="Latent multi-modality extr
 QuietOption = typer.Option(False, "--quiet", "-q", help="No header, progress or table on stderr.")
 EvalTemperatureOption = typer.Option(None, "--temperature", help="Default 0 (greedy), as the eval scripts.")
 EvalMaxNewTokensOption = typer.Option(None, "--max-new-tokens", help="Default: the suite's (1024; 128 for ASR).")
+EvalLogprobsOption = typer.Option(
+    None, "--logprobs", help="Add each prediction's token log-probabilities and N alternatives (0..20) to its record "
+    "(`logprobs`, as in `lyra chat --json`), for calibration; scoring ignores them."
+)
 
 
 def _suite_command(name: str) -> Callable[..., None]:
@@ -126,9 +130,10 @@ def _suite_command(name: str) -> Callable[..., None]:
         repetition_penalty: float | None = common.RepetitionOption,
         max_new_tokens: int | None = EvalMaxNewTokensOption,
         seed: int | None = common.SeedOption,
+        logprobs: int | None = EvalLogprobsOption,
     ) -> None:
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                     max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+                     max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
         evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
                              quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory))  # fmt: skip
 
@@ -245,7 +250,7 @@ def run_settings(req: EvalRequest, model_dir: Path, runtime: Any, sampling: Any)
         "dtype": runtime.dtype_name, "quantization": runtime.quantization, "extract": req.extract or "config",
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens,
-        "seed": sampling.seed,
+        "seed": sampling.seed, **({"logprobs": sampling.logprobs} if sampling.logprobs is not None else {}),
     }  # fmt: skip
 
 

@@ -79,6 +79,7 @@ def longspeech(
     repetition_penalty: float | None = common.RepetitionOption,
     max_new_tokens: int | None = common.MaxNewTokensOption,
     seed: int | None = common.SeedOption,
+    logprobs: int | None = common.LogprobsOption,
 ) -> None:
     """Ask questions about a long recording (minutes to hours)."""
     from lyra_cli.audio.io import open_audio_stream
@@ -90,7 +91,7 @@ def longspeech(
     max_audio_s = parse_duration(max_audio) if max_audio is not None else None
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+                          max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
     stream = open_audio_stream(file)  # validates the file before any weights load; only its length is used
     stream.close()
@@ -191,7 +192,7 @@ def _encode(engine, file: Path, settings, quiet: bool):  # noqa: ANN001, ANN202
 
 def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_tokens, json_out, quiet,  # noqa: ANN001
          show_evidence) -> None:  # fmt: skip
-    from lyra_cli.console import PrefillProgress, info, write_answer
+    from lyra_cli.console import PrefillProgress, info, logprob_table, write_answer
     from lyra_cli.engine.events import Done, TextDelta
     from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation, TextPart
 
@@ -209,9 +210,13 @@ def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_toke
         record = {"question": question, "answer": done.text, "adapter": done.adapter,
                   "prompt_tokens": done.prompt_tokens, "new_tokens": done.new_tokens, "kept_tokens": done.kept_tokens,
                   "timings": {k: round(v, 4) for k, v in done.timings.items()}, "evidence": done.evidence}  # fmt: skip
+        if done.logprobs is not None:
+            record["logprobs"] = [lp.to_json() for lp in done.logprobs]
         write_answer(json.dumps(record, ensure_ascii=False) + "\n")
     else:
         write_answer("\n")
+        if done.logprobs is not None:
+            logprob_table(done.logprobs)
     if not quiet:
         prefill_s = done.timings.get("prefill_s", 0.0)
         info(f"prefill {done.prompt_tokens:,} tokens in {prefill_s:.1f}s"

@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a step: its text, id and log-probability."""
+
+    token: str
+    id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the step's most likely alternatives (OpenAI's fields).
+
+    Log-softmax of the step's logits in fp32 after the repetition penalty, before temperature and
+    top-k/top-p. `token` is that single id decoded on its own, special tokens by name; a byte-level piece
+    that is only part of a UTF-8 character decodes to U+FFFD, as the tokenizer gives it."""
+
+    token: str
+    id: int
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()  # most likely first; empty with `--logprobs 0`
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["top_logprobs"] = list(record["top_logprobs"])
+        return record
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """New answer text, in order; the concatenation of all deltas is the answer."""
+    """New answer text, in order; the concatenation of all deltas is the answer.
+
+    With log-probabilities asked for, `logprobs` holds those of the tokens whose text this delta
+    completes (a token held back as part of a character rides on the next delta), so the deltas of a
+    turn carry every generated token exactly once, in order."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +83,7 @@ class Done:
     evidence: list[dict] = field(default_factory=list)
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous prompt's cache
     units: list[int] = field(default_factory=list)  # the spoken answer's speech units (empty without a voice)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when asked for (`SamplingConfig.logprobs`)
 
     @property
     def evidence_text(self) -> str:

@@ -21,6 +21,7 @@ from lyra_cli.engine.prompt import PromptInputs
 from lyra_cli.errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 512
+MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's `top_logprobs`
 REPLACEMENT_CHAR = "\ufffd"  # what a tokenizer returns for an incomplete UTF-8 sequence
 END_STATE = -1  # token id of the extra step that carries the end token's own state (`feed_end`)
 
@@ -35,6 +36,8 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None
+    # None: no log-probabilities (nothing computed); N: the chosen token's and the N most likely ones'
+    logprobs: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -43,6 +46,8 @@ class SamplingConfig:
             (self.top_k >= 0, "--top-k", "must be ≥ 0 (0 = off)"),
             (self.repetition_penalty > 0, "--repetition-penalty", "must be > 0 (1 = off)"),
             (self.max_new_tokens >= 1, "--max-new-tokens", "must be ≥ 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "--logprobs",
+             f"must be 0..{MAX_LOGPROBS} (alternatives per token; 0 = the chosen token's only)"),
         ]
         for ok, flag, rule in checks:
             if not ok:
@@ -99,11 +104,32 @@ def choose_token(
     logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
 ) -> int:
     """logits (V,) fp32 → next token id."""
-    logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    return sample_token(apply_repetition_penalty(logits, seen, cfg.repetition_penalty), cfg, generator)
+
+
+def sample_token(scores: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
+    """Penalized logits (V,) → next token id: argmax, or a draw after temperature and top-k/top-p."""
     if cfg.greedy:
-        return int(logits.argmax())
-    logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        return int(scores.argmax())
+    scores = filter_top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p)
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class StepLogprobs:
+    """A step's log-probabilities: of the chosen token, and of the `n` most likely tokens (most likely first)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob)
+
+
+def token_logprobs(scores: torch.Tensor, token: int, n: int) -> StepLogprobs:
+    """Log-softmax of the penalized logits (V,) in fp32, as OpenAI reports them: after the repetition
+    penalty, before temperature and top-k/top-p, so they describe the model, not the sampler."""
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    top = torch.topk(logprobs, min(n, logprobs.shape[-1]))  # sorted, most likely first
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist()))
+    return StepLogprobs(float(logprobs[token]), pairs)
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,7 @@ class Step:
     token_id: int
     hidden: torch.Tensor  # (H,) final-norm state that predicted this token
     is_end: bool
+    logprobs: StepLogprobs | None = None  # with `cfg.logprobs` set; never for the END_STATE step
 
 
 def _generator(cfg: SamplingConfig) -> torch.Generator | None:
@@ -159,9 +186,11 @@ def stream_steps(
     generator = _generator(cfg)
     seen = torch.empty(0, dtype=torch.long, device=hidden.device)
     for step in range(cfg.max_new_tokens):
-        token = choose_token(model.logits(hidden)[0], seen, cfg, generator)
+        scores = apply_repetition_penalty(model.logits(hidden)[0], seen, cfg.repetition_penalty)
+        token = sample_token(scores, cfg, generator)
         is_end = token in end_ids
-        yield Step(token, hidden[0], is_end)
+        scored = token_logprobs(scores, token, cfg.logprobs) if cfg.logprobs is not None else None
+        yield Step(token, hidden[0], is_end, scored)
         if is_end and not feed_end:
             return
         seen = torch.cat([seen, torch.tensor([token], device=seen.device)])

@@ -29,9 +29,9 @@ from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio, require_speech
 from lyra_cli.audio.windows import split_windows
 from lyra_cli.engine.adapters import Adapter, activate, route
 from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.events import AudioChunk, Done, Event, TextDelta
+from lyra_cli.engine.events import AudioChunk, Done, Event, TextDelta, TokenLogprob, TopLogprob
 from lyra_cli.engine.extractor import evidence_spans, format_spans
-from lyra_cli.engine.generate import END_STATE, SamplingConfig, TextStreamer, stream_steps
+from lyra_cli.engine.generate import END_STATE, SamplingConfig, StepLogprobs, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, can_resume
@@ -238,6 +238,8 @@ class Engine:
         streamer = TextStreamer(self.loaded.tokenizer)
         first_token_s = None
         n_new, stop = 0, "length"
+        logprobs: list[TokenLogprob] = []  # stays empty unless `sampling.logprobs` is set
+        sent = 0  # logprobs already carried by a delta
         prefilled: list[tuple[PrefillResult, float]] = []
 
         def on_prefilled(result: PrefillResult) -> None:
@@ -268,12 +270,15 @@ class Engine:
                     continue  # the end token's own state follows as one more step
                 break
             n_new += 1
+            if step.logprobs is not None:
+                logprobs.append(self.token_logprob(step.token_id, step.logprobs))
             delta = streamer.push(step.token_id)
             if delta:
-                yield TextDelta(delta)
+                yield TextDelta(delta, tuple(logprobs[sent:]))
+                sent = len(logprobs)
         tail = streamer.flush()
-        if tail:
-            yield TextDelta(tail)
+        if tail or sent < len(logprobs):  # tokens with no text of their own still get their logprobs out
+            yield TextDelta(tail, tuple(logprobs[sent:]))
         if speaking is not None:
             chunk = audio.chunk(speaking.finish())
             if chunk is not None:
@@ -299,7 +304,18 @@ class Engine:
             evidence=_evidence(inputs, result.kept_index) if result is not None and result.drops else [],
             reused_tokens=reused,
             units=speaking.all_units if speaking is not None else [],
+            logprobs=logprobs if sampling.logprobs is not None else None,
         )
+
+    def token_logprob(self, token_id: int, scored: StepLogprobs) -> TokenLogprob:
+        """A step's log-probabilities with each token's text (see `TokenLogprob`)."""
+        top = tuple(TopLogprob(self.token_text(i), i, lp) for i, lp in scored.top)
+        return TokenLogprob(self.token_text(token_id), token_id, scored.logprob, top)
+
+    def token_text(self, token_id: int) -> str:
+        """One id decoded on its own: no clean-up of spaces (it would eat the space of ` .`), special
+        tokens kept (an alternative may be the end token)."""
+        return self.loaded.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _reusable(
         self, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig | None, capacity: int

@@ -8,6 +8,9 @@ A predictions file holds one line per item, answered or skipped:
      "seconds": 0.81, "stop_reason": "end", "settings": {…}}
     {"id": "35", "index": 4, …, "skipped": "missing image", "detail": "`…/35.png` does not exist", …}
 
+With `--logprobs N` an answered line also holds `logprobs` (as `lyra chat --json` gives them) and its
+`settings` say N, so a file never mixes lines with and without them; scoring ignores the field.
+
 Each line is flushed and fsynced before the next item starts, so a killed run loses at most the item in
 flight; a line cut by the kill is detected (no newline, or not JSON) and cut off before appending. On
 resume every id already in the file, skipped ones included, is not asked again. `settings` (model,
@@ -269,6 +272,7 @@ def answer_item(engine: Any, suite: Suite, item: EvalItem, mode: str, sampling: 
         "prediction": done.text, "question": item.question, "answers": list(item.answers), **reference,
         "prompt_tokens": done.prompt_tokens, "new_tokens": done.new_tokens, "kept_tokens": done.kept_tokens,
         "seconds": round(time.perf_counter() - start, 4), "stop_reason": done.stop_reason,
+        **({"logprobs": [lp.to_json() for lp in done.logprobs]} if done.logprobs is not None else {}),
     }  # fmt: skip
 
 
