@@ -42,6 +42,7 @@ from lyra_cli.engine.eval.suites import (
     layout,
     load_items,
     select,
+    textvqa_key,
     unique_ids,
 )
 from lyra_cli.errors import InputError, LyraError, UsageError
@@ -374,6 +375,44 @@ def keyed_predictions(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, M
     return keyed, len(ids) - len(keyed)
 
 
+@dataclass
+class Matched:
+    """A predictions file's lines, each paired with the item it answers, in the file's order."""
+
+    pairs: list[tuple[EvalItem, Mapping[str, Any]]]
+    unknown: int  # lines whose id or (image, question) is not in the data
+    duplicates: int  # lines answering an item an earlier line already answered (the first is scored)
+
+
+def match_predictions(items: Sequence[EvalItem], records: Sequence[Mapping[str, Any]]) -> Matched:
+    """Pair each line with its item, never by position: our lines carry the item's `id`; the authors'
+    TextVQA answer lines carry the image id as `question_id` and the prompt, so they are matched by
+    (image, question) as `eval_textvqa.py` does — two questions about one image answered in any order
+    each find their own; other files by `question_id` (or `speech`), the only key their data has."""
+    by_id = {item.id: item for item in items}
+    by_key: dict[tuple[str, str], list[EvalItem]] = {}
+    for item in items:
+        if item.key is not None:
+            by_key.setdefault(item.key, []).append(item)
+    keys = [textvqa_key(r.get("question_id"), r.get("prompt")) if by_key and "id" not in r else None
+            for r in records]  # fmt: skip
+    fallback = iter(unique_ids([prediction_id(r) or "" for r, key in zip(records, keys) if key is None]))
+    pairs: list[tuple[EvalItem, Mapping[str, Any]]] = []
+    unknown, taken = 0, set()
+    for record, key in zip(records, keys):
+        if key is not None:
+            candidates = by_key.get(key, [])
+            item = next((i for i in candidates if i.id not in taken), candidates[0] if candidates else None)
+        else:
+            item = by_id.get(str(record["id"]) if "id" in record else next(fallback))
+        if item is None:
+            unknown += 1
+        elif item.id not in taken:
+            taken.add(item.id)
+            pairs.append((item, record))
+    return Matched(pairs, unknown, len(records) - unknown - len(pairs))
+
+
 def score_predictions(
     suite: Suite,
     data_dir: Path,
@@ -394,16 +433,12 @@ def score_predictions(
 def score_file(suite: Suite, items: Sequence[EvalItem], path: Path, *, mode: str | None = None,
                judge: Judge | None = None) -> Summary:  # fmt: skip
     content = read_predictions(path)
-    keyed, duplicates = keyed_predictions(content.records)
-    references = {item.id: item for item in items}
-    skipped: Counter[str] = Counter()
+    matched = match_predictions(items, content.records)
+    skipped: Counter[str] = Counter({SKIP_UNKNOWN_ID: matched.unknown} if matched.unknown else {})
     answered: list[tuple[EvalItem, Mapping[str, Any], str]] = []
-    for item_id, record in keyed.items():
-        item = references.get(item_id)
+    for item, record in matched.pairs:
         text = prediction_text(record)
-        if item is None:
-            skipped[SKIP_UNKNOWN_ID] += 1
-        elif "skipped" in record:
+        if "skipped" in record:
             skipped[str(record["skipped"])] += 1
         elif text is None:
             skipped["no prediction text"] += 1
@@ -411,15 +446,16 @@ def score_file(suite: Suite, items: Sequence[EvalItem], path: Path, *, mode: str
             skipped[SKIP_NO_REFERENCE] += 1
         else:
             answered.append((item, record, text))
+    answered_ids = {item.id for item, _ in matched.pairs}
     missing = 0
-    for item in (item for item in items if item.id not in keyed):
+    for item in (item for item in items if item.id not in answered_ids):
         reason = _unanswerable(suite, item)
         if reason is None:
             missing += 1
         else:
             skipped[reason] += 1
     metrics, notes = _metric_values(suite, answered, judge)
-    notes += _file_notes(content, duplicates)
+    notes += _file_notes(content, matched.duplicates)
     mode = _file_mode(content.records) or mode or "unknown"  # a file of ours says which mode it was run in
     return _summary(suite, mode, answered, metrics, skipped, missing=missing, path=path, notes=notes)
 
