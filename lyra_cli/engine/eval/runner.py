@@ -13,8 +13,9 @@ flight; a line cut by the kill is detected (no newline, or not JSON) and cut off
 resume every id already in the file, skipped ones included, is not asked again. `settings` (model,
 decoding, extractor) must match for a file to be resumed or merged: answers of two set-ups never mix.
 
-Scoring reads only `id` and `prediction` (or, for the authors' answer files, `question_id` and `text`), and
-takes the references from the data set, so predictions of other systems score the same way.
+Scoring reads only `id` and `prediction` (or, for the authors' answer files, `question_id` and `text`, and
+for TextVQA the `prompt` holding the question), and takes the references from the data set, so predictions
+of other systems score the same way. Lines are matched to questions by these keys, never by their order.
 """
 
 from __future__ import annotations
