@@ -437,3 +437,14 @@ def test_per_item_never_overwrites_a_file_lyra_did_not_write(tmp_path: Path,
     code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--score-only", str(predictions),
                          "--per-item", str(tmp_path))  # fmt: skip
     assert code == 2 and "is a folder" in err
+
+
+def test_per_item_target_is_checked_before_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model folder that does not exist would be the error if the model were looked at first."""
+    data = _docvqa_data(tmp_path / "data")
+    foreign = tmp_path / "results.jsonl"
+    foreign.write_text('{"id": "1", "prediction": "42"}\n')  # a predictions file, not a per-item one
+    code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--model", str(tmp_path / "no-model"),
+                         "--out", str(tmp_path / "o.jsonl"), "--per-item", str(foreign))  # fmt: skip
+    assert code == 2 and "not a per-item scores file" in err
+    assert foreign.read_text() == '{"id": "1", "prediction": "42"}\n' and not (tmp_path / "o.jsonl").exists()
