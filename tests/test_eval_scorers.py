@@ -29,7 +29,13 @@ from lyra_cli.engine.eval.metrics import (
     wer_official,
     wer_whisper,
 )
-from lyra_cli.engine.eval.runner import PER_ITEM_FIELDS, read_predictions, score_file
+from lyra_cli.engine.eval.runner import (
+    PER_ITEM_FIELDS,
+    match_predictions,
+    prediction_text,
+    read_predictions,
+    score_file,
+)
 from lyra_cli.engine.eval.suites import SUITES, as_answers, load_items
 from lyra_cli.main import run
 
@@ -448,3 +454,15 @@ def test_per_item_target_is_checked_before_the_model(tmp_path: Path, capsys: pyt
                          "--out", str(tmp_path / "o.jsonl"), "--per-item", str(foreign))  # fmt: skip
     assert code == 2 and "not a per-item scores file" in err
     assert foreign.read_text() == '{"id": "1", "prediction": "42"}\n' and not (tmp_path / "o.jsonl").exists()
+
+
+def test_lines_of_both_kinds_find_their_items(tmp_path: Path) -> None:
+    """Our lines (`id`) and the authors' (`question_id`) mixed in one file, in any order, each find their item."""
+    suite = SUITES["docvqa-s"]
+    items = load_items(suite, _docvqa_data(tmp_path / "data"))
+    records = [{"id": "3", "prediction": "strasse"}, {"question_id": 1, "text": "42"}, {"id": "1", "prediction": "x"},
+               {"question_id": 2, "text": "all staff"}, {"question_id": 7, "text": "?"}]  # fmt: skip
+    matched = match_predictions(items, records)
+    assert [(item.id, prediction_text(record)) for item, record in matched.pairs] == [
+        ("3", "strasse"), ("1", "42"), ("2", "all staff")]
+    assert (matched.unknown, matched.duplicates) == (1, 1)  # id 7 is not in the data; id 1 answered twice

@@ -397,23 +397,29 @@ def match_predictions(items: Sequence[EvalItem], records: Sequence[Mapping[str, 
     for item in items:
         if item.key is not None:
             by_key.setdefault(item.key, []).append(item)
-    keys = [textvqa_key(r.get("question_id"), r.get("prompt")) if by_key and "id" not in r else None
-            for r in records]  # fmt: skip
-    fallback = iter(unique_ids([prediction_id(r) or "" for r, key in zip(records, keys) if key is None]))
+    # Lines without our `id` that repeat a question id get the data file's `#2` numbering (unique_ids).
+    fallback_ids = unique_ids([prediction_id(r) or "" for r in records])
     pairs: list[tuple[EvalItem, Mapping[str, Any]]] = []
     unknown, taken = 0, set()
-    for record, key in zip(records, keys):
+    for record, fallback_id in zip(records, fallback_ids):
+        key = textvqa_key(record.get("question_id"), record.get("prompt")) if by_key and "id" not in record else None
         if key is not None:
-            candidates = by_key.get(key, [])
-            item = next((i for i in candidates if i.id not in taken), candidates[0] if candidates else None)
+            item = _first_free(by_key.get(key, []), taken)
         else:
-            item = by_id.get(str(record["id"]) if "id" in record else next(fallback))
+            item = by_id.get(str(record["id"]) if "id" in record else fallback_id)
         if item is None:
             unknown += 1
         elif item.id not in taken:
             taken.add(item.id)
             pairs.append((item, record))
     return Matched(pairs, unknown, len(records) - unknown - len(pairs))
+
+
+def _first_free(candidates: Sequence[EvalItem], taken: set[str]) -> EvalItem | None:
+    """The first item with this (image, question) not answered yet; when all are, the first (a duplicate
+    line, not an unknown one); None when no item has it. One question asked twice about one image has the
+    same answers both times, as in the authors' scorer, which keys its annotations the same way."""
+    return next((item for item in candidates if item.id not in taken), candidates[0] if candidates else None)
 
 
 def score_predictions(
