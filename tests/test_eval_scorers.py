@@ -438,7 +438,8 @@ def test_per_item_never_overwrites_a_file_lyra_did_not_write(tmp_path: Path,
         before = target.read_bytes()
         code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--score-only", str(predictions),
                              "--per-item", str(target))  # fmt: skip
-        assert code == 2 and "not a per-item scores file" in err
+        expected = "is the predictions file" if target == predictions else "not a per-item scores file"
+        assert code == 2 and expected in err
         assert target.read_bytes() == before
     code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--score-only", str(predictions),
                          "--per-item", str(tmp_path))  # fmt: skip
@@ -454,6 +455,10 @@ def test_per_item_target_is_checked_before_the_model(tmp_path: Path, capsys: pyt
                          "--out", str(tmp_path / "o.jsonl"), "--per-item", str(foreign))  # fmt: skip
     assert code == 2 and "not a per-item scores file" in err
     assert foreign.read_text() == '{"id": "1", "prediction": "42"}\n' and not (tmp_path / "o.jsonl").exists()
+    out = tmp_path / "new.jsonl"  # does not exist yet, but the run is about to write its predictions there
+    code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--model", str(tmp_path / "no-model"),
+                         "--out", str(out), "--per-item", str(out))  # fmt: skip
+    assert code == 2 and "is the predictions file" in err and not out.exists()
 
 
 def test_lines_of_both_kinds_find_their_items(tmp_path: Path) -> None:

@@ -161,8 +161,11 @@ def evaluate(req: EvalRequest) -> None:
         raise UsageError(f"--limit must be ≥ 1, got `{req.limit}`", "e.g. --limit 100")
     shard, auto = _shard(req.shard)
     judge = _judge(suite, req)
-    if req.per_item is not None:
-        check_per_item_target(req.per_item)  # before any weights load or any scoring
+    if req.per_item is not None:  # checked before any weights load or any scoring
+        predictions = req.score_only or shard_path_for(req, shard, auto)
+        if req.per_item.resolve() == predictions.resolve():
+            raise UsageError(f"--per-item `{req.per_item}` is the predictions file", "give the scores another file")
+        check_per_item_target(req.per_item)
     if req.score_only is None:
         _run_and_score(suite, req, shard, auto, judge)
         return
