@@ -226,7 +226,7 @@ def relaxed_accuracy(
     1. thousands separators in groups of three are read ("1,000" is 1000; "1,00" stays text);
     2. a ground truth of 0 needs a prediction equal to 0, where Pix2Struct compares the strings
        ("0.0" ≠ "0" there);
-    3. surrounding whitespace is ignored, in numbers (" 5 %") and in text;
+    3. surrounding whitespace is ignored, in numbers ("5% ") and in text (" Yes");
     4. "nan" and "inf" are text, so "nan" matches "nan" (in Pix2Struct it matches nothing, itself included).
     Words ("five") stay text.
     """
