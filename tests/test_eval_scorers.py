@@ -260,11 +260,16 @@ WER_HYPOTHESES = [
 
 
 @pytest.fixture
-def whisper_normalizer() -> None:
+def jiwer() -> None:
+    pytest.importorskip("jiwer", reason="jiwer is not installed (the `eval` extra)")
+
+
+@pytest.fixture
+def whisper_normalizer(jiwer: None) -> None:
     pytest.importorskip("whisper.normalizers", reason="openai-whisper is not installed (the `eval` extra)")
 
 
-def test_wer_equals_the_authors_script() -> None:
+def test_wer_equals_the_authors_script(jiwer: None) -> None:
     assert wer_official(WER_REFERENCES, WER_HYPOTHESES).wer == ref_authors_wer(WER_REFERENCES, WER_HYPOTHESES)
     for reference, hypothesis in zip(WER_REFERENCES, WER_HYPOTHESES):
         assert wer_official([reference], [hypothesis]).wer == ref_authors_wer([reference], [hypothesis])
@@ -337,7 +342,7 @@ def test_textvqa_suite_equals_eval_textvqa_on_reordered_answers(tmp_path: Path) 
     assert expected[0] == 1.0 and expected[3] > 0  # "Red." and the empty prediction both earn credit
 
 
-def test_librispeech_suite_equals_the_authors_wer(tmp_path: Path) -> None:
+def test_librispeech_suite_equals_the_authors_wer(tmp_path: Path, jiwer: None) -> None:
     folder = tmp_path / "LibriSpeech"
     folder.mkdir()
     records = [{"audio": f"test-clean/{k}.flac", "text": text} for k, text in enumerate(WER_REFERENCES)]
