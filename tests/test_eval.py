@@ -167,14 +167,17 @@ def test_score_only_gives_hand_computed_scores_without_a_model(data: Path, tmp_p
 
 def test_score_only_reads_the_authors_answer_files(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """`model_lyra_image_speech.py` writes {question_id, prompt, text}; TextVQA repeats the image id."""
+    """`model_lyra_image_speech.py` writes {question_id, prompt, text}; TextVQA repeats the image id, so lines
+    are matched by (image, question from the prompt), as `eval_textvqa.py` does, not by their order."""
     no_model(monkeypatch)
     official = tmp_path / "merge.jsonl"
-    official.write_text("".join(json.dumps({"question_id": qid, "prompt": "…", "text": text, "answer_id": "x"}) + "\n"
-                                for qid, text in [("iron01", "Ironing."), ("sign01", "stop"), ("sign01", "41")]))  # fmt: skip
+    lines = [("sign01", "what number is on the sign?", "41"), ("iron01", "what is the man doing?", "Ironing."),
+             ("sign01", "What does the sign say?", "stop")]  # the sign's two questions in the other order
+    official.write_text("".join(json.dumps({"question_id": qid, "prompt": question + OCR_SUFFIX, "text": text,
+                                            "answer_id": "x"}) + "\n" for qid, question, text in lines))  # fmt: skip
     code, summary, _ = lyra_eval(capsys, "textvqa-s", "--data", str(data), "--score-only", str(official), "-q")
     assert code == 0 and summary["count"] == 3
-    assert summary["score"] == pytest.approx(100 * (1 + 1 + 0) / 3)  # 9 of 10 annotators said "stop": full credit
+    assert summary["score"] == pytest.approx(100 * (0 + 1 + 1) / 3)  # 9 of 10 annotators said "stop": full credit
 
     asr = tmp_path / "asr.jsonl"
     asr.write_text(json.dumps({"speech": "test-clean/61/70968/61-70968-0000.flac", "text": JFK_TEXT}) + "\n"

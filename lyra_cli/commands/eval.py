@@ -83,6 +83,7 @@ class EvalRequest:
     sampling_flags: dict[str, Any]
     device_map: str = "none"
     max_memory: str | None = None
+    per_item: Path | None = None
 
 
 DataOption = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder).")
@@ -92,6 +93,8 @@ OutOption = typer.Option(None, "--out", "-o", help="Predictions JSONL (default l
 ResumeOption = typer.Option(True, "--resume/--no-resume", help="Continue an existing --out file (default).")
 ShardOption = typer.Option(None, "--shard", help="i/n: every n-th question from i; `auto`: RANK of WORLD_SIZE.")
 ScoreOnlyOption = typer.Option(None, "--score-only", help="Score this predictions file; load no model.")
+PerItemOption = typer.Option(None, "--per-item", help="Also write each scored item's prediction, references and "
+                             "scores to this JSONL file.")  # fmt: skip
 JudgeUrlOption = typer.Option(None, "--judge-url", help=f"MM-Vet: OpenAI-compatible API root (key: ${JUDGE_KEY_ENV}).")
 JudgeModelOption = typer.Option(None, "--judge-model", help="MM-Vet: the judge model, e.g. gpt-4-0613.")
 ExtractOption = typer.Option(None, "--extract", help="Latent multi-modality extractor BLOCKSxRATIO, e.g. 4x0.7.")
@@ -113,6 +116,7 @@ def _suite_command(name: str) -> Callable[..., None]:
         resume: bool = ResumeOption,
         shard: str | None = ShardOption,
         score_only: Path | None = ScoreOnlyOption,
+        per_item: Path | None = PerItemOption,
         judge_url: str | None = JudgeUrlOption,
         judge_model: str | None = JudgeModelOption,
         extract: str | None = ExtractOption,
@@ -135,7 +139,8 @@ def _suite_command(name: str) -> Callable[..., None]:
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                      max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
         evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
-                             quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory))  # fmt: skip
+                             quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory,
+                             per_item=per_item))  # fmt: skip
 
     return command
 
@@ -152,7 +157,7 @@ for _name, _suite in SUITES.items():
 
 def evaluate(req: EvalRequest) -> None:
     """Validate everything (suite, mode, shard, judge, data) before any weights load, then score or run."""
-    from lyra_cli.engine.eval.runner import score_predictions
+    from lyra_cli.engine.eval.runner import check_per_item_target, score_predictions
     from lyra_cli.engine.eval.suites import check_mode, get_suite
 
     suite = get_suite(req.suite)
@@ -161,12 +166,17 @@ def evaluate(req: EvalRequest) -> None:
         raise UsageError(f"--limit must be ≥ 1, got `{req.limit}`", "e.g. --limit 100")
     shard, auto = _shard(req.shard)
     judge = _judge(suite, req)
+    if req.per_item is not None:  # checked before any weights load or any scoring
+        predictions = req.score_only or shard_path_for(req, shard, auto)
+        if req.per_item.resolve() == predictions.resolve():
+            raise UsageError(f"--per-item `{req.per_item}` is the predictions file", "give the scores another file")
+        check_per_item_target(req.per_item)
     if req.score_only is None:
         _run_and_score(suite, req, shard, auto, judge)
         return
     summary = score_predictions(suite, req.data, req.score_only, limit=req.limit, shard=shard, mode=req.mode,
-                                judge=judge)  # fmt: skip
-    _finish(suite, summary, req.score_only, quiet=req.quiet)
+                                judge=judge, require_scores=True)  # fmt: skip
+    _finish(suite, summary, req.score_only, quiet=req.quiet, per_item=req.per_item)
 
 
 def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool, judge: Any) -> None:
@@ -190,7 +200,7 @@ def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool,
         resumed = summary.resumed
         summary = _score(suite, req, out, shard=None if auto else shard, judge=judge)
         summary.resumed = resumed
-    _finish(suite, summary, out, quiet=req.quiet)
+    _finish(suite, summary, out, quiet=req.quiet, per_item=req.per_item)
 
 
 def _shard(spec: str | None) -> tuple["Shard", bool]:
@@ -332,13 +342,18 @@ def _score(suite: "Suite", req: EvalRequest, out: Path, *, shard: "Shard | None"
     return score_predictions(suite, req.data, out, limit=req.limit, shard=shard or SINGLE, mode=req.mode, judge=judge)
 
 
-def _finish(suite: "Suite", summary: "Summary", predictions: Path, *, quiet: bool) -> None:
-    """MM-Vet's export for the online grader; the table on stderr; the JSON on stdout."""
+def _finish(suite: "Suite", summary: "Summary", predictions: Path, *, quiet: bool,
+            per_item: Path | None = None) -> None:  # fmt: skip
+    """MM-Vet's export for the online grader; the per-item scores; the table on stderr; the JSON on stdout."""
     from lyra_cli.console import write_answer
+    from lyra_cli.engine.eval.runner import write_per_item
 
     record = summary.to_json()
     if suite.primary.kind == "judge":
         record["mmvet_export"] = str(_export_mmvet(predictions))
+    if per_item is not None:
+        write_per_item(per_item, summary.per_item)
+        record["per_item"] = str(per_item)
     if not quiet:
         render_summary(suite, record)
     write_answer(json.dumps(record, ensure_ascii=False) + "\n")
@@ -381,6 +396,8 @@ def render_summary(suite: "Suite", record: dict[str, Any]) -> None:
     table.add_row("predictions", record["predictions"])
     if "mmvet_export" in record:
         table.add_row("grader export", record["mmvet_export"])
+    if "per_item" in record:
+        table.add_row("per-item scores", record["per_item"])
     for note in record["notes"]:
         table.add_row("note", note)
     ui.print(table)

@@ -1,13 +1,17 @@
 """Benchmark metrics as pure functions: VQA answer processing and accuracies, ANLS, relaxed accuracy, WER.
 
+Each metric gives, item by item, the number of the scorer its published numbers came from (the tests
+recompute each one with an independent implementation of that scorer on adversarial items):
+
 - `normalize_vqa_answer` is the EvalAI answer processor that TextVQA, ST-VQA and the Lyra authors'
   `m4c_evaluator.py` use (itself MMF's copy of the VQA challenge rules). Its quirks are reproduced on
   purpose, because the published numbers were computed with them (see the function's docstring).
-- `textvqa_accuracy` is the soft VQA accuracy over the human answers; `exact_match` is how the authors score
-  DocVQA^s and ChartQA^s (`eval_speech.py` → `STVQAAccuracyEvaluator`); `anls` and `relaxed_accuracy` are
-  the metrics those two benchmarks usually report, given beside.
-- `wer_whisper` is the usual LibriSpeech WER (Whisper's English normaliser on both sides);
-  `wer_official` reproduces the authors' `eval_asr_wer.py`, which keeps punctuation in the hypotheses.
+- `textvqa_accuracy` is EvalAI's soft VQA accuracy over the human answers, empty answers included;
+  `exact_match` is how the authors score DocVQA^s and ChartQA^s (`eval_speech.py` →
+  `STVQAAccuracyEvaluator`); `anls` is the DocVQA competition's ANLS (as lmms-eval and VLMEvalKit copy it)
+  and `relaxed_accuracy` Pix2Struct's ChartQA relaxed correctness with the deviations its docstring lists.
+- `wer_official` is the authors' `eval_asr_wer.py` (references as written in the data file, punctuation
+  kept); `wer_whisper` the usual LibriSpeech WER (Whisper's English normaliser on both sides).
 """
 
 from __future__ import annotations
@@ -119,19 +123,22 @@ VQA_FULL_CREDIT_MATCHES = 3
 
 
 def textvqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """Soft VQA accuracy of one prediction against the human answers (10 in TextVQA).
+    """EvalAI's soft VQA accuracy of one prediction against the human answers (10 in TextVQA).
 
     acc = (1/n) · Σ_i min(1, m_i / 3), where m_i counts the answers j ≠ i equal to the prediction, after
     `normalize_vqa_answer` on both sides: the average over the n leave-one-out subsets. With 10 answers,
-    k matching give 0, 0.3, 0.6, 0.9, 1.0 for k = 0..4 (three matches are *not* full credit). Summed in
-    integers, so the result is the correctly rounded fraction, not an accumulation of thirds.
+    k matching give 0, 0.3, 0.6, 0.9, 1.0 for k = 0..4 (three matches are *not* full credit). Every
+    answer counts, empty ones too: an annotator's "" is one of the 10, and a prediction that processes to
+    "" (say "the") matches it. The terms are float thirds summed in the answers' order, as EvalAI sums
+    them, so the result equals EvalAI's to the last bit (two matches of ten give 0.6 or 0.5999999999999999,
+    depending on where in the list they stand).
     """
     answers = [normalize_vqa_answer(answer) for answer in _answer_list(gt_answers)]
     predicted = normalize_vqa_answer(prediction)
     n_matching = sum(answer == predicted for answer in answers)
     # Leaving out a matching answer leaves n_matching - 1 matches; leaving out another leaves n_matching.
-    credit = sum(min(VQA_FULL_CREDIT_MATCHES, n_matching - (answer == predicted)) for answer in answers)
-    return credit / (VQA_FULL_CREDIT_MATCHES * len(answers))
+    credits = [min(1.0, (n_matching - (answer == predicted)) / VQA_FULL_CREDIT_MATCHES) for answer in answers]
+    return sum(credits) / len(credits)
 
 
 def exact_match(prediction: str, gt_answers: Sequence[str] | str) -> float:
@@ -172,25 +179,28 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, gt_answers: Sequence[str] | str, threshold: float = ANLS_THRESHOLD) -> float:
-    """Average Normalised Levenshtein Similarity of one prediction: max over the ground truths of
+    """Average Normalised Levenshtein Similarity of one prediction, as the DocVQA competition computes it
+    (and lmms-eval and VLMEvalKit, which copy that script):
 
-    s = 1 − lev(p, g) / max(|p|, |g|), and 0 when s < threshold,
+    s = 1 − min over the ground truths g of lev(norm(g), norm(p)) / max(|upper(g)|, |upper(p)|),
+    and 0 when s < threshold.
 
-    on lower-cased strings with surrounding whitespace stripped and inner runs of whitespace collapsed (as
-    the DocVQA evaluation does). Two empty strings are identical (s = 1).
+    norm lower-cases, strips and collapses inner whitespace; the denominator, though, is the length of the
+    *raw* strings upper-cased, so surrounding spaces lengthen it and "ß" (upper "SS") counts twice. A
+    distance over a zero length (both raw strings empty) is 0: two empty strings are identical.
     """
-    predicted = _anls_text(prediction)
-    return max(_similarity(predicted, _anls_text(answer), threshold) for answer in _answer_list(gt_answers))
+    distances = [_normalised_distance(answer, prediction) for answer in _answer_list(gt_answers)]
+    similarity = 1 - min(distances)
+    return similarity if similarity >= threshold else 0.0
+
+
+def _normalised_distance(answer: str, prediction: str) -> float:
+    length = max(len(answer.upper()), len(prediction.upper()))
+    return 0.0 if length == 0 else levenshtein(_anls_text(answer), _anls_text(prediction)) / length
 
 
 def _anls_text(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def _similarity(a: str, b: str, threshold: float) -> float:
-    longest = max(len(a), len(b))
-    similarity = 1.0 - levenshtein(a, b) / longest if longest else 1.0
-    return similarity if similarity >= threshold else 0.0
+    return " ".join(text.strip().lower().split())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,44 +209,53 @@ def _similarity(a: str, b: str, threshold: float) -> float:
 
 RELAXED_TOLERANCE = 0.05
 PERCENT_SIGN = "%"
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _GROUPED_NUMBER = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")  # "1,234,567.5": commas every 3 digits
 
 
 def relaxed_accuracy(
     prediction: str, gt_answers: Sequence[str] | str, tolerance: float = RELAXED_TOLERANCE
 ) -> float:
-    """ChartQA relaxed accuracy: 1.0 if the prediction matches any ground truth, else 0.0, where
+    """ChartQA relaxed accuracy: 1.0 if the prediction matches any ground truth, else 0.0 — Pix2Struct's
+    `relaxed_correctness` (which lmms-eval uses), where
 
-    - two numbers match when |p − g| ≤ tolerance · |g| (5 % relative error by default);
-    - anything else matches when equal after lower-casing and stripping.
+    - two numbers match when |p − g| / |g| ≤ tolerance (5 % relative change by default);
+    - anything else matches when equal after lower-casing.
 
-    Numbers are read as in the usual implementation (Pix2Struct's `relaxed_correctness`, which lmms-eval
-    uses): a trailing "%" divides by 100, so "12%" matches "0.12" but not "12". Two deliberate additions:
-    thousands separators in groups of three are accepted ("1,000" is 1000; "1,00" is text), and a ground
-    truth of 0 needs a prediction equal to 0 (the formula written without division) where Pix2Struct falls
-    back to comparing the strings ("0.0" ≠ "0"). Words ("five") stay text.
+    A number is what Python's `float()` reads ("1e3", "1_000", "+.5", "١٢" too); trailing "%" signs are
+    dropped and divide by 100, so "12%" matches "0.12" but not "12". Our deviations, each on purpose:
+    1. thousands separators in groups of three are read ("1,000" is 1000; "1,00" stays text);
+    2. a ground truth of 0 needs a prediction equal to 0, where Pix2Struct compares the strings
+       ("0.0" ≠ "0" there);
+    3. surrounding whitespace is ignored, in numbers ("5% ") and in text (" Yes");
+    4. "nan" and "inf" are text, so "nan" matches "nan" (in Pix2Struct it matches nothing, itself included).
+    Words ("five") stay text.
     """
     return float(any(_relaxed_match(prediction, answer, tolerance) for answer in _answer_list(gt_answers)))
 
 
 def _relaxed_match(prediction: str, answer: str, tolerance: float) -> bool:
     predicted, expected = _parse_number(prediction), _parse_number(answer)
-    if predicted is not None and expected is not None:
-        return abs(predicted - expected) <= tolerance * abs(expected)
-    return prediction.strip().lower() == answer.strip().lower()
+    if predicted is None or expected is None:
+        return prediction.strip().lower() == answer.strip().lower()
+    if expected == 0:
+        return predicted == 0
+    return abs(predicted - expected) / abs(expected) <= tolerance  # Pix2Struct's division, bit for bit
 
 
 def _parse_number(text: str) -> float | None:
     text = text.strip()
     is_percent = text.endswith(PERCENT_SIGN)
     if is_percent:
-        text = text[: -len(PERCENT_SIGN)].rstrip()
-    if _GROUPED_NUMBER.fullmatch(text):
+        text = text.rstrip(PERCENT_SIGN)
+    if _GROUPED_NUMBER.fullmatch(text.strip()):
         text = text.replace(",", "")
-    if not _PLAIN_NUMBER.fullmatch(text):
-        return None  # also keeps "nan", "inf" and "1e3", which float() would accept, as text
-    return float(text) / 100 if is_percent else float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return value / 100 if is_percent else value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,21 +310,19 @@ def wer_whisper(references: Sequence[str], hypotheses: Sequence[str]) -> WerResu
 def wer_official(references: Sequence[str], hypotheses: Sequence[str]) -> WerResult:
     """The WER the Lyra authors report (`lyra/eval/eval_asr_wer.py`), reproduced step for step.
 
-    Their references are the LibriSpeech transcripts after Whisper's `EnglishTextNormalizer` (done once when
-    their test file was prepared), so raw references are normalised here the same way; re-normalising text
-    that already is normalised changes nothing (the normaliser is idempotent up to whitespace, which the
-    transform below collapses). Hypotheses are the raw model output. Both then go through `remove_punc`
-    (in practice a no-op, see `OFFICIAL_PUNCTUATION_PATTERN`) and `jiwer.wer` with
+    References are used as written in the data file: the authors normalised their LibriSpeech transcripts
+    once, when they prepared the file, and their script never touches them again (normalising here would
+    change some: Whisper's normaliser turns "007" into "7"). Hypotheses are the raw model output. Both go
+    through `remove_punc` (in practice a no-op, see `OFFICIAL_PUNCTUATION_PATTERN`) and `jiwer.wer` with
     `wer_standardize_contiguous` on both sides: lower-case, expand contractions, drop Kaldi non-words
     ("<unk>", "[noise]"), collapse whitespace and join all utterances into **one** sentence before
     aligning. Punctuation is never removed: "world." against "world" is a substitution.
     """
     _check_pairs(references, hypotheses)
     jiwer = _import_jiwer()
-    normalize = _english_normalizer()
     transform = jiwer.wer_standardize_contiguous
     output = jiwer.process_words(
-        [remove_punc_official(normalize(text)) for text in references],
+        [remove_punc_official(text) for text in references],
         [remove_punc_official(text) for text in hypotheses],
         reference_transform=transform,
         hypothesis_transform=transform,

@@ -16,8 +16,9 @@ flight; a line cut by the kill is detected (no newline, or not JSON) and cut off
 resume every id already in the file, skipped ones included, is not asked again. `settings` (model,
 decoding, extractor) must match for a file to be resumed or merged: answers of two set-ups never mix.
 
-Scoring reads only `id` and `prediction` (or, for the authors' answer files, `question_id` and `text`), and
-takes the references from the data set, so predictions of other systems score the same way.
+Scoring reads only `id` and `prediction` (or, for the authors' answer files, `question_id` and `text`, and
+for TextVQA the `prompt` holding the question), and takes the references from the data set, so predictions
+of other systems score the same way. Lines are matched to questions by these keys, never by their order.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lyra_cli.engine.eval.suites import (
     layout,
     load_items,
     select,
+    textvqa_key,
     unique_ids,
 )
 from lyra_cli.errors import InputError, LyraError, UsageError
@@ -345,9 +347,11 @@ class Summary:
     paper: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     resumed: int = 0  # items found already answered when this run started
+    per_item: list[dict[str, Any]] = field(default_factory=list, repr=False)  # one record per scored item
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The summary without its per-item records (those go to their own file, see `write_per_item`)."""
+        return {k: v for k, v in asdict(self).items() if k != "per_item"}
 
     def comparable(self) -> dict[str, Any]:
         """The summary without what changes between two runs of the same predictions (time, resume, file)."""
@@ -378,6 +382,50 @@ def keyed_predictions(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, M
     return keyed, len(ids) - len(keyed)
 
 
+@dataclass
+class Matched:
+    """A predictions file's lines, each paired with the item it answers, in the file's order."""
+
+    pairs: list[tuple[EvalItem, Mapping[str, Any]]]
+    unknown: int  # lines whose id or (image, question) is not in the data
+    duplicates: int  # lines answering an item an earlier line already answered (the first is scored)
+
+
+def match_predictions(items: Sequence[EvalItem], records: Sequence[Mapping[str, Any]]) -> Matched:
+    """Pair each line with its item, never by position: our lines carry the item's `id`; the authors'
+    TextVQA answer lines carry the image id as `question_id` and the prompt, so they are matched by
+    (image, question) as `eval_textvqa.py` does — two questions about one image answered in any order
+    each find their own; other files by `question_id` (or `speech`), the only key their data has."""
+    by_id = {item.id: item for item in items}
+    by_key: dict[tuple[str, str], list[EvalItem]] = {}
+    for item in items:
+        if item.key is not None:
+            by_key.setdefault(item.key, []).append(item)
+    # Lines without our `id` that repeat a question id get the data file's `#2` numbering (unique_ids).
+    fallback_ids = unique_ids([prediction_id(r) or "" for r in records])
+    pairs: list[tuple[EvalItem, Mapping[str, Any]]] = []
+    unknown, taken = 0, set()
+    for record, fallback_id in zip(records, fallback_ids):
+        key = textvqa_key(record.get("question_id"), record.get("prompt")) if by_key and "id" not in record else None
+        if key is not None:
+            item = _first_free(by_key.get(key, []), taken)
+        else:
+            item = by_id.get(str(record["id"]) if "id" in record else fallback_id)
+        if item is None:
+            unknown += 1
+        elif item.id not in taken:
+            taken.add(item.id)
+            pairs.append((item, record))
+    return Matched(pairs, unknown, len(records) - unknown - len(pairs))
+
+
+def _first_free(candidates: Sequence[EvalItem], taken: set[str]) -> EvalItem | None:
+    """The first item with this (image, question) not answered yet; when all are, the first (a duplicate
+    line, not an unknown one); None when no item has it. One question asked twice about one image has the
+    same answers both times, as in the authors' scorer, which keys its annotations the same way."""
+    return next((item for item in candidates if item.id not in taken), candidates[0] if candidates else None)
+
+
 def score_predictions(
     suite: Suite,
     data_dir: Path,
@@ -387,27 +435,53 @@ def score_predictions(
     shard: Shard = SINGLE,
     mode: str | None = None,
     judge: Judge | None = None,
+    require_scores: bool = False,
 ) -> Summary:
-    """Score a predictions file (ours or another system's) against the suite's data, no model needed."""
-    if not predictions_path.is_file():
-        raise InputError(f"predictions file `{predictions_path}` does not exist", "give the .jsonl a run wrote")
+    """Score a predictions file (ours or another system's) against the suite's data, no model needed.
+    With `require_scores`, a file in which nothing can be scored is an error rather than a score of None."""
+    _check_predictions_path(predictions_path)
     items = select(load_items(suite, data_dir), limit=limit, shard=shard.pair)
-    return score_file(suite, items, predictions_path, mode=mode, judge=judge)
+    summary = score_file(suite, items, predictions_path, mode=mode, judge=judge)
+    if require_scores and summary.count == 0:
+        raise _nothing_scored(suite, predictions_path, summary)
+    return summary
+
+
+def _check_predictions_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"predictions file `{path}` is a folder", "give the .jsonl file a run wrote, not its folder")
+    if not path.is_file():
+        raise InputError(f"predictions file `{path}` does not exist", "give the .jsonl a run wrote")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot read `{path}`: {exc.strerror}", "check the file's permissions") from None
+
+
+def _nothing_scored(suite: Suite, path: Path, summary: Summary) -> InputError:
+    """Why not one line of the file could be scored, in terms a user can act on."""
+    n_lines = len(read_predictions(path).records)
+    if n_lines == 0:
+        return InputError(f"`{path}` holds no prediction lines (JSON objects with `id` and `prediction`)",
+                          f"give the .jsonl a `lyra eval {suite.name}` run wrote, or the authors' answer file")
+    if summary.skipped.get(SKIP_UNKNOWN_ID, 0) == n_lines:
+        return InputError(f"none of the {n_lines} line(s) of `{path}` answers a question of {suite.title} in the data",
+                          "score it with the suite, data and item selection of the run that wrote it")
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in summary.skipped.items())
+    return InputError(f"nothing in `{path}` can be scored ({reasons})",
+                      "every line was skipped or lacks a reference answer: fix the data, then rerun those items")
 
 
 def score_file(suite: Suite, items: Sequence[EvalItem], path: Path, *, mode: str | None = None,
                judge: Judge | None = None) -> Summary:  # fmt: skip
     content = read_predictions(path)
-    keyed, duplicates = keyed_predictions(content.records)
-    references = {item.id: item for item in items}
-    skipped: Counter[str] = Counter()
+    matched = match_predictions(items, content.records)
+    skipped: Counter[str] = Counter({SKIP_UNKNOWN_ID: matched.unknown} if matched.unknown else {})
     answered: list[tuple[EvalItem, Mapping[str, Any], str]] = []
-    for item_id, record in keyed.items():
-        item = references.get(item_id)
+    for item, record in matched.pairs:
         text = prediction_text(record)
-        if item is None:
-            skipped[SKIP_UNKNOWN_ID] += 1
-        elif "skipped" in record:
+        if "skipped" in record:
             skipped[str(record["skipped"])] += 1
         elif text is None:
             skipped["no prediction text"] += 1
@@ -415,17 +489,20 @@ def score_file(suite: Suite, items: Sequence[EvalItem], path: Path, *, mode: str
             skipped[SKIP_NO_REFERENCE] += 1
         else:
             answered.append((item, record, text))
+    answered_ids = {item.id for item, _ in matched.pairs}
     missing = 0
-    for item in (item for item in items if item.id not in keyed):
+    for item in (item for item in items if item.id not in answered_ids):
         reason = _unanswerable(suite, item)
         if reason is None:
             missing += 1
         else:
             skipped[reason] += 1
-    metrics, notes = _metric_values(suite, answered, judge)
-    notes += _file_notes(content, duplicates)
+    metrics, item_scores, notes = _metric_values(suite, answered, judge)
+    notes += _file_notes(content, matched.duplicates)
     mode = _file_mode(content.records) or mode or "unknown"  # a file of ours says which mode it was run in
-    return _summary(suite, mode, answered, metrics, skipped, missing=missing, path=path, notes=notes)
+    summary = _summary(suite, mode, answered, metrics, skipped, missing=missing, path=path, notes=notes)
+    summary.per_item = per_item_records(suite, answered, item_scores)
+    return summary
 
 
 def _unanswerable(suite: Suite, item: EvalItem) -> str | None:
@@ -452,37 +529,85 @@ def _file_notes(content: PredictionsFile, duplicates: int) -> list[str]:
     return notes
 
 
+ItemScores = dict[str, list[float | None]]  # metric → one score per answered item
+
+
 def _metric_values(suite: Suite, answered: list[tuple[EvalItem, Mapping[str, Any], str]],
-                   judge: Judge | None) -> tuple[dict[str, float | None], list[str]]:  # fmt: skip
+                   judge: Judge | None) -> tuple[dict[str, float | None], ItemScores, list[str]]:  # fmt: skip
+    """Each metric over the answered items (percentages), and its score for each item (fractions)."""
     from lyra_cli.engine.eval import metrics as m
 
     values: dict[str, float | None] = {}
+    per_item: ItemScores = {}
     notes: list[str] = []
     for name in suite.metrics:
         metric = METRICS[name]
+        function = getattr(m, metric.function) if metric.kind != "judge" else None
         if metric.kind == "item":
-            scores = [getattr(m, metric.function)(text, list(item.answers)) for item, _, text in answered]
-            values[name] = m.summarize(scores)["score"]
+            scores = [function(text, list(item.answers)) for item, _, text in answered]
+            values[name], per_item[name] = m.summarize(scores)["score"], list(scores)
         elif metric.kind == "corpus":
             refs, hyps = [item.answers[0] for item, _, _ in answered], [text for _, _, text in answered]
-            values[name] = m.PERCENT * getattr(m, metric.function)(refs, hyps).wer if refs else None
+            values[name] = m.PERCENT * function(refs, hyps).wer if refs else None
+            # An utterance's own WER; the corpus WER weights utterances by length, so it is not their mean.
+            per_item[name] = [function([ref], [hyp]).wer for ref, hyp in zip(refs, hyps)]
         else:
-            values[name], note = _judged(answered, judge)
+            values[name], per_item[name], note = _judged(answered, judge)
             notes += note
-    return values, notes
+    return values, per_item, notes
 
 
 def _judged(answered: list[tuple[EvalItem, Mapping[str, Any], str]],
-            judge: Judge | None) -> tuple[float | None, list[str]]:  # fmt: skip
+            judge: Judge | None) -> tuple[float | None, list[float | None], list[str]]:  # fmt: skip
     """MM-Vet: a GPT judge grades each answer against MM-Vet's ground truth; without one, no score."""
     if judge is None:
-        return None, ["MM-Vet is graded by a GPT judge: give --judge-url and --judge-model, or upload the "
-                      "exported .mmvet.json to the online MM-Vet grader"]  # fmt: skip
+        return None, [None] * len(answered), [
+            "MM-Vet is graded by a GPT judge: give --judge-url and --judge-model, or upload the "
+            "exported .mmvet.json to the online MM-Vet grader"]  # fmt: skip
     from lyra_cli.engine.eval import metrics as m
     from lyra_cli.engine.eval.mmvet import MMVetRecord
 
     records = [MMVetRecord(item.id, item.question or "", item.answers[0], text) for item, _, text in answered]
-    return m.summarize(judge(records) if records else [])["score"], []
+    scores = judge(records) if records else []
+    return m.summarize(scores)["score"], list(scores), []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-item scores: why a number moved
+
+PER_ITEM_FIELDS = ("id", "suite", "prediction", "references", "scores")  # a per-item file's records, exactly
+
+
+def per_item_records(suite: Suite, answered: list[tuple[EvalItem, Mapping[str, Any], str]],
+                     item_scores: ItemScores) -> list[dict[str, Any]]:  # fmt: skip
+    """One record per scored item, in the predictions file's order: its prediction, its references and
+    each metric's score for it (a fraction; the summary's percentages are 100 × the mean of these)."""
+    return [dict(zip(PER_ITEM_FIELDS, (item.id, suite.name, text, list(item.answers),
+                                       {name: scores[k] for name, scores in item_scores.items()})))
+            for k, (item, _, text) in enumerate(answered)]  # fmt: skip
+
+
+def check_per_item_target(path: Path) -> None:
+    """Refuse a path a per-item file may not be written to: a folder, or a file lyra did not write as a
+    per-item file (recognised by its first record's keys). An empty file holds nothing to lose."""
+    if path.is_dir():
+        raise UsageError(f"per-item scores file `{path}` is a folder", "give a file name, e.g. scores.jsonl")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with path.open("rb") as f:
+            first = _parse_line(f.readline())
+    except OSError as exc:
+        raise InputError(f"cannot read `{path}`: {exc.strerror}", "check the file's permissions") from None
+    if first is None or set(first) != set(PER_ITEM_FIELDS):
+        raise UsageError(f"`{path}` exists and is not a per-item scores file lyra wrote: not overwritten",
+                         "give a new file name, or move that file away")  # fmt: skip
+
+
+def write_per_item(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """The per-item records as JSON lines, written whole or not at all, over an earlier per-item file only."""
+    check_per_item_target(path)
+    _write_atomically(path, records)
 
 
 def _summary(suite: Suite, mode: str, answered: list[tuple[EvalItem, Mapping[str, Any], str]],

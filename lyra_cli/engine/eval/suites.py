@@ -90,6 +90,9 @@ class EvalItem:
     speech_prompt: str | None = None  # TextVQA: the record's own text, holding `<speech>`
     extra: Mapping[str, Any] = field(default_factory=dict)
     problem: Skip | None = None
+    # TextVQA: (image id, lower-cased question), how the authors' scorer matches an answer to its question
+    # (`eval_textvqa.py`); None where the data has only the question id.
+    key: tuple[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,15 +108,15 @@ def first_field(record: Mapping[str, Any], names: Sequence[str]) -> Any:
 
 
 def as_answers(value: Any) -> tuple[str, ...]:
-    """`"3"`, `["3", "three"]` or `[{"answer": "3"}]` (VQA's annotation style) → a tuple of strings."""
+    """`"3"`, `["3", "three"]` or `[{"answer": "3"}]` (VQA's annotation style) → a tuple of strings.
+
+    Empty answers in a list are kept: TextVQA's soft accuracy averages over all 10 human answers, an
+    annotator's "" included, and dropping it changes the score (EvalAI keeps it)."""
     if value is None:
         return ()
     if isinstance(value, (str, int, float)):
         return (str(value),)
-    out = []
-    for entry in value:
-        out.append(str(entry.get("answer", "")) if isinstance(entry, dict) else str(entry))
-    return tuple(a for a in out if a != "")
+    return tuple(str(entry.get("answer", "")) if isinstance(entry, dict) else str(entry) for entry in value)
 
 
 def strip_placeholders(text: str) -> str:
@@ -272,9 +275,18 @@ def read_textvqa(ctx: ReadContext, records: list[dict[str, Any] | Skip]) -> list
         question = textvqa_question(strip_placeholders(key_text)) if key_text else ""
         answers = as_answers(first_field(record, FIELDS_ANSWERS)) or annotations.get((raw_id, question)) or \
             annotations.get((image_stem, question), ())  # fmt: skip
-        items.append(_vqa_item(ctx, index, item_id, record, answers, str(text_prompt) if text_prompt else None,
-                               str(speech_prompt) if speech_prompt else None))  # fmt: skip
+        item = _vqa_item(ctx, index, item_id, record, answers, str(text_prompt) if text_prompt else None,
+                         str(speech_prompt) if speech_prompt else None)  # fmt: skip
+        items.append(replace(item, key=(raw_id, question)) if question and not item.problem else item)
     return items
+
+
+def textvqa_key(question_id: Any, prompt: Any) -> tuple[str, str] | None:
+    """The (image id, question) of an authors' TextVQA answer line (`question_id`, `prompt`), as
+    `eval_textvqa.py` recovers it; None when the line has no prompt."""
+    if question_id in (None, "") or not isinstance(prompt, str) or not prompt.strip():
+        return None
+    return str(question_id), textvqa_question(strip_placeholders(prompt))
 
 
 def read_librispeech(ctx: ReadContext, records: list[dict[str, Any] | Skip]) -> list[EvalItem]:
