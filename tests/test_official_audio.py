@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers.eval_fixtures import build_all
 from lyra_cli.audio.frontend import AudioFrontEnd
@@ -73,8 +74,8 @@ def test_longspeech_official_audio_has_its_own_cache_entry(real, tiny_dir, capsy
 
 
 def test_longspeech_cache_key_names_the_front_end():
-    ours = LongSpeechSettings().key_settings(Adapter.SPEECH, dtype="float32")  # type: ignore[arg-type]
-    official = LongSpeechSettings(front_end=AudioFrontEnd.official()).key_settings(Adapter.SPEECH, dtype="float32")  # type: ignore[arg-type]
+    ours = LongSpeechSettings().key_settings(Adapter.SPEECH, torch.float32)
+    official = LongSpeechSettings(front_end=AudioFrontEnd.official()).key_settings(Adapter.SPEECH, torch.float32)
     assert (ours["channel_mix"], ours["resampler"]) == ("mean", "soxr")
     assert (official["channel_mix"], official["resampler"]) == ("first", "sinc")
 

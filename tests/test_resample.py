@@ -161,7 +161,9 @@ def test_kernel_layout_for_44k1():
     kernel = sinc_kernel(44_100, 16_000)
     # gcd 100: 441 inputs -> 160 outputs; width ceil(6 * 441 / (160 * 0.99)) = 17
     assert (kernel.orig, kernel.new, kernel.width) == (441, 160, 17)
-    assert kernel.weights.shape == (160, 1, 2 * 17 + 441) and bool((kernel.weights == kernel.weights.float().double()).all())  # float32 values
+    assert kernel.taps == 2 * 17 + 441 and kernel.frames == 2  # 475 taps span two frames of 441 inputs
+    assert kernel.weights.shape == (2 * 441, 160) and not kernel.weights[kernel.taps :].any()
+    assert bool((kernel.weights == kernel.weights.float().double()).all())  # torchaudio's float32 coefficients
 
 
 @pytest.mark.parametrize("sizes", [[1] * 500, [7, 3000, 1, 441, 440, 5], [4410] * 3])

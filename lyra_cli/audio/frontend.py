@@ -57,8 +57,9 @@ class AudioFrontEnd:
 
         return load_audio(path, channel_mix=self.channel, resampler=self.resampler)
 
-    def open_stream(self, path: str | Path, **kwargs: float) -> AudioStream:
-        """`open_audio_stream` with this front end (`block_seconds` and the like pass through)."""
-        from lyra_cli.audio.io import open_audio_stream
+    def open_stream(self, path: str | Path, *, block_seconds: float | None = None) -> AudioStream:
+        """`open_audio_stream` with this front end (blocks of `block_seconds`, or its default)."""
+        from lyra_cli.audio.io import STREAM_BLOCK_SECONDS, open_audio_stream
 
-        return open_audio_stream(path, channel_mix=self.channel, resampler=self.resampler, **kwargs)  # type: ignore[arg-type]
+        seconds = STREAM_BLOCK_SECONDS if block_seconds is None else block_seconds
+        return open_audio_stream(path, channel_mix=self.channel, resampler=self.resampler, block_seconds=seconds)

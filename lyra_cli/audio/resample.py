@@ -40,8 +40,9 @@ ROLLOFF = 0.99  # torchaudio's default: cut-off at 99% of the lower Nyquist rate
 class SincKernel:
     """The strided-convolution form of the resampler between two rates, reduced by their gcd.
 
-    `weights` has shape (new, 1, 2*width + orig): row `j` makes output phase `j` of each block of `new` outputs
-    from a stretch of `2*width + orig` inputs that starts `width` samples before the block's first input.
+    Column `j` of `weights` makes output phase `j` of each block of `new` outputs from a stretch of
+    `taps = 2*width + orig` inputs that starts `width` samples before the block's first input. Its rows are the
+    taps, then zeros up to a whole number of `orig`-sample frames: shape (frames * orig, new).
     """
 
     orig: int
@@ -52,6 +53,11 @@ class SincKernel:
     @property
     def taps(self) -> int:
         return 2 * self.width + self.orig
+
+    @property
+    def frames(self) -> int:
+        """How many consecutive `orig`-sample frames one block's taps span."""
+        return self.weights.shape[0] // self.orig
 
 
 def output_length(n_samples: int, from_hz: int, to_hz: int) -> int:
@@ -79,7 +85,8 @@ def _cached_kernel(from_hz: int, to_hz: int) -> SincKernel:
     hann = torch.cos(lobes * math.pi / ZERO_CROSSINGS / 2) ** 2
     sinc = torch.sinc(lobes)  # sin(pi*u)/(pi*u), 1 at u = 0
     weights = (sinc * hann * (base / orig)).to(torch.float32).to(torch.float64)  # torchaudio's float32 values
-    return SincKernel(orig, new, width, weights[:, None, :].contiguous())
+    frames = -(-weights.shape[1] // orig)
+    return SincKernel(orig, new, width, torch.nn.functional.pad(weights.T, (0, 0, 0, frames * orig - weights.shape[1])))
 
 
 def resample_sinc(wav: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
@@ -154,10 +161,23 @@ class SincResampleStream:
 
 
 def _convolve(kernel: SincKernel, padded: torch.Tensor) -> np.ndarray:
-    """Every complete stride of float64 `padded` (n,) through `kernel`: float32 (n_blocks * new,), in time order."""
-    with torch.no_grad():
-        blocks = torch.nn.functional.conv1d(padded[None, None, :], kernel.weights, stride=kernel.orig)
-    return blocks[0].T.reshape(-1).to(torch.float32).numpy()  # (new, n_blocks) -> phases interleaved in time
+    """Every complete stride of float64 `padded` (n,) through `kernel`: float32 (n_blocks * new,), in time order.
+
+    The strided convolution as matrix products over frames of `orig` samples: block i's taps are frames
+    i .. i + frames - 1, so the output is the sum over q of (frames q.. as rows) @ (kernel rows of frame q).
+    Each operand is a view (no copy of overlapping windows) and BLAS sums in float64 faster than conv1d does.
+    """
+    orig = kernel.orig
+    n_blocks = max(0, (padded.shape[0] - kernel.taps) // orig + 1)
+    if n_blocks == 0:
+        return np.zeros(0, dtype=np.float32)
+    n_needed = (n_blocks + kernel.frames - 1) * orig  # the zero rows past the taps may read past the end
+    padded = torch.nn.functional.pad(padded[:n_needed], (0, max(0, n_needed - padded.shape[0])))
+    frames = padded.view(-1, orig)
+    out = torch.zeros(n_blocks, kernel.new, dtype=torch.float64)
+    for q in range(kernel.frames):
+        out.addmm_(frames[q : q + n_blocks], kernel.weights[q * orig : (q + 1) * orig])
+    return out.reshape(-1).to(torch.float32).numpy()  # (n_blocks, new) -> phases interleaved in time
 
 
 def _check_rates(from_hz: int, to_hz: int) -> None:

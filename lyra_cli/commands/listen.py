@@ -193,7 +193,8 @@ def listen(
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
     speech_io.check_speech_out(speech_out)
-    source = _source(input_file, input_device, realtime, official_audio)  # fails here, before weights, without a microphone
+    # fails here, before weights, without a microphone
+    source = _source(input_file, input_device, realtime, official_audio)
     outputs = speech_io.SpeechOutputs(speak=speak if speak is not None else input_file is None,
                                       device=output_device, speech_out=speech_out)  # fmt: skip
     listener = None

@@ -106,8 +106,8 @@ def longspeech(
 
     engine, sampling = _load_engine(model, model_dir, request, quiet, sampling_flags)
     common.announce_front_end(front_end, quiet)
-    settings = LongSpeechSettings(front_end=front_end, official_extra_window=official_windows, max_audio_s=max_audio_s,
-                                  encode_batch=encode_batch, use_cache=not no_cache)  # fmt: skip
+    settings = LongSpeechSettings(front_end=front_end, official_extra_window=official_windows,
+                                  max_audio_s=max_audio_s, encode_batch=encode_batch, use_cache=not no_cache)  # fmt: skip
     part = _encode(engine, file, settings, quiet)
     check_length(prompt_tokens(part.n_windows), config.text.max_position_embeddings, extractor)
     for question in questions:
