@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, _decode_blocks, load_audio, open_audio_stream
@@ -162,8 +163,11 @@ def test_kernel_layout_for_44k1():
     # gcd 100: 441 inputs -> 160 outputs; width ceil(6 * 441 / (160 * 0.99)) = 17
     assert (kernel.orig, kernel.new, kernel.width) == (441, 160, 17)
     assert kernel.taps == 2 * 17 + 441 and kernel.frames == 2  # 475 taps span two frames of 441 inputs
-    assert kernel.weights.shape == (2 * 441, 160) and not kernel.weights[kernel.taps :].any()
+    assert kernel.weights.shape == (160, 441, 2)  # (phases, samples per frame, frames)
+    by_tap = kernel.weights.permute(0, 2, 1).reshape(160, -1)  # tap q*441 + r
+    assert not by_tap[:, kernel.taps :].any() and by_tap[:, : kernel.taps].abs().max() > 0.3
     assert bool((kernel.weights == kernel.weights.float().double()).all())  # torchaudio's float32 coefficients
+    assert torch.allclose(by_tap.sum(dim=1), torch.ones(160, dtype=torch.float64), atol=2e-3)  # unit DC gain
 
 
 @pytest.mark.parametrize("sizes", [[1] * 500, [7, 3000, 1, 441, 440, 5], [4410] * 3])
