@@ -71,8 +71,8 @@ def file_digest(path: str | Path, chunk: int = HASH_CHUNK_BYTES) -> str:
 class CacheKey:
     """Everything that decides the speech tokens of one recording.
 
-    `settings` holds each option that changes the tokens (projector/adapter, dtype, channel mix, official
-    window flag, max-audio cut, ...), as flat str/int/float/bool values. Note that `1`, `1.0` and `True` are
+    `settings` holds each option that changes the tokens (projector/adapter, dtype, channel mix, resampler,
+    official window flag, max-audio cut, ...), as flat str/int/float/bool values. Note that `1`, `1.0` and `True` are
     different settings: pass each option in one consistent type.
     """
 

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lyra_cli.audio.io import RESAMPLE_QUALITY, SAMPLE_RATE_HZ, open_audio_stream
+from lyra_cli.audio.frontend import AudioFrontEnd
+from lyra_cli.audio.io import RESAMPLE_QUALITY, SAMPLE_RATE_HZ
 from lyra_cli.audio.playback import PCM16_SCALE, device_error, import_sounddevice, pick_device, release_stream
 from lyra_cli.audio.vad import FRAME_S, FRAME_SAMPLES
 
@@ -76,15 +77,17 @@ class _Framer:
 class FileSource:
     """`--input-file`: a recording (any format `load_audio` reads) fed frame by frame as if spoken.
 
+    `front_end` decodes it (`--official-audio`: the authors' channel 0 and sinc resampling).
     Raises `InputError` here for a missing or undecodable file. `trailing_silence_s` of zeros follow the
     recording so that a turn running to its very end is closed by the detector's end-of-turn silence.
     With `realtime`, frame k is yielded no earlier than (k + 1) * 32 ms after iteration began.
     """
 
     def __init__(
-        self, path: str | Path, *, realtime: bool = False, trailing_silence_s: float = TRAILING_SILENCE_S
+        self, path: str | Path, *, realtime: bool = False, trailing_silence_s: float = TRAILING_SILENCE_S,
+        front_end: AudioFrontEnd = AudioFrontEnd(),
     ) -> None:
-        self._stream = open_audio_stream(path)
+        self._stream = front_end.open_stream(path)
         self.path = self._stream.source
         self.realtime = realtime
         self._n_silence_frames = math.ceil(trailing_silence_s / FRAME_S)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.commands import common, speech_io
 from lyra_cli.errors import UsageError
 
@@ -70,6 +71,7 @@ def chat(
     vocoder: Path | None = speech_io.VocoderOption,
     ctc_aligned: bool = speech_io.CtcAlignedOption,
     stats: bool = typer.Option(False, "--stats", help="Print latency per turn (first token, first audio, RTF)."),
+    official_audio: bool = common.OfficialAudioOption,
     model: str = common.ModelOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
@@ -103,14 +105,18 @@ def chat(
     from lyra_cli.engine.pipeline import read_media
 
     speech_io.check_speech_out(speech_out)
-    decoded = [(item, read_media(item.kind, item.value)) if item.kind != "text" else (item, None) for item in items]
+    front_end = AudioFrontEnd.choose(official_audio)
+    decoded = [(item, read_media(item.kind, item.value, front_end)) if item.kind != "text" else (item, None)
+               for item in items]  # fmt: skip
     model_dir = common.model_dir_for(model)
     extractor = common.extractor_for(extract, model_dir)
     outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out)  # checks the device
     try:
         engine, sampling = _load(model, model_dir, request, quiet, sampling_flags)
+        common.announce_front_end(front_end, quiet)
         voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
-        turn = TurnSettings(json_out=json_out, extractor=extractor, voice=voice, outputs=outputs, stats=stats)
+        turn = TurnSettings(json_out=json_out, extractor=extractor, voice=voice, outputs=outputs, stats=stats,
+                            front_end=front_end)  # fmt: skip
         conversation = _conversation(system)
         parts = _encode(engine, decoded)
         if interactive:
@@ -159,6 +165,7 @@ class TurnSettings:
     voice: "Voice | None" = None
     outputs: "speech_io.SpeechOutputs | None" = None
     stats: bool = False
+    front_end: AudioFrontEnd = AudioFrontEnd()  # how speech files are decoded (`--official-audio`)
 
 
 def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig",
@@ -260,7 +267,7 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
             elif command in ("/image", "/video", "/speech"):
                 if not arg.strip():
                     raise UsageError(f"{command} needs a path", f"e.g. {command} examples/extreme_ironing.jpg")
-                queued.append(engine.encode(read_media(command[1:], arg.strip())))
+                queued.append(engine.encode(read_media(command[1:], arg.strip(), turn.front_end)))
                 info(f"{command[1:]} `{arg.strip()}` added to the next question")
                 if command == "/speech":  # speech is a question by itself (the official image+speech turn)
                     _answer(engine, conversation, queued, sampling, turn)

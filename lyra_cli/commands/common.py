@@ -11,6 +11,7 @@ import typer
 from lyra_cli.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
+    from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.engine.config import ExtractorConfig
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.loader import LoadedModel
@@ -47,6 +48,20 @@ LogprobsOption = typer.Option(
     "0 = the chosen token's only), as OpenAI reports them: after the repetition penalty, before temperature and "
     "top-k/top-p. With --json in each record's `logprobs`; otherwise a table on stderr (shown even with --quiet)."
 )
+OfficialAudioOption = typer.Option(
+    False, "--official-audio",
+    help="The authors' audio front end: channel 0 instead of the channel mean, and torchaudio's default "
+    "windowed-sinc resampling instead of soxr (the audio part of the official pipeline; windowing is "
+    "--official-windows where a command has it).",
+)  # fmt: skip
+
+
+def announce_front_end(front_end: "AudioFrontEnd", quiet: bool) -> None:
+    """Say in the header when the authors' front end is on: the tokens differ from a default run's."""
+    from lyra_cli.console import info
+
+    if front_end.is_official and not quiet:
+        info(f"audio front end: {front_end.describe()}")
 
 
 def model_dir_for(spec: str) -> Path:

@@ -23,6 +23,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.commands import common
 from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES, TEXT_MODE
 from lyra_cli.errors import UsageError
@@ -84,6 +85,7 @@ class EvalRequest:
     device_map: str = "none"
     max_memory: str | None = None
     per_item: Path | None = None
+    front_end: AudioFrontEnd = AudioFrontEnd()  # `--official-audio`: the authors' channel 0 and sinc resampling
 
 
 DataOption = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder).")
@@ -121,6 +123,7 @@ def _suite_command(name: str) -> Callable[..., None]:
         judge_model: str | None = JudgeModelOption,
         extract: str | None = ExtractOption,
         quiet: bool = QuietOption,
+        official_audio: bool = common.OfficialAudioOption,
         model: str = common.ModelOption,
         device: str = common.DeviceOption,
         dtype: str = common.DtypeOption,
@@ -140,7 +143,7 @@ def _suite_command(name: str) -> Callable[..., None]:
                      max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
         evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
                              quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory,
-                             per_item=per_item))  # fmt: skip
+                             per_item=per_item, front_end=AudioFrontEnd.choose(official_audio)))  # fmt: skip
 
     return command
 
@@ -192,6 +195,7 @@ def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool,
     if req.resume:
         check_resumable(read_predictions(out), out, suite, req.mode, settings)
     engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet)
+    common.announce_front_end(req.front_end, req.quiet)
     items = select(all_items, limit=req.limit, shard=shard.pair)
     summary = _run(engine, suite, items, req, out, shard, sampling, extractor, settings)
     if auto and shard.count > 1 and shard.index == 0:  # rank 0 merges and scores the whole run
@@ -260,7 +264,8 @@ def run_settings(req: EvalRequest, model_dir: Path, runtime: Any, sampling: Any)
         "dtype": runtime.dtype_name, "quantization": runtime.quantization, "extract": req.extract or "config",
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens,
-        "seed": sampling.seed, **({"logprobs": sampling.logprobs} if sampling.logprobs is not None else {}),
+        "seed": sampling.seed, **req.front_end.key_settings(),
+        **({"logprobs": sampling.logprobs} if sampling.logprobs is not None else {}),
     }  # fmt: skip
 
 
@@ -315,7 +320,8 @@ def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, 
              + (f" · shard {shard.label}" if shard.count > 1 else "") + f" · predictions → {out}")  # fmt: skip
     with ItemProgress(suite.title, enabled=not req.quiet) as bar:
         return run_suite(engine, suite, items, mode=req.mode, out_path=out, resume=req.resume, shard=shard,
-                         sampling=sampling, extractor=extractor, settings=settings, on_progress=bar.update)  # fmt: skip
+                         sampling=sampling, extractor=extractor, settings=settings, on_progress=bar.update,
+                         front_end=req.front_end)  # fmt: skip
 
 
 def _merge_ranks(req: EvalRequest, shard: "Shard", items_all: list) -> Path:  # noqa: ANN001

@@ -143,6 +143,10 @@ def listen(
     mic: bool = typer.Option(False, "--mic", help="Listen to the microphone (the default without --input-file)."),
     input_file: Path | None = typer.Option(None, "--input-file", help="Feed this recording instead of a microphone."),
     realtime: bool = typer.Option(False, "--realtime", help="With --input-file: play it in at speaking speed."),
+    official_audio: bool = typer.Option(
+        False, "--official-audio", help="With --input-file: decode it with the authors' audio front end (channel 0, "
+        "torchaudio's default windowed-sinc resampling) instead of the channel mean and soxr.",
+    ),  # fmt: skip
     speak: bool | None = typer.Option(None, "--speak/--no-speak", help="Answer through the speaker (default: with --mic)."),
     speech_out: Path | None = speech_io.SpeechOutOption,
     list_devices_flag: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
@@ -180,13 +184,17 @@ def listen(
         return
     if mic and input_file is not None:
         raise UsageError("--mic and --input-file exclude each other", "pick one source")
+    if official_audio and input_file is None:
+        raise UsageError("--official-audio needs --input-file (the microphone is always captured mono, soxr to 16 kHz)",
+                         "add --input-file FILE, or drop --official-audio")  # fmt: skip
     vad = _vad_config(vad_threshold, min_speech, end_silence, max_turn)
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
     speech_io.check_speech_out(speech_out)
-    source = _source(input_file, input_device, realtime)  # fails here, before weights, without a microphone
+    # fails here, before weights, without a microphone
+    source = _source(input_file, input_device, realtime, official_audio)
     outputs = speech_io.SpeechOutputs(speak=speak if speak is not None else input_file is None,
                                       device=output_device, speech_out=speech_out)  # fmt: skip
     listener = None
@@ -216,12 +224,13 @@ def _vad_config(threshold: float, min_speech: float, end_silence: float, max_tur
         raise UsageError(f"bad voice-activity setting: {exc}", "see `lyra listen --help` for the ranges") from None
 
 
-def _source(input_file: Path | None, input_device: str | None, realtime: bool):  # noqa: ANN202
+def _source(input_file: Path | None, input_device: str | None, realtime: bool, official_audio: bool):  # noqa: ANN202
+    from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.audio.mic import FileSource, MicSource
     from lyra_cli.audio.playback import pick_device
 
     if input_file is not None:
-        return FileSource(input_file, realtime=realtime)
+        return FileSource(input_file, realtime=realtime, front_end=AudioFrontEnd.choose(official_audio))
     return MicSource(pick_device(input_device, "input"))
 
 

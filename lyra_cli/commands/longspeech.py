@@ -63,6 +63,7 @@ def longspeech(
     official_windows: bool = typer.Option(
         False, "--official-windows", help="Add the authors' extra silent window to audio of exactly k·30 s."
     ),
+    official_audio: bool = common.OfficialAudioOption,
     system: str | None = typer.Option(None, "--system", help="System prompt (default: the official one)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per question instead of streamed text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header, progress or evidence on stderr."),
@@ -82,7 +83,7 @@ def longspeech(
     logprobs: int | None = common.LogprobsOption,
 ) -> None:
     """Ask questions about a long recording (minutes to hours)."""
-    from lyra_cli.audio.io import open_audio_stream
+    from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.engine.config import load_config
     from lyra_cli.engine.longspeech import LongSpeechSettings, prompt_tokens, windows_for
 
@@ -93,7 +94,8 @@ def longspeech(
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
-    stream = open_audio_stream(file)  # validates the file before any weights load; only its length is used
+    front_end = AudioFrontEnd.choose(official_audio)
+    stream = front_end.open_stream(file)  # validates the file before any weights load; only its length is used
     stream.close()
     model_dir = common.model_dir_for(model)
     config = load_config(model_dir)
@@ -104,8 +106,9 @@ def longspeech(
         check_length(prompt_tokens(windows_for(duration_s)), config.text.max_position_embeddings, extractor)
 
     engine, sampling = _load_engine(model, model_dir, request, quiet, sampling_flags)
-    settings = LongSpeechSettings(official_extra_window=official_windows, max_audio_s=max_audio_s,
-                                  encode_batch=encode_batch, use_cache=not no_cache)  # fmt: skip
+    common.announce_front_end(front_end, quiet)
+    settings = LongSpeechSettings(front_end=front_end, official_extra_window=official_windows,
+                                  max_audio_s=max_audio_s, encode_batch=encode_batch, use_cache=not no_cache)  # fmt: skip
     part = _encode(engine, file, settings, quiet)
     check_length(prompt_tokens(part.n_windows), config.text.max_position_embeddings, extractor)
     for question in questions:

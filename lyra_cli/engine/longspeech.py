@@ -20,7 +20,8 @@ import torch
 
 from lyra_cli.audio.cache import CacheKey, SpeechTokenCache, file_digest, model_fingerprint
 from lyra_cli.audio.features import TOKENS_PER_WINDOW
-from lyra_cli.audio.io import SAMPLE_RATE_HZ, open_audio_stream, require_speech
+from lyra_cli.audio.frontend import AudioFrontEnd
+from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
 from lyra_cli.audio.windows import WINDOW_SECONDS, count_windows, iter_window_batches, iter_windows
 from lyra_cli.engine.adapters import Adapter
 from lyra_cli.engine.events import Progress
@@ -38,7 +39,7 @@ ProgressCallback = Callable[[Progress], None]
 class LongSpeechSettings:
     """Everything that changes the speech tokens of a recording (all of it goes into the cache key)."""
 
-    channel_mix: str = "mean"
+    front_end: AudioFrontEnd = AudioFrontEnd()  # channel and resampler; both streamed, exactly
     official_extra_window: bool = False
     max_audio_s: float | None = None
     encode_batch: int = DEFAULT_ENCODE_BATCH
@@ -48,7 +49,7 @@ class LongSpeechSettings:
         return {
             "adapter": adapter.value,
             "dtype": str(dtype),
-            "channel_mix": self.channel_mix,
+            **self.front_end.key_settings(),
             "official_extra_window": self.official_extra_window,
             "max_audio_s": self.max_audio_s if self.max_audio_s is not None else "none",
         }
@@ -126,7 +127,7 @@ class RecordingEncoder:
         return part, False
 
     def _encode_stream(self, path: str | Path, on_progress: ProgressCallback | None) -> tuple[SpeechPart, Adapter]:
-        stream = open_audio_stream(path, channel_mix=self.settings.channel_mix)  # type: ignore[arg-type]
+        stream = self.settings.front_end.open_stream(path)
         max_samples = None if self.settings.max_audio_s is None else int(self.settings.max_audio_s * SAMPLE_RATE_HZ)
         total_s = stream.duration_s
         if total_s is not None and self.settings.max_audio_s is not None:

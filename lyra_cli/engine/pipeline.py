@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio, require_speech
+from lyra_cli.audio.frontend import AudioFrontEnd
+from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
 from lyra_cli.audio.windows import split_windows
 from lyra_cli.engine.adapters import Adapter, activate, route
 from lyra_cli.engine.config import ExtractorConfig
@@ -72,15 +73,18 @@ Media = DecodedImage | DecodedVideo | DecodedSpeech
 MEDIA_KINDS = ("image", "video", "speech")
 
 
-def read_media(kind: str, path: str | Path) -> Media:
-    """Decode and validate one input file; needs no model, so bad input fails before weights load."""
+def read_media(kind: str, path: str | Path, front_end: AudioFrontEnd = AudioFrontEnd()) -> Media:
+    """Decode and validate one input file; needs no model, so bad input fails before weights load.
+
+    `front_end` decides how speech becomes 16 kHz mono (ours by default; `AudioFrontEnd.official()`).
+    """
     if kind == "image":
         return DecodedImage(load_image(path), str(path))
     if kind == "video":
         frames, _fps = load_video_frames(path)
         return DecodedVideo(frames, str(path))
     if kind == "speech":
-        wav = load_audio(path)
+        wav = front_end.load(path)
         require_speech(wav, path)
         return DecodedSpeech(wav, str(path))
     raise ValueError(f"unknown media kind {kind!r}; expected one of {MEDIA_KINDS}")

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.engine.eval.suites import (
     METRICS,
     SKIP_NO_REFERENCE,
@@ -236,9 +237,11 @@ def run_suite(
     extractor: Any = None,
     settings: Mapping[str, Any] | None = None,
     on_progress: ProgressCallback | None = None,
+    front_end: AudioFrontEnd = AudioFrontEnd(),
 ) -> "Summary":
     """Answer every item of `items` (already selected for this shard) not yet in `out_path`, then score
-    the file against `items`. `settings` describe the run (model, decoding…) and must match on resume."""
+    the file against `items`. `settings` describe the run (model, decoding…) and must match on resume;
+    `front_end` decodes the speech (`--official-audio`: the authors')."""
     settings = dict(settings or {})
     done = prepare_output(out_path, resume=resume, suite=suite, mode=mode, settings=settings)
     pending = [item for item in items if item.id not in done]
@@ -249,7 +252,8 @@ def run_suite(
     with PredictionWriter(out_path) as writer:
         for n, item in enumerate(pending, start=1):
             record = {"id": item.id, "index": item.index, **header,
-                      **answer_item(engine, suite, item, mode, sampling, extractor), "settings": settings}  # fmt: skip
+                      **answer_item(engine, suite, item, mode, sampling, extractor, front_end),
+                      "settings": settings}  # fmt: skip
             writer.append(record)
             if on_progress is not None:
                 on_progress(n_before + n, len(items), record)
@@ -258,13 +262,14 @@ def run_suite(
     return summary
 
 
-def answer_item(engine: Any, suite: Suite, item: EvalItem, mode: str, sampling: Any, extractor: Any) -> dict[str, Any]:
+def answer_item(engine: Any, suite: Suite, item: EvalItem, mode: str, sampling: Any, extractor: Any,
+                front_end: AudioFrontEnd = AudioFrontEnd()) -> dict[str, Any]:  # fmt: skip
     """The item's record: its prediction with token counts and time, or why it was skipped."""
     pieces = layout(suite, item, mode)
     if isinstance(pieces, Skip):
         return _skipped(pieces)
     start = time.perf_counter()
-    media = decode_pieces(pieces)
+    media = decode_pieces(pieces, front_end)
     if isinstance(media, Skip):
         return _skipped(media)
     parts = [engine.encode(m) if not isinstance(m, str) else _text_part(m) for m in media]
@@ -282,7 +287,7 @@ def _skipped(skip: Skip) -> dict[str, Any]:
     return {"skipped": skip.reason, "detail": skip.detail}
 
 
-def decode_pieces(pieces: Sequence[Piece]) -> list[Any] | Skip:
+def decode_pieces(pieces: Sequence[Piece], front_end: AudioFrontEnd = AudioFrontEnd()) -> list[Any] | Skip:
     """Decode images (at the authors' eval size) and speech; a file that does not decode is a skip."""
     from lyra_cli.engine.pipeline import DecodedImage, read_media
     from lyra_cli.engine.vision import EVAL_MAX_SIDE, load_image
@@ -293,7 +298,7 @@ def decode_pieces(pieces: Sequence[Piece]) -> list[Any] | Skip:
             if piece.kind == "image":
                 decoded.append(DecodedImage(load_image(piece.value, max_side=EVAL_MAX_SIDE), piece.value))
             elif piece.kind == "speech":
-                decoded.append(read_media("speech", piece.value))
+                decoded.append(read_media("speech", piece.value, front_end))
             else:
                 decoded.append(piece.value)
         except InputError as exc:
