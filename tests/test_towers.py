@@ -22,12 +22,14 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from transformers import Qwen2VLVisionConfig, WhisperConfig
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from lyra_cli.audio.io import load_audio
 from lyra_cli.commands.common import header_lines
-from lyra_cli.engine import towers
+from lyra_cli.engine import footprint, towers
 from lyra_cli.engine.config import load_config
 from lyra_cli.engine.events import AudioChunk
 from lyra_cli.engine.generate import SamplingConfig
@@ -35,7 +37,12 @@ from lyra_cli.engine.pipeline import DecodedImage, DecodedSpeech, Engine
 from lyra_cli.engine.prompt import Conversation, TextPart, Turn
 from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.engine.tiny import SPEECH_TOWER_DIR, VISION_TOWER_DIR
-from lyra_cli.engine.towers import KnownViT, KnownWhisper, TowerOverrides, resolve_sources
+from lyra_cli.engine.towers import (
+    KnownViT,
+    KnownWhisper,
+    TowerOverrides,
+    resolve_sources,
+)
 from lyra_cli.engine.vision import load_image
 from lyra_cli.engine.voice import VoiceConfig, load_voice
 from lyra_cli.errors import CheckpointError
@@ -276,6 +283,12 @@ def test_info_memory_counts_every_loaded_parameter(tiny_dir: Path, capsys: pytes
     assert rows["4-bit"]["weights_bytes"] < rows["8-bit"]["weights_bytes"] < rows["bf16"]["weights_bytes"]
     # KV cache: 2 (k, v) × 2 layers × 2 KV heads × 16-wide heads × 1000 tokens × 2 bytes
     assert {row["kv_cache_bytes_per_1k_tokens"] for row in memory["rows"]} == {2 * 2 * 2 * 16 * 1000 * 2}
+
+
+def test_info_knows_the_adapter_folders_the_loader_reads() -> None:
+    from lyra_cli.engine.adapters import ADAPTER_DIRS
+
+    assert footprint.ADAPTER_FOLDERS == tuple(ADAPTER_DIRS.values())
 
 
 def test_info_text_is_readable_and_shows_problems(tiny_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:

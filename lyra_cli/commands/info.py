@@ -80,7 +80,7 @@ def describe(model_dir: Path, overrides: Any, device: str, compute: str) -> dict
         "weights": {"files": sorted({p.name for p in _shard_files(model_dir)}), "tensors": len(shards),
                     "dtypes": sorted({t.dtype for t in shards.values()}), "parameters_loaded": counts.total},
         "sources": sources.to_dict(),
-        "adapters": sorted({key.split("/", 1)[0] for key in adapters}),
+        "adapters": [name for name in footprint.ADAPTER_FOLDERS if (model_dir / name).is_dir()],
         "merged_adapter": config.raw.get(MERGED_KEY),  # `lyra train merge` folded it into the weights
         "extractor": "off" if not config.extractor.enabled else
                      f"every {config.extractor.compress_gap} layers keep {config.extractor.keep_rate:.0%}",

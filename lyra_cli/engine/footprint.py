@@ -34,6 +34,8 @@ NF4_DOUBLE_QUANT_BLOCK = 256  # … quantized to 8 bits, with one fp32 scale per
 NF4_OVERHEAD_BYTES = 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DOUBLE_QUANT_BLOCK)
 KV_TOKENS = 1000
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# adapters.ADAPTER_DIRS' folders, in its order (adapters.py imports torch; a test keeps the two equal)
+ADAPTER_FOLDERS = ("speech_lora", "long_speech_lora")
 GIB = 1024**3
 
 
@@ -117,9 +119,12 @@ def loaded_tensors(shards: Mapping[str, TensorInfo], sources: ModelSources, conf
 
 
 def adapter_tensors(model_dir: Path) -> dict[str, TensorInfo]:
-    """The LoRA weights of every adapter folder (each `*/adapter_model.safetensors`), keyed by folder."""
+    """The LoRA weights of each adapter folder present (as `folder/key`); the loader injects them all."""
     tensors: dict[str, TensorInfo] = {}
-    for path in sorted(model_dir.glob(f"*/{ADAPTER_WEIGHTS}")):
+    for folder in ADAPTER_FOLDERS:
+        path = model_dir / folder / ADAPTER_WEIGHTS
+        if not path.is_file():
+            continue
         for key, entry in safetensors_header(path).items():
-            tensors[f"{path.parent.name}/{key}"] = TensorInfo(tuple(entry["shape"]), str(entry["dtype"]))
+            tensors[f"{folder}/{key}"] = TensorInfo(tuple(entry["shape"]), str(entry["dtype"]))
     return tensors

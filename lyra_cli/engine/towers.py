@@ -376,7 +376,8 @@ def resolve_speech(requested: str, model_dir: Path, shards: Mapping[str, TensorI
     shapes, weights = _tower_shapes(SPEECH_PREFIX, shards, located)
     name = "speech tower"
     if located.path is not None and (located.path / TOWER_CONFIG_FILE).is_file():
-        return Resolved(name, located, read_json(located.path / TOWER_CONFIG_FILE), "config.json in its folder", weights)
+        settings = read_json(located.path / TOWER_CONFIG_FILE)
+        return Resolved(name, located, settings, "config.json in its folder", weights)
     known = recognise_whisper(shapes)
     missing = _missing(located, TOWER_CONFIG_FILE)
     if known is None:
@@ -388,7 +389,8 @@ def resolve_speech(requested: str, model_dir: Path, shards: Mapping[str, TensorI
     problem = None
     if known.mel_bins != LYRA_MEL_BINS:
         problem = CheckpointError(
-            f"the speech tower is a {encoder} encoder ({known.mel_bins} mel bins); Lyra's front end computes {LYRA_MEL_BINS}",
+            f"the speech tower is a {encoder} encoder ({known.mel_bins} mel bins); "
+            f"Lyra's front end computes {LYRA_MEL_BINS}",
             "Lyra needs a whisper-large-v3 / large-v3-turbo encoder (128 mel bins)",
         )
     return Resolved(name, located, known.config(), origin, weights, problem, encoder)
@@ -405,7 +407,8 @@ def resolve_vision(requested: str, model_dir: Path, shards: Mapping[str, TensorI
     missing = _missing(located, TOWER_CONFIG_FILE)
     if folder is not None and (folder / TOWER_CONFIG_FILE).is_file():
         raw = read_json(folder / TOWER_CONFIG_FILE)
-        vit = Resolved("vision tower", located, dict(raw.get("vision_config") or raw), "config.json in its folder", weights)
+        settings = dict(raw.get("vision_config") or raw)
+        vit = Resolved("vision tower", located, settings, "config.json in its folder", weights)
     elif vision_config:
         origin = "; ".join(filter(None, ["vision_config in config.json", recognised, missing]))
         vit = Resolved("vision tower", located, dict(vision_config), origin, weights, recognised=known and known.name)
@@ -413,8 +416,8 @@ def resolve_vision(requested: str, model_dir: Path, shards: Mapping[str, TensorI
         vit = Resolved("vision tower", located, dict(known.vision_config), f"{recognised}; {missing}", weights,
                        recognised=known.name)  # fmt: skip
     else:
-        problem = CheckpointError(f"vision tower {missing}, the model's config.json has no `vision_config` and its weights "
-                                  "match no known ViT", _provide_hint(located))  # fmt: skip
+        problem = CheckpointError(f"vision tower {missing}, the model's config.json has no `vision_config` and "
+                                  "its weights match no known ViT", _provide_hint(located))  # fmt: skip
         vit = Resolved("vision tower", located, None, "", weights, problem)
     return vit, _resolve_processor(located, known)
 
@@ -422,13 +425,15 @@ def resolve_vision(requested: str, model_dir: Path, shards: Mapping[str, TensorI
 def _resolve_processor(located: Located, known: KnownViT | None) -> Resolved:
     name = "image processor"
     if located.path is not None and (located.path / PREPROCESSOR_FILE).is_file():
-        return Resolved(name, located, read_json(located.path / PREPROCESSOR_FILE), f"{PREPROCESSOR_FILE} in its folder")
+        settings = read_json(located.path / PREPROCESSOR_FILE)
+        return Resolved(name, located, settings, f"{PREPROCESSOR_FILE} in its folder")
     missing = _missing(located, PREPROCESSOR_FILE)
     if known is not None:
-        released = f"the released {known.name.removesuffix(' ViT')} {PREPROCESSOR_FILE} values (ViT recognised from its weights)"
+        released = f"the released {known.name.removesuffix(' ViT')} {PREPROCESSOR_FILE} values"
+        released += " (ViT recognised from its weights)"
         return Resolved(name, located, dict(known.preprocessor), f"{released}; {missing}", recognised=known.name)
-    problem = CheckpointError(f"image processor settings: vision tower {missing} and the ViT is not one lyra recognises",
-                              _provide_hint(located))  # fmt: skip
+    problem = CheckpointError(f"image processor settings: vision tower {missing} and the ViT is not one lyra "
+                              "recognises", _provide_hint(located))  # fmt: skip
     return Resolved(name, located, None, "", "", problem)
 
 
