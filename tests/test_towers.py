@@ -147,6 +147,22 @@ def test_flags_override_every_rule(tiny_copy: Path, tmp_path: Path, monkeypatch:
         Engine.load(tiny_copy, CPU, TowerOverrides(speech=tmp_path / "nowhere"))
 
 
+def test_tower_weights_come_from_the_tower_folder_when_it_has_them(tiny_copy: Path) -> None:
+    """The authors load the towers from their folders and drop the copies in the shards."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = load_file(str(tiny_copy / index[towers.SPEECH_PREFIX + "conv1.weight"]))
+    folder_weights = {"model.encoder." + k[len(towers.SPEECH_PREFIX):]: v * 2  # different from the shards' copy
+                      for k, v in shard.items() if k.startswith(towers.SPEECH_PREFIX)}  # fmt: skip
+    save_file(folder_weights, str(tiny_copy / SPEECH_TOWER_DIR / "model.safetensors"))
+    loaded = Engine.load(tiny_copy, CPU).loaded
+    conv1 = loaded.model.model.speech_tower.speech_tower.conv1.weight
+    assert torch.equal(conv1, folder_weights["model.encoder.conv1.weight"].float())
+    assert f"weights from `{tiny_copy / SPEECH_TOWER_DIR}`" in loaded.sources.speech.line()  # type: ignore[union-attr]
+    assert loaded.unused_keys == []  # the shards' copies are dropped, not reported as unused
+
+
 def _set_heads(whisper_dir: Path, heads: int) -> None:
     path = whisper_dir / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "encoder_attention_heads": heads}))
