@@ -27,15 +27,23 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lyra_cli.engine.config import LyraConfig
-from lyra_cli.engine.towers import INDEX_FILE, SINGLE_FILE, SPEECH_PREFIX, VISION_PREFIX, ModelSources
-from lyra_cli.engine.towers import folder_weight_files as weight_files  # key → file, header-only
-from lyra_cli.engine.towers import resolve_sources, tower_folder_keys
+from lyra_cli.engine.towers import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SPEECH_PREFIX,
+    VISION_PREFIX,
+    ModelSources,
+    folder_weight_files,
+    resolve_sources,
+    tower_folder_keys,
+)
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 SPEECH_GENERATOR_FILE = "speech_generator.safetensors"
 GENERATOR_PREFIX = "speech_generator."
+weight_files = folder_weight_files  # key → file of a folder's safetensors, read from the headers (merge, speech_out)
 _MAX_KEYS_SHOWN = 5
 
 
