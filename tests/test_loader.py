@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -87,12 +86,6 @@ def test_tower_weights_fall_back_to_the_tower_folder(tiny_copy: Path) -> None:
     (tiny_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     loaded = load_model(tiny_copy, CPU)
     assert torch.equal(loaded.model.model.speech_tower.speech_tower.conv1.weight, reference)
-
-
-def test_whisper_config_inferred_without_tower_folder(tiny_copy: Path) -> None:
-    shutil.rmtree(tiny_copy / "model_zoo" / "audio")
-    loaded = load_model(tiny_copy, CPU)
-    assert loaded.model.model.speech_tower.speech_tower.config.encoder_layers == 2
 
 
 def test_not_a_lyra_config(tiny_copy: Path) -> None:

@@ -34,10 +34,12 @@ BIG = 1 << 40
 def meta_model(tiny_dir: Path) -> tuple[LyraForCausalLM, int]:
     """The tiny model's module tree on the meta device (no weights), and its decoder depth."""
     from lyra_cli.engine.loader import _build_towers
+    from lyra_cli.engine.towers import resolve_sources
 
     config = load_config(tiny_dir)
-    source = ckpt.load_config_and_source(tiny_dir, config)
-    vit, whisper = _build_towers(config, tiny_dir, source)
+    sources = resolve_sources(tiny_dir, config)
+    source = ckpt.load_config_and_source(tiny_dir, config, sources)
+    vit, whisper = _build_towers(sources, source)
     model = ckpt.build_empty(lambda: LyraForCausalLM(config, vit, whisper))
     model.tie_weights()
     return model, config.text.num_layers

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from lyra_cli.engine.voice import Voice
     from lyra_cli.engine.events import Done
     from lyra_cli.engine.generate import SamplingConfig
+    from lyra_cli.engine.towers import TowerOverrides
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.prompt import Conversation
 
@@ -73,6 +74,8 @@ def chat(
     stats: bool = typer.Option(False, "--stats", help="Print latency per turn (first token, first audio, RTF)."),
     official_audio: bool = common.OfficialAudioOption,
     model: str = common.ModelOption,
+    vision_tower: Path | None = common.VisionTowerOption,
+    speech_tower: Path | None = common.SpeechTowerOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
@@ -109,10 +112,11 @@ def chat(
     decoded = [(item, read_media(item.kind, item.value, front_end)) if item.kind != "text" else (item, None)
                for item in items]  # fmt: skip
     model_dir = common.model_dir_for(model)
+    overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     extractor = common.extractor_for(extract, model_dir)
     outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out)  # checks the device
     try:
-        engine, sampling = _load(model, model_dir, request, quiet, sampling_flags)
+        engine, sampling = _load(model, model_dir, request, quiet, sampling_flags, overrides)
         common.announce_front_end(front_end, quiet)
         voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
         turn = TurnSettings(json_out=json_out, extractor=extractor, voice=voice, outputs=outputs, stats=stats,
@@ -134,13 +138,13 @@ def _conversation(system: str | None) -> "Conversation":
 
 
 def _load(model: str, model_dir: Path, request, quiet: bool,  # noqa: ANN001
-          sampling_flags: dict) -> tuple["Engine", "SamplingConfig"]:  # fmt: skip
+          sampling_flags: dict, overrides: "TowerOverrides") -> tuple["Engine", "SamplingConfig"]:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.runtime import resolve_runtime
 
     runtime = resolve_runtime(request)
-    engine = Engine.load(model_dir, runtime)
+    engine = Engine.load(model_dir, runtime, overrides)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
     if not quiet:
         for line in common.header_lines(engine.loaded, model):

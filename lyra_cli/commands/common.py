@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.loader import LoadedModel
     from lyra_cli.engine.runtime import RuntimeRequest
+    from lyra_cli.engine.towers import TowerOverrides
 
 TINY = "tiny"
 # The raw arguments of this invocation, set by `lyra_cli.main.run`: typer groups repeated options
@@ -25,6 +26,15 @@ ARGV: list[str] = []
 ModelOption = typer.Option(
     TINY, "--model", "-m", help="Model folder in the Lyra release layout, or `tiny` for a small random model."
 )
+VisionTowerOption = typer.Option(
+    None, "--vision-tower",
+    help="ViT folder (config.json + preprocessor_config.json); default: `mm_vision_tower` from config.json, looked up "
+         "in the working directory, the model folder, then its parents.",
+)  # fmt: skip
+SpeechTowerOption = typer.Option(
+    None, "--speech-tower",
+    help="Whisper folder (config.json); default: `mm_speech_tower` from config.json, looked up as for --vision-tower.",
+)  # fmt: skip
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | mps.")
 DtypeOption = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU).")
 Load8bitOption = typer.Option(False, "--load-8bit", help="Load the decoder's linear layers in 8-bit (bitsandbytes).")
@@ -78,6 +88,15 @@ def model_dir_for(spec: str) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"`{spec}` has no config.json", "give the folder of a Lyra release (e.g. Lyra_Base_9B)")
     return path
+
+
+def tower_overrides(vision: Path | None, speech: Path | None, vocoder: Path | None = None) -> "TowerOverrides":
+    """`--vision-tower` / `--speech-tower` / `--vocoder`, checked before any weights load."""
+    from lyra_cli.engine.towers import TowerOverrides
+
+    overrides = TowerOverrides(vision=vision, speech=speech, vocoder=vocoder)
+    overrides.check()
+    return overrides
 
 
 def extractor_for(spec: str | None, model_dir: Path) -> "ExtractorConfig | None":
@@ -135,6 +154,7 @@ def header_lines(loaded: "LoadedModel", model_spec: str) -> list[str]:
         from lyra_cli.engine.quant import describe_quantization
 
         lines.append(f"  {describe_quantization(runtime.quantization, runtime.dtype)}")  # type: ignore[arg-type]
+    lines += loaded.sources.lines()  # where each tower, the processor settings and the vocoder came from
     adapters = ", ".join(a.value for a in loaded.adapters.available) or "none"
     lines.append(f"adapters {adapters} (chosen per turn: none for text/image/video, speech ≤ 30 s, long_speech beyond)")
     return lines

@@ -86,6 +86,7 @@ class EvalRequest:
     max_memory: str | None = None
     per_item: Path | None = None
     front_end: AudioFrontEnd = AudioFrontEnd()  # `--official-audio`: the authors' channel 0 and sinc resampling
+    towers: Any = None  # `TowerOverrides` from --vision-tower / --speech-tower (None: the model's own paths)
 
 
 DataOption = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder).")
@@ -125,6 +126,8 @@ def _suite_command(name: str) -> Callable[..., None]:
         quiet: bool = QuietOption,
         official_audio: bool = common.OfficialAudioOption,
         model: str = common.ModelOption,
+        vision_tower: Path | None = common.VisionTowerOption,
+        speech_tower: Path | None = common.SpeechTowerOption,
         device: str = common.DeviceOption,
         dtype: str = common.DtypeOption,
         load_8bit: bool = common.Load8bitOption,
@@ -143,7 +146,8 @@ def _suite_command(name: str) -> Callable[..., None]:
                      max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
         evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
                              quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory,
-                             per_item=per_item, front_end=AudioFrontEnd.choose(official_audio)))  # fmt: skip
+                             per_item=per_item, front_end=AudioFrontEnd.choose(official_audio),
+                             towers=common.tower_overrides(vision_tower, speech_tower)))  # fmt: skip
 
     return command
 
@@ -194,7 +198,7 @@ def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool,
     out = shard_path_for(req, shard, auto)
     if req.resume:
         check_resumable(read_predictions(out), out, suite, req.mode, settings)
-    engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet)
+    engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet, towers=req.towers)
     common.announce_front_end(req.front_end, req.quiet)
     items = select(all_items, limit=req.limit, shard=shard.pair)
     summary = _run(engine, suite, items, req, out, shard, sampling, extractor, settings)
@@ -284,11 +288,12 @@ def shard_path_for(req: EvalRequest, shard: "Shard", auto: bool) -> Path:
     return shard_path(base, shard) if named_by_us and shard.count > 1 else base
 
 
-def _load(model_dir: Path, runtime: Any, *, model: str, quiet: bool) -> Any:
+def _load(model_dir: Path, runtime: Any, *, model: str, quiet: bool, towers: Any = None) -> Any:
     from lyra_cli.console import info
     from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.towers import TowerOverrides
 
-    engine = Engine.load(model_dir, runtime)
+    engine = Engine.load(model_dir, runtime, towers or TowerOverrides())
     # Each question is its own conversation; reusing the previous prompt's cache would save only the
     # system prompt, and would make an answer depend on which question came before it (shards, resumes).
     engine.reuse_prefix = False
@@ -500,6 +505,8 @@ def needle(
     extract: str | None = ExtractOption,
     quiet: bool = QuietOption,
     model: str = common.ModelOption,
+    vision_tower: Path | None = common.VisionTowerOption,
+    speech_tower: Path | None = common.SpeechTowerOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
@@ -523,11 +530,12 @@ def needle(
     require_speech(fact, needle_file)
     _check_needle_fits(spec, fact)
     model_dir = common.model_dir_for(model)
+    towers = common.tower_overrides(vision_tower, speech_tower)
     extractor = common.extractor_for(extract, model_dir)
     _check_positions(model_dir, spec, extractor)
     runtime = resolve_runtime(request)
     sampling = eval_sampling(model_dir, NEEDLE_MAX_NEW_TOKENS, flags)
-    engine = _load(model_dir, runtime, model=model, quiet=quiet)
+    engine = _load(model_dir, runtime, model=model, quiet=quiet, towers=towers)
     grid = _run_needle(engine, hay, fact, spec, sampling, extractor, extract, quiet)
     context = {"model": common.TINY if model == common.TINY else str(model_dir), "haystack": [str(p) for p in haystack],
                "needle": str(needle_file)}  # fmt: skip

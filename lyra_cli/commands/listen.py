@@ -165,6 +165,8 @@ def listen(
     vocoder: Path | None = speech_io.VocoderOption,
     ctc_aligned: bool = speech_io.CtcAlignedOption,
     model: str = common.ModelOption,
+    vision_tower: Path | None = common.VisionTowerOption,
+    speech_tower: Path | None = common.SpeechTowerOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
@@ -193,6 +195,7 @@ def listen(
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
     speech_io.check_speech_out(speech_out)
+    overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     # fails here, before weights, without a microphone
     source = _source(input_file, input_device, realtime, official_audio)
     outputs = speech_io.SpeechOutputs(speak=speak if speak is not None else input_file is None,
@@ -201,7 +204,7 @@ def listen(
     try:
         listener = _listener(model, request, sampling_flags, system, outputs, vocoder, chunk_units, ctc_aligned,
                              json_out=json_out, stats=stats, quiet=quiet, realtime=input_file is None or realtime,
-                             max_turns=max_turns)  # fmt: skip
+                             max_turns=max_turns, overrides=overrides)  # fmt: skip
         from lyra_cli.audio.vad import SileroVad, TurnDetector
 
         listener.run(source, TurnDetector(vad, SileroVad()))
@@ -249,13 +252,13 @@ def _print_devices() -> None:
 
 def _listener(model: str, request, sampling_flags: dict, system: str | None, outputs, vocoder, chunk_units: int,  # noqa: ANN001
               ctc_aligned: bool, *, json_out: bool, stats: bool, quiet: bool, realtime: bool,
-              max_turns: int | None) -> Listener:  # fmt: skip
+              max_turns: int | None, overrides) -> Listener:  # noqa: ANN001  # fmt: skip
     from lyra_cli.console import info, write_answer
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
     from lyra_cli.engine.runtime import resolve_runtime
 
-    engine = Engine.load(common.model_dir_for(model), resolve_runtime(request))
+    engine = Engine.load(common.model_dir_for(model), resolve_runtime(request), overrides)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
     voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
     note = (lambda _: None) if quiet else info

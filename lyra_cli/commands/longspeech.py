@@ -68,6 +68,8 @@ def longspeech(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per question instead of streamed text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header, progress or evidence on stderr."),
     model: str = common.ModelOption,
+    vision_tower: Path | None = common.VisionTowerOption,
+    speech_tower: Path | None = common.SpeechTowerOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
@@ -98,6 +100,7 @@ def longspeech(
     stream = front_end.open_stream(file)  # validates the file before any weights load; only its length is used
     stream.close()
     model_dir = common.model_dir_for(model)
+    overrides = common.tower_overrides(vision_tower, speech_tower)
     config = load_config(model_dir)
     extractor = common.extractor_for(extract, model_dir)
     questions = _questions(ask)
@@ -105,7 +108,7 @@ def longspeech(
     if duration_s is not None:
         check_length(prompt_tokens(windows_for(duration_s)), config.text.max_position_embeddings, extractor)
 
-    engine, sampling = _load_engine(model, model_dir, request, quiet, sampling_flags)
+    engine, sampling = _load_engine(model, model_dir, request, quiet, sampling_flags, overrides)
     common.announce_front_end(front_end, quiet)
     settings = LongSpeechSettings(front_end=front_end, official_extra_window=official_windows,
                                   max_audio_s=max_audio_s, encode_batch=encode_batch, use_cache=not no_cache)  # fmt: skip
@@ -157,12 +160,12 @@ def _prompt_questions() -> Iterator[str]:
             yield line
 
 
-def _load_engine(model: str, model_dir: Path, request, quiet: bool, sampling_flags: dict):  # noqa: ANN001, ANN202
+def _load_engine(model: str, model_dir: Path, request, quiet: bool, sampling_flags: dict, overrides):  # noqa: ANN001, ANN202
     from lyra_cli.console import info
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.runtime import resolve_runtime
 
-    engine = Engine.load(model_dir, resolve_runtime(request))
+    engine = Engine.load(model_dir, resolve_runtime(request), overrides)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
     if not quiet:
         for line in common.header_lines(engine.loaded, model):

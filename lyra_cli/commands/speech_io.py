@@ -27,8 +27,10 @@ SpeechOutOption = typer.Option(
 OutputDeviceOption = typer.Option(None, "--output-device", help="Speaker: device index or part of its name.")
 ChunkUnitsOption = typer.Option(40, "--chunk-units", help="Units per vocoder call (smaller: earlier first audio).")
 VocoderOption = typer.Option(
-    None, "--vocoder", help="Unit vocoder folder (g_00500000 + config.json); default: the model's model_zoo/audio/vocoder."
-)
+    None, "--vocoder",
+    help="Unit vocoder folder (g_00500000 + config.json); default: model_zoo/audio/vocoder in the working directory, "
+         "the model folder or its parents.",
+)  # fmt: skip
 CtcAlignedOption = typer.Option(
     False, "--ctc-aligned",
     help="Feed the speech generator each token's own state (as in training), not the authors' shifted states.",

@@ -77,6 +77,8 @@ def train_stage(
                                             help="Also log to OUT/tensorboard (default: when tensorboard is installed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     model: str = common.ModelOption,
+    vision_tower: Path | None = common.VisionTowerOption,
+    speech_tower: Path | None = common.SpeechTowerOption,
     device: str = common.DeviceOption,
     dtype: str = common.DtypeOption,
     load_8bit: bool = common.Load8bitOption,
@@ -101,6 +103,7 @@ def train_stage(
     from lyra_cli.engine.runtime import resolve_runtime
     from lyra_cli.engine.train.distributed import Distributed
 
+    towers = common.tower_overrides(vision_tower, speech_tower)
     runtime = resolve_runtime(common.runtime_request(device, dtype, load_8bit, load_4bit))
     ranks = Distributed.from_env()  # one process, or one of `torchrun` / `accelerate launch`'s
     ranks.start(runtime.device.type)
@@ -110,7 +113,7 @@ def train_stage(
         info(f"DeepSpeed config `{deepspeed}` read (ZeRO-{zero_stage}): its batch, accumulation, clipping and bf16 "
              "settings apply; training runs plain data parallel")  # fmt: skip
     try:
-        engine, generator, plan = _prepare(model, runtime, stage, seed, ranks)
+        engine, generator, plan = _prepare(model, runtime, stage, seed, ranks, towers)
         if dry_run:
             if ranks.is_main:
                 _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
@@ -152,14 +155,14 @@ def _print(text: str) -> None:
     write_answer(text + "\n")
 
 
-def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any) -> tuple[Any, Any, Any]:
+def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any, towers: Any) -> tuple[Any, Any, Any]:
     import torch
 
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.speech_out import load_speech_generator
     from lyra_cli.engine.train.stages import Trains, prepare_for_stage
 
-    engine = Engine.load(common.model_dir_for(model), runtime)
+    engine = Engine.load(common.model_dir_for(model), runtime, towers)
     loaded = engine.loaded
     generator = None
     if stage.trains is Trains.SPEECH_GENERATOR:

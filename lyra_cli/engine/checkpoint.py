@@ -4,7 +4,8 @@
     model.safetensors.index.json + model-0000k-of-0000n.safetensors   (or one model.safetensors)
     speech_generator.safetensors                                       (read by the speech-out stage)
     speech_lora/ long_speech_lora/                                     (adapters.py)
-    model_zoo/vision/<ViT>/  model_zoo/audio/<whisper>/                (tower configs, optionally weights)
+    model_zoo/vision/<ViT>/  model_zoo/audio/<whisper>/                (tower configs, optionally weights;
+                                                                       found as in towers.py)
 
 The model is built on the meta device and tensors are streamed file by file straight onto their
 device, so peak host memory stays near the size of the weights. Every parameter is either loaded or
@@ -25,22 +26,24 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lyra_cli.engine.config import LyraConfig, read_json
+from lyra_cli.engine.config import LyraConfig
+from lyra_cli.engine.towers import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SPEECH_PREFIX,
+    VISION_PREFIX,
+    ModelSources,
+    folder_weight_files,
+    resolve_sources,
+    tower_folder_keys,
+)
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 SPEECH_GENERATOR_FILE = "speech_generator.safetensors"
-VISION_PREFIX = "model.vision_tower.vision_tower."
-SPEECH_PREFIX = "model.speech_tower.speech_tower."
 GENERATOR_PREFIX = "speech_generator."
-# How tower weights are named when they come from a tower's own folder (HF WhisperModel / ViT saves).
-_TOWER_FOLDER_PREFIXES = {
-    SPEECH_PREFIX: ("model.encoder.", "encoder."),
-    VISION_PREFIX: ("visual.", "model.visual.", ""),
-}
+weight_files = folder_weight_files  # key → file of a folder's safetensors, read from the headers (merge, speech_out)
 _MAX_KEYS_SHOWN = 5
 
 
@@ -75,7 +78,7 @@ class WeightSource:
             return tuple(handle.get_slice(stored).get_shape())
 
 
-def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
+def _open(path: Path):
     if not path.is_file():
         raise CheckpointError(f"weight file `{path}` is missing", "re-download the model folder; a shard is absent")
     try:
@@ -87,20 +90,6 @@ def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
 def file_keys(path: Path) -> list[str]:
     with _open(path) as handle:
         return list(handle.keys())
-
-
-def weight_files(folder: Path) -> dict[str, Path] | None:
-    """key → file for a folder holding sharded (index) or single-file safetensors; None if it holds neither."""
-    index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"`{index_path}` has no `weight_map`", "re-download the model folder")
-        return {key: folder / name for key, name in weight_map.items()}
-    single = folder / SINGLE_FILE
-    if single.is_file():
-        return {key: single for key in file_keys(single)}
-    return None
 
 
 def main_weight_source(model_dir: Path) -> WeightSource:
@@ -121,27 +110,19 @@ def main_weight_source(model_dir: Path) -> WeightSource:
     return source
 
 
-def resolve_tower_dir(model_dir: Path, tower_path: str) -> Path | None:
-    """The config's tower path (relative paths are relative to the model folder, as in the release)."""
-    candidate = Path(tower_path).expanduser()
-    for path in (candidate, model_dir / candidate) if candidate.is_absolute() else (model_dir / candidate,):
-        if path.is_dir():
-            return path
-    return None
-
-
-def add_tower_fallback(source: WeightSource, prefix: str, tower_dir: Path | None) -> None:
-    """Tower weights missing from the main shards are read from the tower's own folder, when it has them."""
-    if source.keys_with_prefix(prefix) or tower_dir is None:
+def use_tower_folder(source: WeightSource, prefix: str, tower_dir: Path | None) -> None:
+    """Tower weights come from the tower's own folder when it holds them (the authors' code always loads
+    the towers from there and drops the copies in the shards), else from the shards."""
+    files = weight_files(tower_dir) if tower_dir is not None else None
+    if not files:
         return
-    files = weight_files(tower_dir)
-    if files is None:
+    mapped = {ours: (path, stored) for stored, path in files.items() if (ours := tower_folder_keys(stored, prefix))}
+    if not mapped:
         return
-    for stored_key, path in files.items():
-        for folder_prefix in _TOWER_FOLDER_PREFIXES[prefix]:
-            if stored_key.startswith(folder_prefix):
-                source.add(prefix + stored_key[len(folder_prefix) :], path, stored_key)
-                break
+    for key in source.keys_with_prefix(prefix):
+        del source.locations[key]
+    for key, (path, stored) in mapped.items():
+        source.add(key, path, stored)
     log.info("tower weights for `%s` read from `%s`", prefix.rstrip("."), tower_dir)
 
 
@@ -199,11 +180,11 @@ def load_weights(
     return LoadReport(loaded=len(expected), unused_keys=unused)
 
 
-def load_config_and_source(model_dir: Path, config: LyraConfig) -> WeightSource:
-    """The main shards plus tower-folder fallbacks, ready for `load_weights`."""
+def load_config_and_source(model_dir: Path, config: LyraConfig, sources: ModelSources | None = None) -> WeightSource:
+    """The main shards, with each tower's weights from its folder when it holds them, ready for `load_weights`."""
     source = main_weight_source(model_dir)
-    if config.vision is not None:
-        add_tower_fallback(source, VISION_PREFIX, resolve_tower_dir(model_dir, config.vision.tower))
-    if config.speech is not None:
-        add_tower_fallback(source, SPEECH_PREFIX, resolve_tower_dir(model_dir, config.speech.tower))
+    sources = sources if sources is not None else resolve_sources(model_dir, config)
+    for prefix, resolved in ((VISION_PREFIX, sources.vision), (SPEECH_PREFIX, sources.speech)):
+        if resolved is not None:
+            use_tower_folder(source, prefix, resolved.located.path)
     return source

@@ -67,7 +67,7 @@ class TextModelConfig:
 class SpeechConfig:
     """Speech input side: Whisper tower location and the concat-k MLP projector."""
 
-    tower: str  # `mm_speech_tower`, a path (usually relative to the model folder)
+    tower: str  # `mm_speech_tower`, a path (relative ones are found as towers.py describes)
     projector_type: str = "simple_mlp"
     ds_rate: int = 5  # `speech_encoder_ds_rate`: encoder frames concatenated per token
     encoder_hidden_size: int = 1280  # `speech_encoder_hidden_size`

@@ -21,9 +21,10 @@ from lyra_cli.engine.generate import SamplingConfig, sampling_from_generation_co
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.placement import Placement, auto_budgets, module_sizes, plan_placement
 from lyra_cli.engine.runtime import Runtime
-from lyra_cli.engine.speech import whisper_config, whisper_config_from_shapes
+from lyra_cli.engine.speech import whisper_config
 from lyra_cli.engine.tokenizer import end_token_ids, load_tokenizer
-from lyra_cli.engine.vision import VisualProcessor
+from lyra_cli.engine.towers import ModelSources, Resolved, TowerOverrides, resolve_sources
+from lyra_cli.engine.vision import VisionPreprocessConfig, VisualProcessor
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -47,44 +48,46 @@ class LoadedModel:
     model_dir: Path
     load_s: float
     unused_keys: list[str]
+    sources: ModelSources  # where each tower, the processor settings and the vocoder came from (the header)
 
 
-def _vit_config(config: LyraConfig, tower_dir: Path | None) -> Qwen2VLVisionConfig:
-    raw = dict(config.vision.tower_config) if config.vision else {}
-    if tower_dir is not None and (tower_dir / "config.json").is_file():
-        folder = read_json(tower_dir / "config.json")
-        raw = dict(folder.get("vision_config") or folder)
-    if not raw:
-        raise CheckpointError(
-            "no vision tower configuration found", "config.json needs `vision_config` or the tower folder a config.json"
-        )
+def _vit_config(vision: Resolved) -> Qwen2VLVisionConfig:
+    raw = dict(vision.require() or {})
     raw.pop("model_type", None)
     vit = Qwen2VLVisionConfig(**raw)
     vit._attn_implementation = "sdpa"
     return vit
 
 
-def _build_towers(config: LyraConfig, model_dir: Path, source: ckpt.WeightSource) -> tuple[nn.Module | None, ...]:
+def _build_towers(sources: ModelSources, source: ckpt.WeightSource) -> tuple[nn.Module | None, ...]:
     vit = whisper = None
-    if config.vision is not None:
-        vit_cfg = _vit_config(config, ckpt.resolve_tower_dir(model_dir, config.vision.tower))
+    if sources.vision is not None:
+        vit_cfg = _vit_config(sources.vision)
         vit = ckpt.build_empty(lambda: Qwen2VisionTransformerPretrainedModel(vit_cfg))
-    if config.speech is not None:
-        keys = source.keys_with_prefix(ckpt.SPEECH_PREFIX)
-        if not keys:
+    if sources.speech is not None:
+        if not source.keys_with_prefix(ckpt.SPEECH_PREFIX):
             raise CheckpointError(
                 f"no speech tower weights: neither `{ckpt.SPEECH_PREFIX}*` in the shards nor a tower folder at "
-                f"`{config.speech.tower}`",
+                f"`{sources.speech.located.requested}`",
                 "the model folder is incomplete",
             )
-        whisper_cfg = whisper_config(
-            ckpt.resolve_tower_dir(model_dir, config.speech.tower),
-            lambda: whisper_config_from_shapes(source.shape, keys, ckpt.SPEECH_PREFIX),
-        )
+        whisper_cfg = whisper_config(sources.speech.require() or {})
         from lyra_cli.engine.speech import build_whisper_encoder
 
         whisper = ckpt.build_empty(lambda: build_whisper_encoder(whisper_cfg))
     return vit, whisper
+
+
+def _visual_processor(sources: ModelSources) -> VisualProcessor | None:
+    if sources.processor is None or sources.vision is None:
+        return None
+    sources.vision.require()  # the ViT's own problem first: the processor's follows from it
+    settings = sources.processor.require() or {}
+    try:
+        return VisualProcessor(VisionPreprocessConfig.from_dict(dict(settings)))
+    except (ValueError, TypeError, AttributeError) as exc:  # bad value types in the file
+        raise CheckpointError(f"image processor settings ({sources.processor.origin}) are not valid: {exc}",
+                              "restore the vision tower's preprocessor_config.json from the release")  # fmt: skip
 
 
 def read_generation_config(model_dir: Path) -> dict:
@@ -144,14 +147,19 @@ def _check_vocab(tokenizer: Any, config: LyraConfig) -> None:
         )
 
 
-def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
-    """Load every part of a release folder onto `runtime`; raises `CheckpointError` naming what is wrong."""
+def load_model(model_dir: Path, runtime: Runtime, overrides: TowerOverrides | None = None) -> LoadedModel:
+    """Load every part of a release folder onto `runtime`; raises `CheckpointError` naming what is wrong.
+    Towers and the vocoder are found as `towers.py` describes; `overrides` are the command-line folders."""
     start = time.perf_counter()
     config = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)  # cheap, and a broken folder fails before any weights move
     _check_vocab(tokenizer, config)
-    source = ckpt.load_config_and_source(model_dir, config)
-    vit, whisper = _build_towers(config, model_dir, source)
+    overrides = overrides or TowerOverrides()
+    overrides.check()
+    sources = resolve_sources(model_dir, config, overrides)
+    visual = _visual_processor(sources)  # before the weights: a missing processor config fails fast
+    source = ckpt.load_config_and_source(model_dir, config, sources)
+    vit, whisper = _build_towers(sources, source)
     model: LyraForCausalLM = ckpt.build_empty(lambda: LyraForCausalLM(config, vit, whisper))  # type: ignore[assignment]
     model.tie_weights()
     ignore = (ckpt.GENERATOR_PREFIX, "lm_head.") if config.text.tie_word_embeddings else (ckpt.GENERATOR_PREFIX,)
@@ -165,9 +173,6 @@ def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
     _move_buffers(model, placement)  # the rotary tables were built on the CPU
     adapters = load_adapters(model, model_dir, config, runtime.dtype)
     generation = read_generation_config(model_dir)
-    visual = None
-    if config.vision is not None:
-        visual = VisualProcessor.from_dir(ckpt.resolve_tower_dir(model_dir, config.vision.tower))
     return LoadedModel(
         model=model,
         config=config,
@@ -181,4 +186,5 @@ def load_model(model_dir: Path, runtime: Runtime) -> LoadedModel:
         model_dir=model_dir,
         load_s=time.perf_counter() - start,
         unused_keys=report.unused_keys,
+        sources=sources,
     )

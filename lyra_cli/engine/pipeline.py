@@ -34,6 +34,7 @@ from lyra_cli.engine.events import AudioChunk, Done, Event, TextDelta, TokenLogp
 from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import END_STATE, SamplingConfig, StepLogprobs, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
+from lyra_cli.engine.towers import TowerOverrides
 from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, can_resume
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
@@ -149,8 +150,8 @@ class Engine:
         self._prefix: PrefixCache | None = None
 
     @classmethod
-    def load(cls, model_dir: Path, runtime: Runtime) -> "Engine":
-        return cls(load_model(model_dir, runtime))
+    def load(cls, model_dir: Path, runtime: Runtime, overrides: TowerOverrides | None = None) -> "Engine":
+        return cls(load_model(model_dir, runtime, overrides))
 
     # -- media --------------------------------------------------------------------------------
 

@@ -1,15 +1,15 @@
 """Speech input: Whisper encoder (transformers, frozen) + concat-k projector = 300 tokens per 30 s window.
 
-The encoder config comes from the tower folder's `config.json` when the release ships it
-(`model_zoo/audio/whisper-large-v3`), else it is read off the checkpoint's own tensor shapes, so a
-release folder without the tower folder still loads.
+The encoder config comes from the tower folder's `config.json` (`model_zoo/audio/whisper-large-v3`), or,
+without the folder, from the public encoder its stored weights are recognised as (towers.py): the head
+count cannot be read off the weights, so it is never guessed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,42 +18,16 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from lyra_cli.audio.features import ENCODER_FRAMES, N_MELS, log_mel_spectrogram
-from lyra_cli.engine.config import read_json
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-WHISPER_HEAD_DIM = 64  # every released Whisper size uses 64-wide heads
 DEFAULT_ENCODE_BATCH = 8  # windows per encoder call: bounds activation memory for long audio
 
 
-def _count_layers(keys: list[str], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
-
-
-def whisper_config_from_shapes(shape_of: Callable[[str], tuple[int, ...]], keys: list[str], prefix: str) -> WhisperConfig:
-    """Infer the encoder hyper-parameters from the stored tensors (conv1: (d_model, n_mels, 3))."""
-    d_model, n_mels, _ = shape_of(prefix + "conv1.weight")
-    ffn_dim, _ = shape_of(prefix + "layers.0.fc1.weight")
-    n_positions, _ = shape_of(prefix + "embed_positions.weight")
-    n_layers = _count_layers(keys, prefix + "layers.")
-    return WhisperConfig(
-        num_mel_bins=n_mels,
-        d_model=d_model,
-        encoder_layers=n_layers,
-        encoder_attention_heads=max(1, d_model // WHISPER_HEAD_DIM),
-        encoder_ffn_dim=ffn_dim,
-        max_source_positions=n_positions,
-    )
-
-
-def whisper_config(tower_dir: Path | None, infer: Callable[[], WhisperConfig]) -> WhisperConfig:
-    if tower_dir is not None and (tower_dir / "config.json").is_file():
-        config = WhisperConfig(**read_json(tower_dir / "config.json"))
-    else:
-        config = infer()
-        log.info("Whisper encoder config inferred from the checkpoint's shapes (no tower folder)")
+def whisper_config(settings: Mapping[str, Any]) -> WhisperConfig:
+    """transformers' config from the settings `towers.resolve_speech` determined; checked against Lyra's front end."""
+    config = WhisperConfig(**settings)
     if config.num_mel_bins != N_MELS or config.max_source_positions != ENCODER_FRAMES:
         raise CheckpointError(
             f"the speech tower expects {config.num_mel_bins} mel bins and {config.max_source_positions} frames",

@@ -82,7 +82,7 @@ def _vision_config(hidden: int = HIDDEN) -> dict[str, Any]:
 
 def _whisper_config() -> dict[str, Any]:
     return {
-        # one 64-wide head, the width every real Whisper uses (the loader assumes it without a tower folder)
+        # one 64-wide head, the width every real Whisper uses
         "model_type": "whisper", "num_mel_bins": N_MELS, "d_model": 64, "encoder_layers": 2,
         "encoder_attention_heads": 1, "encoder_ffn_dim": 128, "decoder_layers": 1, "decoder_attention_heads": 2,
         "decoder_ffn_dim": 128, "max_source_positions": ENCODER_FRAMES, "vocab_size": 64,

@@ -451,9 +451,9 @@ class VisualProcessor:
         )
 
     @classmethod
-    def from_dir(cls, vit_dir: Path | None) -> VisualProcessor:
-        """Configured from `vit_dir/preprocessor_config.json`, or Qwen2-VL's defaults for None."""
-        return cls(VisionPreprocessConfig.from_dir(vit_dir) if vit_dir is not None else None)
+    def from_dir(cls, vit_dir: Path) -> VisualProcessor:
+        """Configured from `vit_dir/preprocessor_config.json` (a model's settings: towers.resolve_vision)."""
+        return cls(VisionPreprocessConfig.from_dir(vit_dir))
 
     def images(self, images: Sequence[Image.Image]) -> VisualInput:
         """Patches of several images; each image fills both temporal slots (grid t = 1)."""

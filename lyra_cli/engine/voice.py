@@ -18,6 +18,7 @@ import torch
 from lyra_cli.engine.generate import Step
 from lyra_cli.engine.loader import LoadedModel
 from lyra_cli.engine.speech_out import SpeechGenerator, UnitStream, load_speech_generator
+from lyra_cli.engine.towers import resolve_vocoder
 from lyra_cli.engine.vocoder import UnitVocoder, VocoderStream, load_vocoder
 from lyra_cli.errors import CheckpointError
 
@@ -29,8 +30,6 @@ DEFAULT_CHUNK_UNITS = 40
 FIRST_CHUNK_UNITS = 10
 WARM_UP_STATES = 2
 WARM_UP_UNITS = DEFAULT_CHUNK_UNITS  # the authors' demo default: ~0.8 s of audio per vocoder call
-# Where a release folder keeps the unit vocoder (the authors' CLI default, relative to the model).
-VOCODER_DIRS = ("model_zoo/audio/vocoder", "vocoder")
 
 
 @dataclass(frozen=True)
@@ -82,18 +81,13 @@ class VoiceTurn:
         return self.audio.flush()
 
 
-def find_vocoder_dir(model_dir: Path, explicit: Path | None) -> Path:
-    if explicit is not None:
-        if not explicit.is_dir():
-            raise CheckpointError(f"vocoder folder `{explicit}` does not exist", "give the folder with g_00500000")
-        return explicit
-    for name in VOCODER_DIRS:
-        if (model_dir / name).is_dir():
-            return model_dir / name
-    raise CheckpointError(
-        f"no unit vocoder in `{model_dir}` (looked in {', '.join(VOCODER_DIRS)})",
-        "download the mHuBERT km1000 CodeHiFiGAN (g_00500000 + config.json) and pass --vocoder DIR",
-    )
+def find_vocoder_dir(loaded: LoadedModel, explicit: Path | None) -> Path:
+    """`--vocoder DIR`, else the folder the load found (towers.py: working directory, model folder, parents)."""
+    resolved = loaded.sources.vocoder if explicit is None else resolve_vocoder(loaded.model_dir, explicit)
+    if resolved.located.path is None:
+        raise resolved.problem or CheckpointError(f"vocoder folder `{explicit}` does not exist",
+                                                  "give the folder with g_00500000 + config.json")  # fmt: skip
+    return resolved.located.path
 
 
 def load_voice(loaded: LoadedModel, vocoder_dir: Path | None, config: VoiceConfig) -> Voice:
@@ -106,7 +100,7 @@ def load_voice(loaded: LoadedModel, vocoder_dir: Path | None, config: VoiceConfi
             "speech output needs a Lyra release with speech_generator.safetensors",
         )
     # The vocoder is small and its output is audio: fp32 everywhere avoids audible rounding.
-    vocoder = load_vocoder(find_vocoder_dir(loaded.model_dir, vocoder_dir), device=runtime.device, dtype=torch.float32)
+    vocoder = load_vocoder(find_vocoder_dir(loaded, vocoder_dir), device=runtime.device, dtype=torch.float32)
     voice = Voice(generator, vocoder, config)
     warm_up(voice, loaded.config.text.hidden_size)
     return voice
