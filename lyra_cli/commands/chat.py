@@ -65,6 +65,7 @@ def chat(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header or progress on stderr."),
     speak: bool = speech_io.SpeakOption,
     speech_out: Path | None = speech_io.SpeechOutOption,
+    overwrite: bool = common.OverwriteOption,
     output_device: str | None = speech_io.OutputDeviceOption,
     chunk_units: int = speech_io.ChunkUnitsOption,
     vocoder: Path | None = speech_io.VocoderOption,
@@ -101,11 +102,11 @@ def chat(
 
     from lyra_cli.engine.pipeline import read_media
 
-    speech_io.check_speech_out(speech_out)
+    speech_io.check_speech_out(speech_out, overwrite=overwrite)
     decoded = [(item, read_media(item.kind, item.value)) if item.kind != "text" else (item, None) for item in items]
     model_dir = common.model_dir_for(model)
     extractor = common.extractor_for(extract, model_dir)
-    outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out)  # checks the device
+    outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out, overwrite=overwrite)  # checks the device
     try:
         engine, sampling = _load(model, model_dir, request, quiet, sampling_flags)
         voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
