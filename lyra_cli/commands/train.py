@@ -217,7 +217,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
          tensorboard: bool | None, strict: bool) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
-    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision, tensorboard_available
+    from lyra_cli.engine.train.loop import Trainer, resolve_precision, tensorboard_available
     from lyra_cli.errors import MissingDependencyError
 
     stage = plan.stage
@@ -234,9 +234,8 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
                       log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks,
                       tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None, strict=strict)  # fmt: skip
-    last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
+    last = trainer.resume_latest(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
-        trainer.load_checkpoint(last)
         if ranks.is_main:
             info(f"resumed from `{last}` at step {trainer.step_count}")
     if not quiet:
