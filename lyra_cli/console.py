@@ -10,6 +10,12 @@ from rich.markup import escape
 from lyra_cli.timefmt import clock
 
 ui = Console(stderr=True, highlight=False, soft_wrap=True)
+_errors = Console(stderr=True, highlight=False, soft_wrap=True)  # errors show even under -q
+
+
+def set_quiet(quiet: bool) -> None:
+    """-q: nothing on stderr but errors (headers, progress, tables and notes are dropped)."""
+    ui.quiet = quiet
 
 
 def write_answer(text: str) -> None:
@@ -23,9 +29,9 @@ def info(message: str) -> None:
 
 
 def error(message: str, hint: str | None) -> None:
-    ui.print(f"[bold red]error:[/bold red] {escape(message)}")
+    _errors.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
-        ui.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+        _errors.print(f"[yellow]hint:[/yellow] {escape(hint)}")
 
 
 class AudioProgress:

@@ -73,7 +73,7 @@ def trainable_projection(projector: nn.Module, *, long_adapter: str = "long_spee
     def project(part: SpeechPart) -> Tensor:
         if part.frames is None:
             if not part.tokens:
-                raise InputError(f"`{part.source}` has neither frames nor tokens")
+                raise InputError(f"`{part.source}` has neither frames nor tokens", "check the record's media file")
             return part.tokens.get(long_adapter, next(iter(part.tokens.values()))).clone()
         weight = next(projector.parameters())
         frames = part.frames.to(device=weight.device, dtype=weight.dtype).clone()  # not an inference tensor
@@ -226,9 +226,10 @@ def train_step_terms(
     labels = example.labels
     if stage.trains is Trains.SPEECH_GENERATOR:
         if generator is None:
-            raise UsageError(f"{stage.name} needs the speech generator")
+            raise UsageError(f"{stage.name} needs the speech generator", "use a model folder with speech_generator.safetensors")
         if not example.tgt_units:
-            raise InputError(f"record `{example.record.id}` has no tgt_unit for {stage.name}")
+            raise InputError(f"record `{example.record.id}` has no tgt_unit for {stage.name}",
+                             "stage 4 records need the speech units of the answer (`tgt_unit`)")  # fmt: skip
         with torch.no_grad():
             inputs = example.prompt_inputs(embed_ids=backbone.embed_tokens, project_speech=project_speech)
             out = backbone_forward(backbone, inputs, labels, extractor)
@@ -422,7 +423,7 @@ class Trainer:
         strict: bool = False,
     ) -> None:
         if total_steps < 1:
-            raise UsageError("total_steps must be >= 1")
+            raise UsageError("total_steps must be >= 1", "e.g. --steps 100")
         self.model, self.plan, self.dataset, self.generator = model, plan, dataset, generator
         self.stage = plan.stage
         if project is None and plan.projector is not None:
