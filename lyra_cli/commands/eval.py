@@ -173,15 +173,15 @@ def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool,
     from lyra_cli.engine.eval.runner import check_resumable, read_predictions
     from lyra_cli.engine.eval.suites import load_items, select
 
+    out = shard_path_for(req, shard, auto)
+    _check_outputs(suite, req, out)  # first: a bad --out costs nothing
+    if auto and shard.count > 1 and shard.index == 0:
+        _check_outputs(suite, req, base_out(req))  # rank 0 writes the merged file too
     all_items = load_items(suite, req.data)  # the data is read and checked before any weights load
     if auto:
         _pin_local_gpu()  # before anything touches CUDA
     model_dir, runtime, extractor, sampling = _setup(suite, req)
     settings = run_settings(req, model_dir, runtime, sampling)
-    out = shard_path_for(req, shard, auto)
-    _check_outputs(suite, req, out)
-    if auto and shard.count > 1 and shard.index == 0:
-        _check_outputs(suite, req, base_out(req))  # rank 0 writes the merged file too
     if req.resume:
         check_resumable(read_predictions(out), out, suite, req.mode, settings)
     engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet)
