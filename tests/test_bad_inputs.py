@@ -366,3 +366,30 @@ def test_bad_input(row: Row, tiny_dir: Path, real: Path, synth: Path, tmp_path: 
     assert [line.split(":")[0] for line in lines] == ["error", "hint"], err
     assert row.fragment in err, err
     assert snapshot(d) == before, "a file changed or appeared"
+
+
+def _damaged_mp3(real: Path, path: Path) -> Path:
+    """Hi.mp3 cut after its first frame header and filled with noise: libmpg123 prints `Note:` lines on it."""
+    data = (real / "Hi.mp3").read_bytes()
+    start = data.find(b"\xff\xfb")
+    path.write_bytes(data[: start + 4] + bytes(range(256)) * 20)
+    return path
+
+
+@pytest.mark.slow  # two fresh interpreters: the notes are written by C code to fd 2, out of capsys' reach
+def test_library_noise_reaches_the_terminal_only_with_verbose(tiny_copy: Path, real: Path, tmp_path: Path) -> None:
+    """A damaged mp3 (mpg123 notes, FFmpeg warnings) and a projector pickle that makes torch warn: without -v
+    stderr holds the error and its hint (and lyra's own warning); with -v the library's warning shows."""
+    import subprocess
+    import sys
+
+    _unsafe_pickle(tiny_copy / LORA / "non_lora_trainables.bin")
+    argv = ["chat", "--speech", str(_damaged_mp3(real, tmp_path / "damaged.mp3")), "-m", str(tiny_copy)]
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    plain = subprocess.run([sys.executable, "-m", "lyra_cli.main", *argv], capture_output=True, text=True, env=env)
+    # lyra's own warning (it skipped a damaged packet) stays; nothing from the libraries does
+    lines = [line for line in plain.stderr.splitlines() if line.strip() and not line.startswith("WARNING lyra_cli.")]
+    assert plain.returncode == 1 and [line.split(":")[0] for line in lines] == ["error", "hint"], plain.stderr
+    verbose = subprocess.run([sys.executable, "-m", "lyra_cli.main", "-v", *argv], capture_output=True, text=True,
+                             env=env)  # fmt: skip
+    assert verbose.returncode == 1 and "UserWarning" in verbose.stderr and "Traceback" not in verbose.stderr
