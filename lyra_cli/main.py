@@ -80,7 +80,6 @@ def _main(
     quiet = quiet or _command_quiet(common.ARGV)
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(level)  # also when a handler exists already (a second run in one process)
     # Third-party warnings (numpy, torch, PyAV...) go through logging: shown with -v, hidden otherwise.
     logging.captureWarnings(True)
     logging.getLogger(WARNINGS_LOGGER).setLevel(logging.WARNING if verbose or debug else logging.CRITICAL)
