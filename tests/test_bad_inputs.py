@@ -9,6 +9,7 @@ row damages one, `{real}`: the bundled recordings) plus the files to create firs
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ class Row:
     setup: Setup | None = None  # damages {model} (a copy of tiny) or adds files to {d}
     needs_model: bool = False
     cache_dir: str | None = None  # LYRA_CACHE_DIR for this row (`{d}`-relative)
+    disk: str | None = None  # simulate a disk state root cannot produce: a key of DISKS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,6 +163,25 @@ def _checkpoint(damage: Callable[[Path], None]) -> Setup:
     return _in_d(write)
 
 
+def _failing_probe(code: int) -> Callable[[pytest.MonkeyPatch], None]:
+    """Creating any file fails with `code` (tests run as root, which permission bits do not stop)."""
+
+    def patch(monkeypatch: pytest.MonkeyPatch) -> None:
+        def mkstemp(*args: object, **kwargs: object) -> tuple[int, str]:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr("lyra_cli.outputs.tempfile.mkstemp", mkstemp)
+
+    return patch
+
+
+def _nearly_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lyra_cli.outputs.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+
+
+DISKS = {"full": _failing_probe(errno.ENOSPC), "read-only": _failing_probe(errno.EROFS),
+         "no permission": _failing_probe(errno.EACCES), "nearly full": _nearly_full}  # fmt: skip
+
 CHAT = ("chat", "--text", "hi", "--max-new-tokens", "2")
 WITH_MODEL = ("-m", "{model}")
 HI = "{real}/Hi.mp3"
@@ -180,6 +201,8 @@ ROWS = [
     Row("speech-out in /proc", (*CHAT, "--speech-out", "/proc/lyra-test.wav"), 2, "cannot write"),
     Row("speech-out name too long", (*CHAT, "--speech-out", "{d}/" + "a" * 300 + ".wav"), 2, "longer than"),
     Row("speech-out not a wav", (*CHAT, "--speech-out", "{d}/answer.mp3"), 2, "must end in .wav"),
+    Row("speech-out on a full disk", (*CHAT, "--speech-out", "{d}/new.wav"), 2, "the disk is full", disk="full"),
+    Row("speech-out on a read-only disk", (*CHAT, "--speech-out", "{d}/new.wav"), 2, "read-only", disk="read-only"),
     Row("listen speech-out over a user's file", ("listen", "--input-file", HI, "--speech-out", "{d}/notes.wav"), 2,
         "not written by lyra"),
     Row("listen speech-out is a folder", ("listen", "--input-file", HI, "--speech-out", "{d}/adir.wav"), 2,
@@ -254,6 +277,11 @@ ROWS = [
     Row("eval data missing", ("eval", "chartqa-s", "--data", "{d}/none", "--out", "{d}/new.jsonl"), 1, "none"),
     Row("eval merge over a user's file", ("eval", "merge", "{d}/notes.txt", "{d}/s1.jsonl"), 2, "not written by lyra"),
     Row("eval merge into a folder", ("eval", "merge", "{d}/adir", "{d}/s1.jsonl"), 2, "is a folder"),
+    Row("eval merge shard is a folder", ("eval", "merge", "{d}/new.jsonl", "{d}/adir"), 1, "is a folder"),
+    Row("eval merge shard is a user's file", ("eval", "merge", "{d}/new.jsonl", "{d}/notes.txt"), 1,
+        "not a lyra predictions file"),
+    Row("eval out on a read-only disk", ("eval", "docvqa-s", "--data", "{d}", "--out", "{d}/new.jsonl"), 2,
+        "read-only", disk="read-only"),
     Row("eval merge output is a shard", ("eval", "merge", "{d}/s1.jsonl", "{d}/s1.jsonl"), 2, "both"),
     Row("needle out is a file", (*NEEDLE, "--out", "{d}/afile"), 2, "is a file, not a folder"),
     Row("needle out over a user's json", (*NEEDLE, "--out", "{d}/nd"), 2, "not written by lyra",
@@ -269,6 +297,9 @@ ROWS = [
         _user_file_in("mine", "mm_speech_projector.bin")),
     Row("train out holds a user's metrics", (*STAGE1, "--out", "{d}/mine"), 2, "not written by lyra",
         _user_file_in("mine", "metrics.jsonl")),
+    Row("train checkpoints is a file", (*STAGE1, "--out", "{d}/run"), 2, "is a file, not a folder",
+        _user_file_in("run", "checkpoints")),
+    Row("train out without permission", (*STAGE1, "--out", "{d}/o"), 2, "permission denied", disk="no permission"),
     Row("train data not JSON", ("train", "stage1", "--data", "{d}/bad.json", "--out", "{d}/o"), 1, "not valid JSON"),
     Row("train data a dict", ("train", "stage2", "--data", "{d}/dict.json", "--out", "{d}/o"), 1, "not a list"),
     Row("train data not UTF-8", ("train", "stage3", "--data", "{d}/latin1.json", "--out", "{d}/o"), 1, "UTF-8"),
@@ -290,6 +321,8 @@ ROWS = [
     Row("merge out is a file", ("train", "merge", "--out", "{d}/afile"), 2, "is a file, not a folder"),
     Row("merge out under a file", ("train", "merge", "--out", "{d}/afile/m"), 2, "is a file, not a folder"),
     Row("merge out not empty", ("train", "merge", "--out", "{d}/full"), 1, "not empty"),
+    Row("merge out on a nearly full disk", ("train", "merge", "--out", "{d}/m"), 2, "MB free", disk="nearly full"),
+    Row("merge out on a full disk", ("train", "merge", "--out", "{d}/m"), 2, "the disk is full", disk="full"),
     Row("merge unknown adapter", ("train", "merge", "--out", "{d}/m", "--adapter", "vision"), 2, "unknown adapter"),
     Row("merge a truncated adapter", ("train", "merge", *WITH_MODEL, "--out", "{d}/m"), 1, "adapter_model.safetensors",
         _damage(f"{LORA}/adapter_model.safetensors", _truncate), True),
@@ -350,6 +383,8 @@ def test_bad_input(row: Row, tiny_dir: Path, real: Path, synth: Path, tmp_path: 
         shutil.copytree(synth, d / "synth")
     if row.setup is not None:
         row.setup(model)
+    if row.disk is not None:
+        DISKS[row.disk](monkeypatch)
     if row.cache_dir is not None:
         monkeypatch.setenv("LYRA_CACHE_DIR", str(d / row.cache_dir))
     monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)

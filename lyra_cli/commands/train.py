@@ -143,7 +143,8 @@ def check_train_paths(data: Path, out: Path, *, overwrite: bool) -> None:
         raise InputError(f"--data `{data}` is a folder", "give the official JSON file itself, e.g. --data train.json")
     if not data.is_file():
         raise InputError(f"training data `{data}` does not exist", "give the official JSON file with --data")
-    check_output_dir(out, flag="--out")
+    for folder in (out, out / CHECKPOINT_DIR, out / TENSORBOARD_DIR):
+        check_output_dir(folder, flag="--out")
     check_files_in(out, [METRICS_FILE], flag="--out", overwrite=overwrite, is_ours=is_jsonl_with("step", "loss"))
     ours = (out / METRICS_FILE).is_file() or (out / CHECKPOINT_DIR).is_dir()
     clashes = [name for name in RESULT_NAMES if (out / name).exists()]

@@ -534,8 +534,18 @@ def merge_predictions(paths: Sequence[Path], out_path: Path) -> MergeReport:
 
 
 def _existing(path: Path) -> Path:
+    from lyra_cli.outputs import is_predictions_file
+
+    if path.is_dir():
+        raise InputError(f"predictions file `{path}` is a folder", "give the .jsonl files the shards wrote")
     if not path.is_file():
         raise InputError(f"predictions file `{path}` does not exist", "give the .jsonl files the shards wrote")
+    try:
+        ours = is_predictions_file(path)
+    except (OSError, ValueError):  # ValueError: JSON or UTF-8
+        ours = False
+    if not ours:
+        raise InputError(f"`{path}` is not a lyra predictions file", "give the .jsonl files the shards wrote")
     return path
 
 
