@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from lyra_cli.engine.events import TokenLogprob
 
 ui = Console(stderr=True, highlight=False, soft_wrap=True)
+_errors = Console(stderr=True, highlight=False, soft_wrap=True)  # errors show even under -q
+
+
+def set_quiet(quiet: bool) -> None:
+    """-q: nothing on stderr but errors (headers, progress, tables and notes are dropped)."""
+    ui.quiet = quiet
 
 
 def write_answer(text: str) -> None:
@@ -29,9 +35,9 @@ def info(message: str) -> None:
 
 
 def error(message: str, hint: str | None) -> None:
-    ui.print(f"[bold red]error:[/bold red] {escape(message)}")
+    _errors.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
-        ui.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+        _errors.print(f"[yellow]hint:[/yellow] {escape(hint)}")
 
 
 def logprob_table(entries: Sequence["TokenLogprob"]) -> None:

@@ -42,6 +42,9 @@ USAGE_ERRORS = _usage_errors()
 EXITS = (click.exceptions.Exit, typer.Exit)
 ABORTS = (click.exceptions.Abort, typer.Abort)
 NOISY_LIBRARIES = ("transformers", "bitsandbytes", "peft", "accelerate")
+WARNINGS_LOGGER = "py.warnings"  # where logging.captureWarnings sends `warnings.warn`
+QUIET_FLAGS = ("-q", "--quiet")
+NO_ARGS_IS_HELP = "NoArgsIsHelpError"  # click's usage "error" that only shows the help
 
 app = typer.Typer(
     name="lyra",
@@ -70,11 +73,20 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show engine logs (info level) on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show engine logs (info level) and library warnings on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the answer and errors: no header, progress or warnings (as each command's -q)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    quiet = quiet or _command_quiet(common.ARGV)
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Third-party warnings (numpy, torch, PyAV...) go through logging: shown with -v, hidden otherwise.
+    logging.captureWarnings(True)
+    logging.getLogger(WARNINGS_LOGGER).setLevel(logging.WARNING if verbose or debug else logging.CRITICAL)
+    if quiet:
+        from lyra_cli.console import set_quiet
+
+        set_quiet(True)
     if not debug:
         # Libraries log about internals a user cannot act on (config validation of tower configs,
         # optional CPU kernels); our own loader reports what matters.
@@ -83,11 +95,20 @@ def _main(
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _command_quiet(argv: list[str]) -> bool:
+    """Each command's own -q/--quiet means the same as the global one (everything before a `--`)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(arg in QUIET_FLAGS for arg in options)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by tests)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     common.ARGV[:] = args
+    from lyra_cli.console import set_quiet
+
+    set_quiet(False)  # a previous in-process run's -q does not carry over
     try:
         # click returns (rather than raises) the code of `typer.Exit` when standalone_mode is off
         code = app(args=args, prog_name="lyra", standalone_mode=False)
@@ -96,12 +117,20 @@ def run(argv: list[str] | None = None) -> int:
             raise
         from lyra_cli.console import error
 
-        error(exc.message, exc.hint)
+        error(exc.message, exc.hint or f"see `{_command_path(args)} --help`")
         return exc.exit_code
     except EXITS as exc:
         code = exc.exit_code  # type: ignore[attr-defined]
     except USAGE_ERRORS as exc:
-        exc.show()  # type: ignore[attr-defined]
+        from lyra_cli.console import error
+
+        if type(exc).__name__ == NO_ARGS_IS_HELP:  # a bare `lyra train`: the help is the answer
+            exc.show()  # type: ignore[attr-defined]
+            return 2
+
+        ctx = getattr(exc, "ctx", None)
+        path = ctx.command_path if ctx is not None else _command_path(args)
+        error(exc.format_message(), f"see `{path} --help`")  # type: ignore[attr-defined]
         return 2
     except (*ABORTS, KeyboardInterrupt):
         code = EXIT_INTERRUPTED
@@ -109,6 +138,19 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")  # plain write: this may run while a Rich console is mid-render
         sys.stderr.flush()
     return code if isinstance(code, int) else 0
+
+
+def _command_path(args: list[str]) -> str:
+    """`lyra train stage1` from the arguments: the command words before the first option."""
+    words = []
+    for arg in args:
+        if arg.startswith("-") or len(words) == (2 if words and words[0] in GROUPS else 1):
+            break
+        words.append(arg)
+    return " ".join(["lyra", *words])
+
+
+GROUPS = ("train", "eval", "cache")
 
 
 def main() -> None:

@@ -443,7 +443,7 @@ def test_per_item_never_overwrites_a_file_lyra_did_not_write(tmp_path: Path,
         before = target.read_bytes()
         code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--score-only", str(predictions),
                              "--per-item", str(target))  # fmt: skip
-        expected = "is the predictions file" if target == predictions else "not a per-item scores file"
+        expected = "is the predictions file" if target == predictions else "was not written by lyra"
         assert code == 2 and expected in err
         assert target.read_bytes() == before
     code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--score-only", str(predictions),
@@ -458,7 +458,7 @@ def test_per_item_target_is_checked_before_the_model(tmp_path: Path, capsys: pyt
     foreign.write_text('{"id": "1", "prediction": "42"}\n')  # a predictions file, not a per-item one
     code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--model", str(tmp_path / "no-model"),
                          "--out", str(tmp_path / "o.jsonl"), "--per-item", str(foreign))  # fmt: skip
-    assert code == 2 and "not a per-item scores file" in err
+    assert code == 2 and "was not written by lyra" in err
     assert foreign.read_text() == '{"id": "1", "prediction": "42"}\n' and not (tmp_path / "o.jsonl").exists()
     out = tmp_path / "new.jsonl"  # does not exist yet, but the run is about to write its predictions there
     code, _, err = _eval(capsys, "docvqa-s", "--data", str(data), "--model", str(tmp_path / "no-model"),

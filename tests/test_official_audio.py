@@ -6,7 +6,6 @@ The resampler's numbers are tested in test_resample.py; here, that each command 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -88,11 +88,11 @@ def test_wav_writer_abort_leaves_nothing_and_keeps_an_older_file(tmp_path: Path)
 def test_wav_writer_crash_mid_write_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: BaseException
 ) -> None:
-    def write_half_then_fail(file, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def write_half_then_fail(file, pcm):  # type: ignore[no-untyped-def]
         Path(file).write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")  # a torn header is on disk when it fails
         raise crash
 
-    monkeypatch.setattr(playback.soundfile, "write", write_half_then_fail)
+    monkeypatch.setattr(playback, "_write_tagged_wav", write_half_then_fail)
     writer = WavWriter(tmp_path / "answer.wav")
     writer.write(np.zeros(16000, np.float32))
     with pytest.raises(type(crash)):

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from lyra_cli.engine.events import AudioChunk, Done, TextDelta
+from lyra_cli.engine.events import AudioChunk, Done
 from lyra_cli.engine.generate import SamplingConfig
 from lyra_cli.engine.loader import load_model
 from lyra_cli.engine.pipeline import Engine

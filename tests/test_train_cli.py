@@ -28,7 +28,7 @@ def test_dry_run_prints_the_exact_trainable_count(tiny_dir: Path, train_json: Pa
 def test_stage2_output_loads_in_chat_and_changes_its_answer(tiny_dir: Path, train_json: Path, tmp_path: Path,
                                                             real: Path, capsys) -> None:  # noqa: ANN001  # fmt: skip
     out = tmp_path / "run"
-    args = ["train", "stage2", "--data", str(train_json), "--out", str(out), "--lr", "0.05", "-q"]
+    args = ["train", "stage2", "--data", str(train_json), "--out", str(out), "--lr", "0.05"]  # no -q: it hides the notes
     assert run([*args, "--steps", "2"]) == 0
     assert run([*args, "--steps", "4"]) == 0  # resumes at step 2 from the checkpoint, continues to 4
     err = capsys.readouterr().err
@@ -67,7 +67,7 @@ def _tensorboard_losses(folder: Path) -> dict[int, float]:
 
 def test_bad_records_are_counted_and_strict_fails(tiny_dir: Path, real: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     data = write_synthetic_set(tmp_path / "bad", real, n_records=3, seed=1, with_bad=True)
-    assert run(["train", "stage1", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1", "-q"]) == 0
+    assert run(["train", "stage1", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1"]) == 0
     assert "skipped:" in capsys.readouterr().err
     assert run(["train", "stage1", "--data", str(data), "--out", str(tmp_path / "o2"), "--strict"]) == 1
     assert capsys.readouterr().err.startswith("error: record")
@@ -111,7 +111,7 @@ def test_any_setting_is_a_flag(tiny_dir: Path, train_json: Path, tmp_path: Path,
 
 def test_records_over_max_length_are_skipped_and_counted(tiny_dir: Path, train_json: Path, tmp_path: Path,
                                                          capsys) -> None:  # noqa: ANN001  # fmt: skip
-    args = ["train", "stage2", "--data", str(train_json), "--steps", "1", "--batch-size", "6", "-q",
+    args = ["train", "stage2", "--data", str(train_json), "--steps", "1", "--batch-size", "6",
             "--set", "max_length=400"]  # fmt: skip
     assert run([*args, "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err

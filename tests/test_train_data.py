@@ -107,7 +107,6 @@ def test_training_prompt_equals_inference_prompt(synthetic: Path, engine: Engine
     media = iter(parts)
     for turn in record.turns:
         n = turn.human.count("<image>") + turn.human.count("<speech>")
-        from lyra_cli.engine.train.data import user_parts as split
 
         mine = [next(media) for _ in range(n)]
         turns.append(Turn(user_parts(turn.human, [m for m in mine if isinstance(m, VisualPart)],

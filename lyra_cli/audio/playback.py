@@ -13,7 +13,6 @@ with no device at all they raise a `LyraError` naming the flags that work withou
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import soundfile
 from lyra_cli.audio.io import RESAMPLE_QUALITY, SAMPLE_RATE_HZ
 from lyra_cli.errors import LyraError, MissingDependencyError
 from lyra_cli.fileio import write_atomically
+from lyra_cli.outputs import LYRA_SOFTWARE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,14 @@ class WavWriter:
 
 
 def _write_wav_atomic(path: Path, pcm: np.ndarray) -> None:
-    write_atomically(path, lambda tmp: soundfile.write(tmp, pcm, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV"))
+    write_atomically(path, lambda tmp: _write_tagged_wav(tmp, pcm))
+
+
+def _write_tagged_wav(path: Path, pcm: np.ndarray) -> None:
+    """16-bit PCM with `lyra` in the INFO chunk: how a later `--speech-out` knows it may replace this file."""
+    with soundfile.SoundFile(path, "w", SAMPLE_RATE_HZ, 1, subtype="PCM_16", format="WAV") as handle:
+        handle.software = LYRA_SOFTWARE_TAG
+        handle.write(pcm)
 
 
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ def chat(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header or progress on stderr."),
     speak: bool = speech_io.SpeakOption,
     speech_out: Path | None = speech_io.SpeechOutOption,
+    overwrite: bool = common.OverwriteOption,
     output_device: str | None = speech_io.OutputDeviceOption,
     chunk_units: int = speech_io.ChunkUnitsOption,
     vocoder: Path | None = speech_io.VocoderOption,
@@ -107,14 +108,14 @@ def chat(
 
     from lyra_cli.engine.pipeline import read_media
 
-    speech_io.check_speech_out(speech_out)
+    speech_io.check_speech_out(speech_out, overwrite=overwrite)
     front_end = AudioFrontEnd.choose(official_audio)
     decoded = [(item, read_media(item.kind, item.value, front_end)) if item.kind != "text" else (item, None)
                for item in items]  # fmt: skip
     model_dir = common.model_dir_for(model)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     extractor = common.extractor_for(extract, model_dir)
-    outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out)  # checks the device
+    outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out, overwrite=overwrite)  # checks the device
     try:
         engine, sampling = _load(model, model_dir, request, quiet, sampling_flags, overrides)
         common.announce_front_end(front_end, quiet)

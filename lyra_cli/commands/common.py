@@ -52,6 +52,9 @@ TopPOption = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --t
 TopKOption = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
 RepetitionOption = typer.Option(None, "--repetition-penalty", help="1 = off. Default: the model's generation_config.")
 MaxNewTokensOption = typer.Option(None, "--max-new-tokens", help="Most tokens to generate per answer (default 512).")
+OverwriteOption = typer.Option(
+    False, "--overwrite", help="Replace existing output files that lyra did not write (refused otherwise)."
+)
 SeedOption = typer.Option(None, "--seed", help="Random seed for sampling (answers repeat with the same seed).")
 LogprobsOption = typer.Option(
     None, "--logprobs", help="Log-probability of each generated token and its N most likely alternatives (0..20; "

@@ -87,6 +87,7 @@ class EvalRequest:
     per_item: Path | None = None
     front_end: AudioFrontEnd = AudioFrontEnd()  # `--official-audio`: the authors' channel 0 and sinc resampling
     towers: Any = None  # `TowerOverrides` from --vision-tower / --speech-tower (None: the model's own paths)
+    overwrite: bool = False
 
 
 DataOption = typer.Option(..., "--data", help="The authors' data/Lyra_Eval folder (or the suite's own folder).")
@@ -141,13 +142,14 @@ def _suite_command(name: str) -> Callable[..., None]:
         max_new_tokens: int | None = EvalMaxNewTokensOption,
         seed: int | None = common.SeedOption,
         logprobs: int | None = EvalLogprobsOption,
+        overwrite: bool = common.OverwriteOption,
     ) -> None:
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                      max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
         evaluate(EvalRequest(name, data, mode, limit, out, resume, shard, score_only, judge_url, judge_model, extract,
                              quiet, model, device, dtype, load_8bit, load_4bit, flags, device_map, max_memory,
                              per_item=per_item, front_end=AudioFrontEnd.choose(official_audio),
-                             towers=common.tower_overrides(vision_tower, speech_tower)))  # fmt: skip
+                             towers=common.tower_overrides(vision_tower, speech_tower), overwrite=overwrite))  # fmt: skip
 
     return command
 
@@ -164,7 +166,8 @@ for _name, _suite in SUITES.items():
 
 def evaluate(req: EvalRequest) -> None:
     """Validate everything (suite, mode, shard, judge, data) before any weights load, then score or run."""
-    from lyra_cli.engine.eval.runner import check_per_item_target, score_predictions
+    from lyra_cli.engine.eval.runner import PER_ITEM_FIELDS, score_predictions
+    from lyra_cli.outputs import check_output_file, is_jsonl_with
     from lyra_cli.engine.eval.suites import check_mode, get_suite
 
     suite = get_suite(req.suite)
@@ -177,7 +180,9 @@ def evaluate(req: EvalRequest) -> None:
         predictions = req.score_only or shard_path_for(req, shard, auto)
         if req.per_item.resolve() == predictions.resolve():
             raise UsageError(f"--per-item `{req.per_item}` is the predictions file", "give the scores another file")
-        check_per_item_target(req.per_item)
+        check_output_file(req.per_item, flag="--per-item", overwrite=req.overwrite, is_ours=is_jsonl_with(*PER_ITEM_FIELDS))
+    if req.score_only is not None and suite.primary.kind == "judge":
+        _check_outputs(suite, req, req.score_only, predictions_too=False)
     if req.score_only is None:
         _run_and_score(suite, req, shard, auto, judge)
         return
@@ -190,12 +195,15 @@ def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool,
     from lyra_cli.engine.eval.runner import check_resumable, read_predictions
     from lyra_cli.engine.eval.suites import load_items, select
 
+    out = shard_path_for(req, shard, auto)
+    _check_outputs(suite, req, out)  # first: a bad --out costs nothing
+    if auto and shard.count > 1 and shard.index == 0:
+        _check_outputs(suite, req, base_out(req))  # rank 0 writes the merged file too
     all_items = load_items(suite, req.data)  # the data is read and checked before any weights load
     if auto:
         _pin_local_gpu()  # before anything touches CUDA
     model_dir, runtime, extractor, sampling = _setup(suite, req)
     settings = run_settings(req, model_dir, runtime, sampling)
-    out = shard_path_for(req, shard, auto)
     if req.resume:
         check_resumable(read_predictions(out), out, suite, req.mode, settings)
     engine = _load(model_dir, runtime, model=req.model, quiet=req.quiet, towers=req.towers)
@@ -209,6 +217,17 @@ def _run_and_score(suite: "Suite", req: EvalRequest, shard: "Shard", auto: bool,
         summary = _score(suite, req, out, shard=None if auto else shard, judge=judge)
         summary.resumed = resumed
     _finish(suite, summary, out, quiet=req.quiet, per_item=req.per_item)
+
+
+def _check_outputs(suite: "Suite", req: EvalRequest, predictions: Path, *, predictions_too: bool = True) -> None:
+    """The predictions file (lyra's own, to continue, or new) and MM-Vet's grader export beside it."""
+    from lyra_cli.outputs import check_output_file, is_json_with, is_predictions_file
+
+    if predictions_too:
+        check_output_file(predictions, flag="--out", overwrite=req.overwrite, is_ours=is_predictions_file)
+    if suite.primary.kind == "judge":
+        check_output_file(mmvet_export_path(predictions), flag="the MM-Vet export", overwrite=req.overwrite,
+                          is_ours=is_json_with())  # fmt: skip
 
 
 def _shard(spec: str | None) -> tuple["Shard", bool]:
@@ -376,9 +395,25 @@ def _export_mmvet(predictions: Path) -> Path:
 
     keyed, _ = keyed_predictions(read_predictions(predictions).records)
     answers = {i: prediction_text(r) or "" for i, r in keyed.items() if "skipped" not in r}
-    target = predictions.with_name(predictions.stem + MMVET_EXPORT_SUFFIX)
-    target.write_text(json.dumps(export_mmvet(answers), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    target = mmvet_export_path(predictions)
+    text = json.dumps(export_mmvet(answers), ensure_ascii=False, indent=1) + "\n"
+    write_atomically(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return target
+
+
+def mmvet_export_path(predictions: Path) -> Path:
+    return predictions.with_name(predictions.stem + MMVET_EXPORT_SUFFIX)
+
+
+def _png_tag() -> Any:
+    """`Software: lyra` in the PNG: how a later run knows it may replace the file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from lyra_cli.outputs import LYRA_SOFTWARE_TAG
+
+    info = PngInfo()
+    info.add_text("Software", LYRA_SOFTWARE_TAG)
+    return info
 
 
 def render_summary(suite: "Suite", record: dict[str, Any]) -> None:
@@ -449,12 +484,15 @@ class ItemProgress:
 def merge(
     out: Path = typer.Argument(..., help="The merged predictions file to write."),
     shards: list[Path] = typer.Argument(..., help="The shard files, e.g. run.shard-0-of-2.jsonl run.shard-1-of-2.jsonl."),
+    overwrite: bool = common.OverwriteOption,
 ) -> None:
     from lyra_cli.console import write_answer
     from lyra_cli.engine.eval.runner import merge_predictions
+    from lyra_cli.outputs import check_output_file, is_predictions_file
 
     if out in shards:
         raise UsageError(f"`{out}` is both the output and a shard", "write the merge to a new file")
+    check_output_file(out, flag="OUT", overwrite=overwrite, is_ours=is_predictions_file)
     report = merge_predictions(shards, out)
     write_answer(json.dumps({"out": str(report.out), "records": report.records, "files": report.files,
                              "duplicates": report.duplicates, "shards": report.shards}) + "\n")  # fmt: skip
@@ -514,6 +552,7 @@ def needle(
     device_map: str = common.DeviceMapOption,
     max_memory: str | None = common.MaxMemoryOption,
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default 64: the answer is a short fact."),
+    overwrite: bool = common.OverwriteOption,
 ) -> None:
     from lyra_cli.audio.io import load_audio, require_speech
     from lyra_cli.engine.eval.needle import NEEDLE_MAX_NEW_TOKENS, NeedleSpec
@@ -523,8 +562,7 @@ def needle(
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     flags = {"max_new_tokens": NEEDLE_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens}
     common.check_sampling_flags(flags)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out `{out}` is a file", "give a folder for needle.json and needle.png")
+    _check_needle_out(out, overwrite)
     hay = [load_audio(path) for path in haystack]  # decoded and checked before any weights load
     fact = load_audio(needle_file)
     require_speech(fact, needle_file)
@@ -542,6 +580,14 @@ def needle(
     name = common.TINY if model == common.TINY else model_dir.name
     _write_needle(grid, out, context, title=f"Speech needle in a haystack · {name} · extractor {extract or 'off'}",
                   quiet=quiet)  # fmt: skip
+
+
+def _check_needle_out(out: Path, overwrite: bool) -> None:
+    from lyra_cli.outputs import check_output_dir, check_output_file, is_json_with, is_lyra_png
+
+    check_output_dir(out, flag="--out")
+    check_output_file(out / NEEDLE_JSON, flag="--out", overwrite=overwrite, is_ours=is_json_with("lengths_s", "scores"))
+    check_output_file(out / NEEDLE_PNG, flag="--out", overwrite=overwrite, is_ours=is_lyra_png)
 
 
 def _check_needle_fits(spec: Any, fact: Any) -> None:
@@ -584,7 +630,7 @@ def _write_needle(grid: Any, out: Path, context: dict[str, Any], *, title: str, 
     record = grid.to_json(**context)
     json_path, png_path = out / NEEDLE_JSON, out / NEEDLE_PNG
     write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n"))
-    write_atomically(png_path, lambda tmp: draw_heatmap(grid, title).save(tmp, format="PNG"))
+    write_atomically(png_path, lambda tmp: draw_heatmap(grid, title).save(tmp, format="PNG", pnginfo=_png_tag()))
     if not quiet:
         mean = record["mean_score"]
         info(f"needle found in {sum(c.score for c in grid.cells):g} of {len(grid.cells)} recordings (mean {mean:.2f})"

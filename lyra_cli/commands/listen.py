@@ -149,6 +149,7 @@ def listen(
     ),  # fmt: skip
     speak: bool | None = typer.Option(None, "--speak/--no-speak", help="Answer through the speaker (default: with --mic)."),
     speech_out: Path | None = speech_io.SpeechOutOption,
+    overwrite: bool = common.OverwriteOption,
     list_devices_flag: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
     input_device: str | None = typer.Option(None, "--input-device", help="Microphone: device index or part of its name."),
     output_device: str | None = speech_io.OutputDeviceOption,
@@ -194,12 +195,12 @@ def listen(
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
-    speech_io.check_speech_out(speech_out)
+    speech_io.check_speech_out(speech_out, overwrite=overwrite)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     # fails here, before weights, without a microphone
     source = _source(input_file, input_device, realtime, official_audio)
     outputs = speech_io.SpeechOutputs(speak=speak if speak is not None else input_file is None,
-                                      device=output_device, speech_out=speech_out)  # fmt: skip
+                                      device=output_device, speech_out=speech_out, overwrite=overwrite)  # fmt: skip
     listener = None
     try:
         listener = _listener(model, request, sampling_flags, system, outputs, vocoder, chunk_units, ctc_aligned,

@@ -99,6 +99,12 @@ def longspeech(
     front_end = AudioFrontEnd.choose(official_audio)
     stream = front_end.open_stream(file)  # validates the file before any weights load; only its length is used
     stream.close()
+    if not no_cache:
+        from lyra_cli.audio.cache import default_cache_dir
+        from lyra_cli.fileio import CACHE_DIR_ENV
+        from lyra_cli.outputs import check_cache_dir
+
+        check_cache_dir(default_cache_dir(), env=CACHE_DIR_ENV, can_do_without="--no-cache")
     model_dir = common.model_dir_for(model)
     overrides = common.tower_overrides(vision_tower, speech_tower)
     config = load_config(model_dir)

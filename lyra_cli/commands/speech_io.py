@@ -6,7 +6,6 @@ generation. Wav files are written atomically when a turn ends; an interrupted tu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,15 +36,15 @@ CtcAlignedOption = typer.Option(
 )  # fmt: skip
 
 
-def check_speech_out(path: Path | None) -> None:
-    """Fail before any weights load when the wav cannot be written."""
+def check_speech_out(path: Path | None, *, overwrite: bool = False) -> None:
+    """Fail before any weights load when the wav cannot be written (or would replace a file lyra did not write)."""
+    from lyra_cli.outputs import check_output_file, is_lyra_wav
+
     if path is None:
         return
     if path.suffix.lower() != ".wav":
         raise UsageError(f"--speech-out `{path}` must end in .wav", "e.g. --speech-out answer.wav")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write `{path}`: `{folder}` is not a writable folder", "choose another path")
+    check_output_file(path, flag="--speech-out", overwrite=overwrite, is_ours=is_lyra_wav, create_parent=False)
 
 
 def turn_path(base: Path, turn: int) -> Path:
@@ -56,11 +55,12 @@ def turn_path(base: Path, turn: int) -> Path:
 class SpeechOutputs:
     """Fans audio chunks out to the speaker and/or one wav file per turn."""
 
-    def __init__(self, *, speak: bool, device: str | None, speech_out: Path | None) -> None:
+    def __init__(self, *, speak: bool, device: str | None, speech_out: Path | None, overwrite: bool = False) -> None:
         from lyra_cli.audio.playback import SpeakerSink, pick_device
 
         self.speaker = SpeakerSink(pick_device(device, "output")) if speak else None
         self.base = speech_out
+        self.overwrite = overwrite
         self.writer = None
         self.turn = 0
 
@@ -73,7 +73,10 @@ class SpeechOutputs:
 
         self.turn += 1
         if self.base is not None:
-            self.writer = WavWriter(turn_path(self.base, self.turn))
+            path = turn_path(self.base, self.turn)
+            if self.turn > 1:  # the first turn's file was checked before the model loaded
+                check_speech_out(path, overwrite=self.overwrite)
+            self.writer = WavWriter(path)
 
     def write(self, samples: "np.ndarray") -> None:
         if self.speaker is not None:

@@ -22,6 +22,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as engine.train.loop.PRECISIONS
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# What a stage leaves in --out besides checkpoints and metrics (engine.train.export; no torch import here).
+RESULT_NAMES = ("mm_speech_projector.bin", "speech_lora", "long_speech_lora", "speech_generator.safetensors")
 
 
 train_app = typer.Typer(
@@ -84,6 +86,7 @@ def train_stage(
     load_8bit: bool = common.Load8bitOption,
     load_4bit: bool = typer.Option(False, "--load-4bit",
                                    help="QLoRA: the frozen decoder in 4-bit NF4 (bitsandbytes), LoRA on top in full precision."),
+    overwrite: bool = common.OverwriteOption,
 ) -> None:
     """Train one of Lyra's four stages (the subcommand's name) and write its result in the release layout."""
     from lyra_cli.engine.train.stages import resolve_stage, stage_from_file
@@ -100,6 +103,8 @@ def train_stage(
         raise UsageError(f"unknown --precision `{precision}`", f"choose one of: {', '.join(PRECISIONS)}")
     if steps is not None and steps < 1 or save_every < 1:
         raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
+    if not dry_run:
+        check_train_paths(data, out, overwrite=overwrite)
     from lyra_cli.engine.runtime import resolve_runtime
     from lyra_cli.engine.train.distributed import Distributed
 
@@ -127,6 +132,28 @@ def train_stage(
         ranks.stop(clean=False)
         raise
     ranks.stop()
+
+
+def check_train_paths(data: Path, out: Path, *, overwrite: bool) -> None:
+    """Before the model loads: the data file is a file, and --out a folder where lyra may write its run.
+
+    Files lyra writes there (metrics.jsonl, the stage's result) may be replaced only in a folder that is a
+    lyra run already (its metrics.jsonl, or its checkpoints/), or with --overwrite."""
+    from lyra_cli.errors import InputError
+    from lyra_cli.outputs import OVERWRITE_FLAG, OutputError, check_files_in, check_output_dir, is_jsonl_with
+
+    if data.is_dir():
+        raise InputError(f"--data `{data}` is a folder", "give the official JSON file itself, e.g. --data train.json")
+    if not data.is_file():
+        raise InputError(f"training data `{data}` does not exist", "give the official JSON file with --data")
+    for folder in (out, out / CHECKPOINT_DIR, out / TENSORBOARD_DIR):
+        check_output_dir(folder, flag="--out")
+    check_files_in(out, [METRICS_FILE], flag="--out", overwrite=overwrite, is_ours=is_jsonl_with("step", "loss"))
+    ours = (out / METRICS_FILE).is_file() or (out / CHECKPOINT_DIR).is_dir()
+    clashes = [name for name in RESULT_NAMES if (out / name).exists()]
+    if clashes and not ours and not overwrite:
+        raise OutputError(f"--out `{out}` already holds `{clashes[0]}`, which this run did not write",
+                          f"give a new folder, or add {OVERWRITE_FLAG} to replace it")  # fmt: skip
 
 
 def _key_values(pairs: list[str]) -> dict[str, str]:
@@ -194,7 +221,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
          tensorboard: bool | None, strict: bool) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
-    from lyra_cli.engine.train.loop import Trainer, latest_checkpoint, resolve_precision, tensorboard_available
+    from lyra_cli.engine.train.loop import Trainer, resolve_precision, tensorboard_available
     from lyra_cli.errors import MissingDependencyError
 
     stage = plan.stage
@@ -211,9 +238,8 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
                       log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks,
                       tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None, strict=strict)  # fmt: skip
-    last = latest_checkpoint(out / CHECKPOINT_DIR) if resume else None
+    last = trainer.resume_latest(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
-        trainer.load_checkpoint(last)
         if ranks.is_main:
             info(f"resumed from `{last}` at step {trainer.step_count}")
     if not quiet:
@@ -289,6 +315,8 @@ def merge(
     model: str = common.ModelOption,
 ) -> None:
     """`lyra train merge`: see the help above."""
+    from lyra_cli.outputs import check_output_dir
+
     from lyra_cli.console import info
     from lyra_cli.engine.adapters import ADAPTER_NAMES, Adapter
     from lyra_cli.engine.train.merge import SAVE_DTYPES, merge_adapter
@@ -297,9 +325,15 @@ def merge(
         raise UsageError(f"unknown adapter `{adapter}`", f"choose one of: {', '.join(sorted(ADAPTER_NAMES))}")
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise UsageError(f"unknown --save-dtype `{save_dtype}`", f"choose one of: {', '.join(SAVE_DTYPES)}")
+    model_dir = common.model_dir_for(model)
+    check_output_dir(out, flag="--out", size_bytes=_folder_bytes(model_dir))  # the merge is about its base's size
     progress = None if quiet else (lambda done, total: info(f"merged shard {done}/{total}"))
-    report = merge_adapter(common.model_dir_for(model), Adapter(adapter), out, adapter_dir=adapter_folder,
+    report = merge_adapter(model_dir, Adapter(adapter), out, adapter_dir=adapter_folder,
                            save_dtype=save_dtype, on_progress=progress)  # fmt: skip
     dropped = f"; left out: {', '.join(report.dropped)}" if report.dropped else ""
     info(f"wrote `{report.out}`: {report.merged_layers} weight matrices merged, "
          f"{report.projector_tensors} projector tensors replaced{dropped}")  # fmt: skip
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

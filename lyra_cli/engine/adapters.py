@@ -16,7 +16,6 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lyra_cli.engine.config import LyraConfig, read_json
@@ -73,6 +72,8 @@ def projector_state(path: Path) -> dict[str, torch.Tensor]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip or a pickle that needs code: never executed
         raise CheckpointError(f"`{path}` cannot be read safely ({exc.__class__.__name__})", "re-download it") from exc
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"`{path}` does not hold a dict of tensors", "re-download it, or re-export the adapter")
     state = {k.split(PROJECTOR_KEY, 1)[1]: v for k, v in raw.items() if PROJECTOR_KEY in k}
     if not state:
         raise CheckpointError(f"`{path}` holds no `{PROJECTOR_KEY}*` weights", "is it a Lyra adapter folder?")
@@ -88,6 +89,11 @@ def _load_projector(config: LyraConfig, like: SpeechProjector, path: Path) -> Sp
         raise CheckpointError(
             f"`{path}` has projector keys {sorted(state)}, expected {sorted(expected)}", "re-download the adapter"
         )
+    for key, tensor in state.items():
+        want = tuple(projector.state_dict()[key].shape)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"`{path}`: `{key}` has shape {tuple(tensor.shape)}, the model needs {want}",
+                                  "the adapter was trained for another model size: re-download it")  # fmt: skip
     projector.load_state_dict(state)
     return projector.eval()
 
@@ -96,9 +102,53 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
     """An adapter folder's LoRA weights with our module paths (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
     path = folder / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
-        raise CheckpointError(f"`{path}` is missing", f"the `{folder.name}` adapter folder is incomplete")
-    state = load_file(str(path))
+        what = "is a folder" if path.is_dir() else "is missing"
+        raise CheckpointError(f"`{path}` {what}", f"the `{folder.name}` adapter folder is incomplete")
+    from lyra_cli.engine.checkpoint import load_safetensors
+
+    state = load_safetensors(path)
     return {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class LoraNumbers:
+    """What `adapter_config.json` says about the LoRA's size and scaling."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r**0.5 if self.use_rslora else self.lora_alpha / self.r
+
+
+def lora_numbers(folder: Path) -> LoraNumbers:
+    """r, lora_alpha and use_rslora of an adapter folder, checked (PEFT's defaults when absent)."""
+    path = folder / ADAPTER_CONFIG_FILE
+    cfg = read_json(path)
+    try:
+        numbers = LoraNumbers(int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False)))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"`{path}`: `r` and `lora_alpha` must be numbers, got `{cfg.get('r')}` and "
+                              f"`{cfg.get('lora_alpha')}`", "re-download or re-export the adapter") from None  # fmt: skip
+    if numbers.r < 1:
+        raise CheckpointError(f"`{path}`: `r` must be ≥ 1, got `{numbers.r}`", "re-download or re-export the adapter")
+    return numbers
+
+
+def _check_lora_shapes(model: nn.Module, folder: Path, state: dict[str, torch.Tensor], adapter: Adapter) -> None:
+    """Weights whose shape disagrees with adapter_config.json (usually its `r`) name the key, not PyTorch's dump."""
+    params = dict(model.named_parameters())
+    for key, tensor in state.items():
+        for part in (".lora_A", ".lora_B"):
+            name = key.replace(f"{part}.", f"{part}.{adapter.value}.", 1) if part in key else None
+            if name in params and tuple(params[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"adapter `{folder.name}`: `{key}` has shape {tuple(tensor.shape)}, its adapter_config.json "
+                    f"gives {tuple(params[name].shape)}",
+                    "the adapter's config and weights disagree (check `r`): re-download or re-export it",
+                )
 
 
 def _inject(model: LyraForCausalLM, folder: Path, adapter: Adapter, dtype: torch.dtype) -> None:
@@ -106,13 +156,13 @@ def _inject(model: LyraForCausalLM, folder: Path, adapter: Adapter, dtype: torch
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     except ImportError as exc:
         raise MissingDependencyError("peft", "LoRA adapters") from exc
-    cfg = read_json(folder / ADAPTER_CONFIG_FILE)
+    numbers = lora_numbers(folder)
     lora = LoraConfig(
-        r=int(cfg.get("r", 8)),
-        lora_alpha=float(cfg.get("lora_alpha", 8)),
+        r=numbers.r,
+        lora_alpha=numbers.lora_alpha,
         lora_dropout=0.0,  # inference only; dropout is a training concern
         target_modules=DECODER_TARGETS,
-        use_rslora=bool(cfg.get("use_rslora", False)),
+        use_rslora=numbers.use_rslora,
         bias="none",
     )
     with warnings.catch_warnings():
@@ -120,6 +170,7 @@ def _inject(model: LyraForCausalLM, folder: Path, adapter: Adapter, dtype: torch
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         inject_adapter_in_model(lora, model, adapter_name=adapter.value)
     state = lora_state(folder)
+    _check_lora_shapes(model, folder, state, adapter)
     result = set_peft_model_state_dict(model, state, adapter_name=adapter.value)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     missing = [k for k in result.missing_keys if f".{adapter.value}." in k and "lora_" in k]

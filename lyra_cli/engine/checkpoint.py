@@ -75,16 +75,40 @@ class WeightSource:
     def shape(self, key: str) -> tuple[int, ...]:
         path, stored = self.locations[key]
         with _open(path) as handle:
+            _require_key(handle, path, stored)
             return tuple(handle.get_slice(stored).get_shape())
 
 
-def _open(path: Path):
+def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
+    if path.is_dir():
+        raise CheckpointError(f"weight file `{path}` is a folder", "re-download the model folder; a shard is absent")
     if not path.is_file():
         raise CheckpointError(f"weight file `{path}` is missing", "re-download the model folder; a shard is absent")
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"weight file `{path}` is unreadable ({exc})", "re-download this shard") from exc
+        raise CheckpointError(f"weight file `{path}` is unreadable ({exc})", "re-download this file") from exc
+
+
+def _require_key(handle, path: Path, key: str) -> None:  # noqa: ANN001
+    """The index names the file of every key; a shard that disagrees is a broken download, not a crash."""
+    if key not in handle.keys():
+        raise CheckpointError(f"weight file `{path}` has no tensor `{key}`, although `{INDEX_FILE}` puts it there",
+                              "the shards and the index disagree: re-download the model folder")  # fmt: skip
+
+
+def _get_tensor(handle, path: Path, key: str) -> torch.Tensor:  # noqa: ANN001
+    _require_key(handle, path, key)
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"tensor `{key}` in `{path}` is unreadable ({exc})", "re-download this file") from exc
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, with a `CheckpointError` naming the file (and key) on damage."""
+    with _open(path) as handle:
+        return {key: _get_tensor(handle, path, key) for key in handle.keys()}
 
 
 def file_keys(path: Path) -> list[str]:
@@ -98,6 +122,10 @@ def main_weight_source(model_dir: Path) -> WeightSource:
         raise CheckpointError(
             f"`{model_dir}` holds no `{INDEX_FILE}` or `{SINGLE_FILE}`", "point --model at a Lyra release folder"
         )
+    folders = sorted({p.name for p in files.values() if p.is_dir()})
+    if folders:
+        raise CheckpointError(f"shard `{folders[0]}` listed in `{INDEX_FILE}` is a folder in `{model_dir}`",
+                              "the shard must be a .safetensors file: fetch it again")  # fmt: skip
     missing_files = sorted({p.name for p in files.values() if not p.is_file()})
     if missing_files:
         raise CheckpointError(
@@ -146,7 +174,7 @@ def _iter_tensors(source: WeightSource, keys: set[str]) -> Iterator[tuple[str, t
     for path, pairs in source.by_file(keys).items():
         with _open(path) as handle:
             for key, stored in pairs:
-                yield key, handle.get_tensor(stored)
+                yield key, _get_tensor(handle, path, stored)
 
 
 def load_weights(

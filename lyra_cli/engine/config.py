@@ -234,11 +234,13 @@ def parse_config(raw: dict[str, Any]) -> LyraConfig:
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from a model folder, with a `CheckpointError` when it is missing or broken."""
+    if path.is_dir():
+        raise CheckpointError(f"`{path}` is a folder, not a JSON file", "re-download or re-export the model")
     if not path.is_file():
         raise CheckpointError(f"`{path}` is missing", "point --model at a folder in the Lyra release layout")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
         raise CheckpointError(f"`{path}` is not valid JSON ({exc})", "re-download or re-export the model") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"`{path}` does not hold a JSON object", "re-download or re-export the model")

@@ -31,7 +31,8 @@ from lyra_cli.engine.speech_out import tiny_generator_config, write_tiny_speech_
 from lyra_cli.engine.vocoder import write_tiny_vocoder
 from lyra_cli.engine.tokenizer import build_tiny_tokenizer
 from lyra_cli.engine.vision import IMAGE_MEAN, IMAGE_STD, MIN_PIXELS
-from lyra_cli.fileio import cache_root
+from lyra_cli.fileio import CACHE_DIR_ENV, cache_root
+from lyra_cli.outputs import check_cache_dir
 
 TINY_NAME = "tiny"
 # Bump when the tiny layout changes, so cached copies are rebuilt.
@@ -246,6 +247,7 @@ def tiny_model_dir(seed: int = DEFAULT_SEED) -> Path:
     target = cache_root() / f"tiny-v{TINY_FORMAT_VERSION}-seed{seed}"
     if (target / "config.json").is_file():
         return target
+    check_cache_dir(target.parent, env=CACHE_DIR_ENV)  # `--model tiny` cannot do without it
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:

@@ -199,6 +199,10 @@ def folder_weight_files(folder: Path) -> dict[str, Path] | None:
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"`{index_path}` has no `weight_map`", "re-download the model folder")
+        bad = [key for key, name in weight_map.items() if not isinstance(name, str) or not name]
+        if bad:
+            raise CheckpointError(f"`{index_path}` maps `{bad[0]}` to `{weight_map[bad[0]]}`, not a file name",
+                                  "re-download the model folder")  # fmt: skip
         return {key: folder / name for key, name in weight_map.items()}
     single = folder / SINGLE_FILE
     if single.is_file():

@@ -100,7 +100,8 @@ def export_mmvet(predictions: Mapping[str, str] | Mapping[int, str]) -> dict[str
     """{"v1_0": "answer", "v1_1": …} in question order: the JSON the MM-Vet grader reads."""
     keyed = {mmvet_key(question_id): text for question_id, text in predictions.items()}
     if len(keyed) != len(predictions):
-        raise InputError("two MM-Vet predictions have the same question id (e.g. `3` and `v1_3`)")
+        raise InputError("two MM-Vet predictions have the same question id (e.g. `3` and `v1_3`)",
+                         "keep one answer per question in the predictions file")  # fmt: skip
     return dict(sorted(keyed.items(), key=lambda item: int(item[0][len(MMVET_KEY_PREFIX) :])))
 
 

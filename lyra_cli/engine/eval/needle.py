@@ -14,7 +14,6 @@ on, each cell also records which share of the needle's seconds survived its last
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 import time
 import unicodedata

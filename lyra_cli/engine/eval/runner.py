@@ -592,26 +592,8 @@ def per_item_records(suite: Suite, answered: list[tuple[EvalItem, Mapping[str, A
             for k, (item, _, text) in enumerate(answered)]  # fmt: skip
 
 
-def check_per_item_target(path: Path) -> None:
-    """Refuse a path a per-item file may not be written to: a folder, or a file lyra did not write as a
-    per-item file (recognised by its first record's keys). An empty file holds nothing to lose."""
-    if path.is_dir():
-        raise UsageError(f"per-item scores file `{path}` is a folder", "give a file name, e.g. scores.jsonl")
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    try:
-        with path.open("rb") as f:
-            first = _parse_line(f.readline())
-    except OSError as exc:
-        raise InputError(f"cannot read `{path}`: {exc.strerror}", "check the file's permissions") from None
-    if first is None or set(first) != set(PER_ITEM_FIELDS):
-        raise UsageError(f"`{path}` exists and is not a per-item scores file lyra wrote: not overwritten",
-                         "give a new file name, or move that file away")  # fmt: skip
-
-
 def write_per_item(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    """The per-item records as JSON lines, written whole or not at all, over an earlier per-item file only."""
-    check_per_item_target(path)
+    """The per-item records as JSON lines, written whole or not at all (the command checked the target first)."""
     _write_atomically(path, records)
 
 
@@ -668,8 +650,18 @@ def merge_predictions(paths: Sequence[Path], out_path: Path) -> MergeReport:
 
 
 def _existing(path: Path) -> Path:
+    from lyra_cli.outputs import is_predictions_file
+
+    if path.is_dir():
+        raise InputError(f"predictions file `{path}` is a folder", "give the .jsonl files the shards wrote")
     if not path.is_file():
         raise InputError(f"predictions file `{path}` does not exist", "give the .jsonl files the shards wrote")
+    try:
+        ours = is_predictions_file(path)
+    except (OSError, ValueError):  # ValueError: JSON or UTF-8
+        ours = False
+    if not ours:
+        raise InputError(f"`{path}` is not a lyra predictions file", "give the .jsonl files the shards wrote")
     return path
 
 

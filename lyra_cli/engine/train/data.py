@@ -122,9 +122,17 @@ class _RecordProblem(Exception):
 def load_entries(path: Path) -> list[Any]:
     """The raw entries of a `.json` list or a `.jsonl` file; an unparsable jsonl line becomes `None`."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"training data `{path}` is a folder", "give the path of a .json or .jsonl file")
     if not path.is_file():
         raise InputError(f"training data `{path}` does not exist", "give the path of a .json or .jsonl file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"training data `{path}` is not UTF-8 text (byte {exc.start})",
+                         "give the official JSON file, saved as UTF-8") from exc  # fmt: skip
+    except OSError as exc:
+        raise InputError(f"cannot read training data `{path}` ({exc.strerror})", "check the file's permissions") from exc
     if path.suffix == ".jsonl":
         return [_json_or_none(line) for line in text.splitlines() if line.strip()]
     try:

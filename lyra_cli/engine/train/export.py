@@ -89,7 +89,7 @@ def lora_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
 def _projector(model: LyraForCausalLM) -> nn.Module:
     projector = model.model.mm_speech_projector
     if projector is None:
-        raise UsageError("this model has no speech projector to export")
+        raise UsageError("this model has no speech projector to export", "train a model with a speech tower")
     return projector
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lyra_cli.engine.config import ExtractorConfig
@@ -45,7 +45,7 @@ from lyra_cli.engine.train.distributed import Distributed
 from lyra_cli.engine.train.extract import ExtractedForward, forward_extracting
 from lyra_cli.engine.train.lcmr import lcmr_loss
 from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains, stage_extractor
-from lyra_cli.errors import InputError, UsageError
+from lyra_cli.errors import CheckpointError, InputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def trainable_projection(projector: nn.Module, *, long_adapter: str = "long_spee
     def project(part: SpeechPart) -> Tensor:
         if part.frames is None:
             if not part.tokens:
-                raise InputError(f"`{part.source}` has neither frames nor tokens")
+                raise InputError(f"`{part.source}` has neither frames nor tokens", "check the record's media file")
             return part.tokens.get(long_adapter, next(iter(part.tokens.values()))).clone()
         weight = next(projector.parameters())
         frames = part.frames.to(device=weight.device, dtype=weight.dtype).clone()  # not an inference tensor
@@ -226,9 +226,10 @@ def train_step_terms(
     labels = example.labels
     if stage.trains is Trains.SPEECH_GENERATOR:
         if generator is None:
-            raise UsageError(f"{stage.name} needs the speech generator")
+            raise UsageError(f"{stage.name} needs the speech generator", "use a model folder with speech_generator.safetensors")
         if not example.tgt_units:
-            raise InputError(f"record `{example.record.id}` has no tgt_unit for {stage.name}")
+            raise InputError(f"record `{example.record.id}` has no tgt_unit for {stage.name}",
+                             "stage 4 records need the speech units of the answer (`tgt_unit`)")  # fmt: skip
         with torch.no_grad():
             inputs = example.prompt_inputs(embed_ids=backbone.embed_tokens, project_speech=project_speech)
             out = backbone_forward(backbone, inputs, labels, extractor)
@@ -322,6 +323,54 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+_DAMAGED_HINT = "pass --no-resume to start over, or delete the damaged checkpoint folder"
+_STATE_KEYS = ("step", "position", "stage", "total_steps", "seed", "names")
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint folder read whole into memory (nothing applied yet)."""
+
+    folder: Path
+    state: dict[str, Any]
+    tensors: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    rng_ranks: list[dict[str, Any]]
+
+
+def read_checkpoint(folder: str | Path) -> SavedCheckpoint:
+    """Every file of a checkpoint, or a `CheckpointError` naming the one that is damaged, truncated or
+    refuses to unpickle (`weights_only`: a planted file never runs code)."""
+    from lyra_cli.engine.checkpoint import load_safetensors
+
+    folder = Path(folder)
+    state_path = folder / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"`{state_path}` is not a readable training state ({exc.__class__.__name__})",
+                              _DAMAGED_HINT) from exc  # fmt: skip
+    if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
+        raise CheckpointError(f"`{state_path}` lacks {', '.join(_STATE_KEYS)}", _DAMAGED_HINT)
+    tensors = load_safetensors(folder / TRAINABLE_FILE)
+    optimizer = _load_pickle(folder / OPTIMIZER_FILE, ("optimizer", "scheduler"))
+    ranks = _load_pickle(folder / RNG_FILE, ("ranks",))["ranks"]
+    if not isinstance(ranks, list) or not ranks:
+        raise CheckpointError(f"`{folder / RNG_FILE}` holds no random states", _DAMAGED_HINT)
+    return SavedCheckpoint(folder, state, tensors, optimizer, ranks)
+
+
+def _load_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, EOF, UnpicklingError (code it refuses to run), OSError
+        raise CheckpointError(f"`{path}` is damaged or cannot be read safely ({exc.__class__.__name__})",
+                              _DAMAGED_HINT) from exc  # fmt: skip
+    if not isinstance(value, dict) or any(key not in value for key in keys):
+        raise CheckpointError(f"`{path}` lacks {', '.join(keys)}", _DAMAGED_HINT)
+    return value
+
+
 def _rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -374,7 +423,7 @@ class Trainer:
         strict: bool = False,
     ) -> None:
         if total_steps < 1:
-            raise UsageError("total_steps must be >= 1")
+            raise UsageError("total_steps must be >= 1", "e.g. --steps 100")
         self.model, self.plan, self.dataset, self.generator = model, plan, dataset, generator
         self.stage = plan.stage
         if project is None and plan.projector is not None:
@@ -596,31 +645,34 @@ class Trainer:
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore parameters, optimizer, scheduler, RNG states, step and data position from `folder`."""
-        folder = Path(folder)
-        try:
-            state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"`{folder}` is not a training checkpoint ({exc})") from exc
+        self.apply_checkpoint(read_checkpoint(folder))
+
+    def apply_checkpoint(self, saved: "SavedCheckpoint") -> None:
+        """Restore a checkpoint read by `read_checkpoint`; every check runs before anything is changed."""
+        folder, state = saved.folder, saved.state
         if state["stage"] != self.stage.name or state["names"] != self.names:
             raise UsageError(f"checkpoint `{folder}` is for {state['stage']} with other trainable tensors",
                              f"resume it with the same stage ({self.stage.name} now) and model")  # fmt: skip
         if state["seed"] != self.dataset.seed:  # another record order: the saved position would mean nothing
             raise UsageError(f"checkpoint `{folder}` was trained with --seed {state['seed']}, not {self.dataset.seed}",
                              f"resume with --seed {state['seed']}, or pass --no-resume to start over")  # fmt: skip
+        self._check_tensors(saved)
         if state["total_steps"] != self.total_steps:
             log.warning("resuming a %d-step run as a %d-step run: the learning-rate schedule changes from here",
                         state["total_steps"], self.total_steps)  # fmt: skip
-        tensors = load_file(str(folder / TRAINABLE_FILE))
         with torch.no_grad():
             for name in self.names:
                 param = self.plan.parameters[name]
-                param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
-        opt = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        if self.scaler is not None and "scaler" in opt:
-            self.scaler.load_state_dict(opt["scaler"])
-        ranks = torch.load(folder / RNG_FILE, weights_only=True)["ranks"]
+                param.copy_(saved.tensors[name].to(device=param.device, dtype=param.dtype))
+        try:
+            self.optimizer.load_state_dict(saved.optimizer["optimizer"])
+            self.scheduler.load_state_dict(saved.optimizer["scheduler"])
+            if self.scaler is not None and "scaler" in saved.optimizer:
+                self.scaler.load_state_dict(saved.optimizer["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"`{folder / OPTIMIZER_FILE}` does not fit this run ({exc.__class__.__name__}: {exc})",
+                                  "pass --no-resume to start over, or delete this checkpoint folder") from exc  # fmt: skip
+        ranks = saved.rng_ranks
         if len(ranks) != self.distributed.world_size:
             log.warning("checkpoint `%s` was written by %d process(es), resumed by %d: the data order is kept, "
                         "dropout draws differ from an uninterrupted run", folder, len(ranks),
@@ -628,3 +680,33 @@ class Trainer:
         _set_rng_state(ranks[self.distributed.rank % len(ranks)])
         self.step_count = int(state["step"])
         self.position = int(state["position"])
+
+    def _check_tensors(self, saved: "SavedCheckpoint") -> None:
+        path = saved.folder / TRAINABLE_FILE
+        for name in self.names:
+            if name not in saved.tensors:
+                raise CheckpointError(f"`{path}` has no tensor `{name}`", _DAMAGED_HINT)
+            want = tuple(self.plan.parameters[name].shape)
+            if tuple(saved.tensors[name].shape) != want:
+                raise CheckpointError(f"`{path}`: `{name}` has shape {tuple(saved.tensors[name].shape)}, not {want}",
+                                      _DAMAGED_HINT)  # fmt: skip
+
+    def resume_latest(self, root: str | Path) -> Path | None:
+        """Restore the newest checkpoint under `root` that reads whole; None when there is none.
+
+        A damaged one (truncated, unreadable, refusing to unpickle) is skipped with a warning naming its
+        file, and the previous one is used; when none is usable the error names the newest's damage."""
+        first_damage = None
+        for folder in reversed(checkpoints(root)):
+            try:
+                saved = read_checkpoint(folder)
+            except CheckpointError as exc:
+                log.warning("%s: falling back to the previous checkpoint", exc.message)
+                first_damage = first_damage or exc
+                continue
+            self.apply_checkpoint(saved)
+            return folder
+        if first_damage is not None:
+            raise CheckpointError(f"no checkpoint in `{root}` can be resumed; the newest: {first_damage.message}",
+                                  _DAMAGED_HINT)  # fmt: skip
+        return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lyra_cli.engine.adapters import (
     ADAPTER_CONFIG_FILE,
@@ -29,10 +29,11 @@ from lyra_cli.engine.adapters import (
     MERGED_KEY,
     PROJECTOR_FILE,
     Adapter,
+    lora_numbers,
     lora_state,
     projector_state,
 )
-from lyra_cli.engine.checkpoint import INDEX_FILE, SINGLE_FILE
+from lyra_cli.engine.checkpoint import INDEX_FILE, SINGLE_FILE, load_safetensors, weight_files
 from lyra_cli.engine.config import CONFIG_FILE, read_json
 from lyra_cli.errors import CheckpointError, LyraError
 
@@ -58,9 +59,7 @@ class _Lora:
 
 
 def _read_lora(folder: Path, adapter: Adapter) -> _Lora:
-    cfg = read_json(folder / ADAPTER_CONFIG_FILE)
-    rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    scaling = alpha / rank**0.5 if cfg.get("use_rslora") else alpha / rank
+    scaling = lora_numbers(folder).scaling
     state = lora_state(folder)
     pairs = {}
     for key in state:
@@ -75,16 +74,15 @@ def _read_lora(folder: Path, adapter: Adapter) -> _Lora:
 
 
 def _shards(model_dir: Path) -> dict[str, list[str]]:
-    """shard file name -> its keys, from the index (or the single file)."""
-    if (model_dir / INDEX_FILE).is_file():
-        weight_map = read_json(model_dir / INDEX_FILE).get("weight_map", {})
-        grouped: dict[str, list[str]] = {}
-        for key, name in weight_map.items():
-            grouped.setdefault(name, []).append(key)
-        return grouped
-    if (model_dir / SINGLE_FILE).is_file():
-        return {SINGLE_FILE: []}
-    raise CheckpointError(f"`{model_dir}` holds no `{INDEX_FILE}` or `{SINGLE_FILE}`", "point --model at a Lyra release folder")
+    """shard file name -> its keys, from the index (or the single file), checked as the loader checks them."""
+    files = weight_files(model_dir)
+    if files is None:
+        raise CheckpointError(f"`{model_dir}` holds no `{INDEX_FILE}` or `{SINGLE_FILE}`",
+                              "point --model at a Lyra release folder")  # fmt: skip
+    grouped: dict[str, list[str]] = {}
+    for key, path in files.items():
+        grouped.setdefault(path.name, []).append(key)
+    return grouped
 
 
 def merge_adapter(
@@ -143,7 +141,7 @@ def _write_shards(
     pending_lora, pending_projector = set(lora.pairs), set(projector)
     total_bytes = 0
     for done, name in enumerate(sorted(shards), start=1):
-        tensors = load_file(str(model_dir / name))
+        tensors = load_safetensors(model_dir / name)
         for key, value in tensors.items():
             dtype = target if target is not None and value.is_floating_point() else value.dtype
             if key in lora.pairs:

@@ -160,7 +160,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return float(value)
     elif kind is str and isinstance(value, str):
         return value
-    raise UsageError(f"stage setting `{key}` must be a {kind.__name__}, got `{value!r}`")
+    raise UsageError(f"stage setting `{key}` must be a {kind.__name__}, got `{value!r}`",
+                     f"e.g. --set {key}=… with a {kind.__name__}; `--dry-run` shows every setting's value")  # fmt: skip
 
 
 def _validate(stage: StageConfig) -> None:
@@ -180,11 +181,11 @@ def _validate(stage: StageConfig) -> None:
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
-            raise UsageError(f"{stage.name}: {message}")
+            raise UsageError(f"{stage.name}: {message}", "change it with --set KEY=VALUE or in --config")
     try:
         stage.lcmr_config()
     except ValueError as exc:
-        raise UsageError(f"{stage.name}: {exc}") from exc
+        raise UsageError(f"{stage.name}: {exc}", "change the lcmr_* settings with --set KEY=VALUE") from exc
 
 
 def resolve_stage(name: str, overrides: dict[str, Any] | None = None) -> StageConfig:
@@ -210,7 +211,8 @@ def read_stage_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise InputError(f"cannot read stage file `{path}` ({exc.strerror})") from exc
+        what = "is a folder" if path.is_dir() else f"cannot be read ({exc.strerror})"
+        raise InputError(f"stage file `{path}` {what}", "give a JSON or YAML file of stage settings") from exc
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -224,9 +226,11 @@ def read_stage_file(path: Path) -> dict[str, Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InputError(f"`{path}` is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+            raise InputError(f"`{path}` is not valid JSON (line {exc.lineno}: {exc.msg})",
+                             "fix the file: it holds one object of stage settings") from exc  # fmt: skip
     if not isinstance(data, dict):
-        raise InputError(f"`{path}` must hold a mapping of stage settings, not a {type(data).__name__}")
+        raise InputError(f"`{path}` must hold a mapping of stage settings, not a {type(data).__name__}",
+                         'e.g. {"learning_rate": 1e-4, "lora_r": 64}')  # fmt: skip
     return data
 
 
@@ -358,7 +362,8 @@ def prepare_for_stage(
         raise UsageError(f"{stage.name} trains the speech generator, but this model has none",
                          "use a model folder whose config.json declares `speech_generator_type: ctc`")  # fmt: skip
     if stage.trains is not Trains.SPEECH_GENERATOR and model.model.mm_speech_projector is None:
-        raise UsageError(f"{stage.name} trains the speech projector, but this model has no speech tower")
+        raise UsageError(f"{stage.name} trains the speech projector, but this model has no speech tower",
+                         "use a model folder whose config.json declares `mm_speech_tower`")  # fmt: skip
     stage_extractor(stage, model)  # a bad --extract fails here, before any data is read
     projector = _stage_start(model, stage, bank)
     if stage.trains is Trains.LORA_AND_PROJECTOR:
