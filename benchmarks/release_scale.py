@@ -190,7 +190,8 @@ def measure(root: Path, model_dir: Path, precision: str, args: argparse.Namespac
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     row: dict[str, Any] = {"precision": precision, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if proc.returncode != 0:
-        row["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        row["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
         return row
     row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     row["predicted"] = predict_memory(model_dir, PRECISIONS[precision])
@@ -242,19 +243,20 @@ def main() -> None:
     model_dir = write_release(root, args.size)
     write_s = time.perf_counter() - start
     ensure_zoo_visible(root, model_dir)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "device": args.device}  # fmt: skip
+    report = {"machine": machine, "size": args.size, "model_dir": str(model_dir), "write_or_check_s": write_s,
+              "new_tokens": args.new_tokens, "minutes": args.minutes, "command": " ".join(sys.argv), "rows": []}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lyra-release-scale-") as tmp:
         recording = None
         if args.minutes > 0:
             recording = Path(tmp) / f"recording_{args.minutes:g}min.flac"
             build_recording(recording, args.minutes)
-        rows = [measure(root, model_dir, p, args, recording) for p in args.precisions]
-    print_table(rows)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "device": args.device}  # fmt: skip
-    report = {"machine": machine, "size": args.size, "model_dir": str(model_dir), "write_or_check_s": write_s,
-              "new_tokens": args.new_tokens, "minutes": args.minutes, "command": " ".join(sys.argv), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        for precision in args.precisions:
+            report["rows"].append(measure(root, model_dir, precision, args, recording))
+            args.out.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a long run keeps its rows
+    print_table(report["rows"])
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,6 @@
 """Release-shaped random checkpoints: `Lyra_Mini_3B` / `Lyra_Base_9B` with random weights.
 
-    python -m benchmarks.release_shapes --size mini --out DIR      # ~9.5 GB, about a minute of writing
+    python -m benchmarks.release_shapes --size mini --out DIR      # 9.7 GB (3 min on a busy 2-core VM)
     python -m benchmarks.release_shapes --size base --out DIR      # ~22 GB
 
 Writes the authors' layout (official-lyra.md §1.3–1.5, §5, §6), with the exact key names, shapes and
