@@ -16,7 +16,7 @@ a stage that fails or times out is recorded with its error and the rest still ru
     release_base    as release_mini for Lyra_Base_9B (~22 GB written first): last, with the time left
 
 `--cpu-smoke` runs the same stages and the same code paths on CPU with the `smoke` release shape and toy
-dimensions, in about two minutes; tests/test_gpu_check.py runs part of it. The JSON holds every stage:
+dimensions (1.6 CPU-minutes; 6 minutes on a busy 2-core machine); tests/test_gpu_check.py runs it. The JSON holds every stage:
 {"status": ok | failed | timeout | skipped, "seconds", "result" (the benchmark's own JSON) or "error"}.
 """
 
