@@ -200,13 +200,16 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make: Any)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % HEADER_ALIGN)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as out:
-        out.write(struct.pack("<Q", len(raw)) + raw)
-        for key, shape in shapes.items():
-            tensor = make(key, shape).to(torch.bfloat16).contiguous()
-            out.write(tensor.view(torch.int16).numpy().tobytes())
-    partial.replace(path)
+    partial = path.with_name(f".{path.name}.partial")  # renamed when complete: no half-written shard
+    try:
+        with partial.open("wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            for key, shape in shapes.items():
+                tensor = make(key, shape).to(torch.bfloat16).contiguous()
+                out.write(tensor.view(torch.int16).numpy().tobytes())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return offset
 
 
