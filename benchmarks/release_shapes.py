@@ -1,7 +1,7 @@
 """Release-shaped random checkpoints: `Lyra_Mini_3B` / `Lyra_Base_9B` with random weights.
 
     python -m benchmarks.release_shapes --size mini --out DIR      # 9.7 GB (3 min on a busy 2-core VM)
-    python -m benchmarks.release_shapes --size base --out DIR      # ~22 GB
+    python -m benchmarks.release_shapes --size base --out DIR      # 22.5 GB (4.5 min there)
 
 Writes the authors' layout (official-lyra.md §1.3–1.5, §5, §6), with the exact key names, shapes and
 dtype (bf16) of the release:
