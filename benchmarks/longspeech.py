@@ -1,4 +1,4 @@
-"""Long speech on the tiny model: time and memory against recording length, and the cache's effect.
+"""Long speech (the tiny model, or --model DIR): time and memory against recording length, and the cache's effect.
 
 For each duration (default 10, 30, 60, 120 minutes) a recording is built from the real clips in
 ../shared/data/real (tiled, with pauses, written as 16 kHz FLAC), then a fresh process:
@@ -11,6 +11,7 @@ which must not grow with the duration. Prompts above the tiny model's 32,768 pos
 
     python benchmarks/longspeech.py                      # all durations (~5 min on 2 CPU cores)
     python benchmarks/longspeech.py --minutes 10 30      # a subset
+    python benchmarks/longspeech.py --model DIR --device cuda --minutes 60 --extract 4x0.7   # a release-size model
 
 Prints a table and writes JSON (default benchmarks/results/longspeech.json).
 """
@@ -36,7 +37,6 @@ CLIPS = ("jfk.flac", "extreme_ironing.mp3", "Hi.mp3", "movement.mp3", "Chinese_p
 PAUSE_S = 0.5
 NEW_TOKENS = 8
 CHUNK_TOKENS = 8192
-MAX_POSITIONS_TINY = 32768
 
 
 def build_recording(path: Path, minutes: float) -> None:
@@ -59,7 +59,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_one(recording: Path, extract: str | None) -> dict:
+def run_one(recording: Path, extract: str | None, model: str = "tiny", device: str = "cpu") -> dict:
     """In a fresh process: load, first question (cold cache), second question (warm)."""
     from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
     from lyra_cli.commands.common import model_dir_for
@@ -70,7 +70,8 @@ def run_one(recording: Path, extract: str | None) -> dict:
     from lyra_cli.engine.prompt import Conversation, TextPart
     from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 
-    engine = Engine.load(model_dir_for("tiny"), resolve_runtime(RuntimeRequest(device="cpu")))
+    engine = Engine.load(model_dir_for(model), resolve_runtime(RuntimeRequest(device=device)))
+    max_positions = engine.loaded.config.text.max_position_embeddings
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
     encoder = RecordingEncoder(engine, LongSpeechSettings(), SpeechTokenCache(default_cache_dir()))
 
@@ -82,7 +83,7 @@ def run_one(recording: Path, extract: str | None) -> dict:
         audio_rss_growth = _peak_rss_mb() - rss_before
         n_prompt = prompt_tokens(part.n_windows)
         extractor = parse_extract(extract, engine.loaded.config.text.num_layers) if (
-            extract and n_prompt > MAX_POSITIONS_TINY) else None  # fmt: skip
+            extract and n_prompt > max_positions) else None  # fmt: skip
         events = list(engine.respond(Conversation(), [part, TextPart(text)], sampling, extractor=extractor,
                                      chunk_tokens=CHUNK_TOKENS))  # fmt: skip
         done = events[-1]
@@ -98,11 +99,11 @@ def run_one(recording: Path, extract: str | None) -> dict:
     return {"first": first, "second": second, "process_peak_rss_mb": _peak_rss_mb()}
 
 
-def measure(minutes: float, extract: str, workdir: Path) -> dict:
+def measure(minutes: float, extract: str, workdir: Path, model: str = "tiny", device: str = "cpu") -> dict:
     recording = workdir / f"recording_{minutes:g}min.flac"
     build_recording(recording, minutes)
     env = {**os.environ, "LYRA_CACHE_DIR": str(workdir / f"cache_{minutes:g}")}
-    cmd = [sys.executable, __file__, "--one", str(recording), "--extract", extract]
+    cmd = [sys.executable, __file__, "--one", str(recording), "--extract", extract, "--model", model, "--device", device]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["minutes"] = minutes
@@ -129,18 +130,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[10, 30, 60, 120])
     parser.add_argument("--extract", default="2x0.5", help="extractor for prompts beyond the position range (tiny: 2 layers)")
+    parser.add_argument("--model", default="tiny", help="tiny, or a model folder (run from where its model_zoo/ resolves)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "longspeech.json")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: measure in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.extract)))
+        print(json.dumps(run_one(args.one, args.extract, args.model, args.device)))
         return
     with tempfile.TemporaryDirectory(prefix="lyra-longspeech-") as tmp:
-        rows = [measure(m, args.extract, Path(tmp)) for m in args.minutes]
+        rows = [measure(m, args.extract, Path(tmp), args.model, args.device) for m in args.minutes]
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "device": args.device}  # fmt: skip
+    args.out.write_text(json.dumps({"machine": machine, "model": args.model, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from transformers import Qwen2VLVisionConfig, WhisperConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
@@ -136,7 +137,7 @@ def tiny_config(vocab_size: int, tokenizer_ids: dict[str, int], size: TinySize =
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -165,18 +166,40 @@ def _write_shards(model: LyraForCausalLM, out: Path) -> None:
         save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
-    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _lora_weights(model: LyraForCausalLM, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    weights = {}
-    for name, module in model.model.layers.named_modules():
+def lora_shapes(layers: nn.Module, rank: int) -> dict[str, tuple[int, int]]:
+    """PEFT's key → shape for a rank-`rank` LoRA on every decoder linear in `LORA_TARGETS` (works on meta)."""
+    shapes = {}
+    for name, module in layers.named_modules():
         if name.rsplit(".", 1)[-1] in LORA_TARGETS:
             prefix = f"base_model.model.model.layers.{name}"
             out_f, in_f = module.weight.shape
-            weights[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
-            weights[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * LORA_B_STD
-    return {k: v.to(torch.bfloat16) for k, v in weights.items()}
+            shapes[f"{prefix}.lora_A.weight"] = (rank, in_f)
+            shapes[f"{prefix}.lora_B.weight"] = (out_f, rank)
+    return shapes
+
+
+def lora_init(key: str, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """A: scaled like a fan-in init; B: non-zero (`LORA_B_STD`), so an adapter visibly changes the answer."""
+    if ".lora_A." in key:
+        return torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    return torch.randn(shape, generator=gen) * LORA_B_STD
+
+
+def _lora_weights(model: LyraForCausalLM, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    shapes = lora_shapes(model.model.layers, rank)
+    return {k: lora_init(k, shape, gen).to(torch.bfloat16) for k, shape in shapes.items()}
+
+
+def write_adapter_configs(folder: Path, adapter: Adapter, rank: int, alpha: float, config_dict: dict[str, Any]) -> None:
+    """adapter_config.json (PEFT) and the folder's config.json snapshot, as the release's adapter folders hold."""
+    write_json(folder / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.05,
+        "bias": "none", "target_modules": LORA_TARGETS, "base_model_name_or_path": None, "inference_mode": True,
+    })  # fmt: skip
+    write_json(folder / "config.json", {**config_dict, "asr_align": adapter is Adapter.SPEECH})
 
 
 def _write_adapter(model: LyraForCausalLM, out: Path, adapter: Adapter, config_dict: dict[str, Any], seed: int) -> None:
@@ -185,11 +208,7 @@ def _write_adapter(model: LyraForCausalLM, out: Path, adapter: Adapter, config_d
     rank, alpha = TINY_LORA[adapter]
     gen = torch.Generator().manual_seed(seed + 1 + list(ADAPTER_DIRS).index(adapter))
     save_file(_lora_weights(model, rank, gen), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.05,
-        "bias": "none", "target_modules": LORA_TARGETS, "base_model_name_or_path": None, "inference_mode": True,
-    })  # fmt: skip
-    _write_json(folder / "config.json", {**config_dict, "asr_align": adapter is Adapter.SPEECH})
+    write_adapter_configs(folder, adapter, rank, alpha, config_dict)
     projector = model.model.mm_speech_projector
     state = {
         f"model.model.mm_speech_projector.{k}": (v + torch.randn(v.shape, generator=gen) * 0.05).to(torch.bfloat16)
@@ -198,21 +217,31 @@ def _write_adapter(model: LyraForCausalLM, out: Path, adapter: Adapter, config_d
     torch.save(state, folder / "non_lora_trainables.bin")
 
 
-def _write_towers(out: Path, hidden: int) -> None:
-    _write_json(out / VISION_TOWER_DIR / "config.json", {"model_type": "qwen2_vl", **_vision_config(hidden)})
-    _write_json(out / VISION_TOWER_DIR / "preprocessor_config.json", {
-        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS,
+def write_tower_configs(
+    out: Path, vision: tuple[str, dict[str, Any]], speech: tuple[str, dict[str, Any]], max_pixels: int
+) -> None:
+    """The tower folders' config.json and preprocessor_config.json: `vision` and `speech` are (folder, config)."""
+    vision_dir, vision_config = vision
+    speech_dir, whisper_config = speech
+    write_json(out / vision_dir / "config.json", {"model_type": "qwen2_vl", **vision_config})
+    write_json(out / vision_dir / "preprocessor_config.json", {
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": max_pixels,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
     })  # fmt: skip
-    _write_json(out / SPEECH_TOWER_DIR / "config.json", _whisper_config())
-    _write_json(out / SPEECH_TOWER_DIR / "preprocessor_config.json", {
+    write_json(out / speech_dir / "config.json", whisper_config)
+    write_json(out / speech_dir / "preprocessor_config.json", {
         "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": N_MELS, "sampling_rate": SAMPLE_RATE_HZ,
         "hop_length": 160, "n_fft": 400, "chunk_length": 30, "padding_value": 0.0, "return_attention_mask": False,
     })  # fmt: skip
 
 
-def _generation_config(ids: dict[str, int]) -> dict[str, Any]:
+def _write_towers(out: Path, hidden: int) -> None:
+    write_tower_configs(out, (VISION_TOWER_DIR, _vision_config(hidden)), (SPEECH_TOWER_DIR, _whisper_config()),
+                        TINY_MAX_PIXELS)  # fmt: skip
+
+
+def generation_config(ids: dict[str, int]) -> dict[str, Any]:
     # The values the Qwen2-VL instruct release ships (official-lyra.md §8): sampling with top_k 1 = greedy.
     return {
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -221,19 +250,24 @@ def _generation_config(ids: dict[str, int]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def write_tiny_model(out: Path, *, seed: int = DEFAULT_SEED, size: TinySize = TinySize()) -> None:
-    """Write the tiny checkpoint (or one with the language model at `size`) into the empty or new `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_tokenizer(out: Path) -> tuple[int, dict[str, int]]:
+    """The tiny byte-level BPE tokenizer into `out`: (its length, ids of `<|endoftext|>` and `<|im_end|>`)."""
     build_tiny_tokenizer(out)
     from lyra_cli.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(out)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
-    config_dict = tiny_config(_vocab_size(len(tokenizer)), ids, size) | tiny_generator_config()
+    return len(tokenizer), {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+
+
+def write_tiny_model(out: Path, *, seed: int = DEFAULT_SEED, size: TinySize = TinySize()) -> None:
+    """Write the tiny checkpoint (or one with the language model at `size`) into the empty or new `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    n_tokens, ids = write_tokenizer(out)
+    config_dict = tiny_config(_vocab_size(n_tokens), ids, size) | tiny_generator_config()
     torch.manual_seed(seed)
     model = _build_model(config_dict)
-    _write_json(out / "config.json", config_dict)
-    _write_json(out / "generation_config.json", _generation_config(ids))
+    write_json(out / "config.json", config_dict)
+    write_json(out / "generation_config.json", generation_config(ids))
     _write_shards(model, out)
     _write_towers(out, size.hidden)
     for adapter in ADAPTER_DIRS:

@@ -721,9 +721,10 @@ TINY_LOG_DUR_STD = 0.25
 TINY_OUTPUT_GAIN = 0.5  # conv_post magnitude: output std ≈ 0.1, peaks below clipping
 
 
-def build_tiny_vocoder(seed: int = 0) -> UnitVocoder:
-    """An unfolded random vocoder (checkpoint layout) whose durations vary and whose output is not silent."""
-    config = parse_vocoder_config(TINY_VOCODER_CONFIG, source="tiny vocoder config")
+def build_tiny_vocoder(seed: int = 0, raw_config: Mapping[str, Any] = TINY_VOCODER_CONFIG) -> UnitVocoder:
+    """An unfolded random vocoder (checkpoint layout) whose durations vary and whose output is not silent;
+    at the tiny width unless `raw_config` (a vocoder config.json, e.g. the release's) says otherwise."""
+    config = parse_vocoder_config(dict(raw_config), source="random vocoder config")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = UnitVocoder(config)
@@ -761,5 +762,5 @@ def save_fairseq_checkpoint(model: UnitVocoder, folder: Path) -> None:
     write_atomically(folder / CHECKPOINT_FILE, lambda p: torch.save({GENERATOR_KEY: state}, p))
 
 
-def write_tiny_vocoder(folder: Path, *, seed: int = 0) -> None:
-    save_fairseq_checkpoint(build_tiny_vocoder(seed), folder)
+def write_tiny_vocoder(folder: Path, *, seed: int = 0, raw_config: Mapping[str, Any] = TINY_VOCODER_CONFIG) -> None:
+    save_fairseq_checkpoint(build_tiny_vocoder(seed, raw_config), folder)

@@ -1,0 +1,265 @@
+"""Lyra at release size (random weights): load, memory, first token, tokens/s, long-speech audio stage.
+
+Uses the release-shaped checkpoint of `benchmarks/release_shapes.py` (written under --root on first use).
+For each precision (bf16, 8-bit, 4-bit: bitsandbytes, the decoder's linear layers only) a fresh process,
+started in --root (the authors' working directory, where `model_zoo/...` resolves):
+  1. loads the model (wall time, imports excluded, and the process's peak resident memory after loading);
+  2. answers an image + speech question (../shared/data/real extreme_ironing.jpg + .mp3): media encoding,
+     first token (from the start of media encoding) and decode tokens/s over --new-tokens forced tokens;
+  3. with --voice: the same question spoken (speech generator + vocoder): time to the first audio;
+  4. the audio stage of a --minutes recording (tiled from the real clips, as benchmarks/longspeech.py does):
+     streamed decode + Whisper encode + projection, no cache, as `lyra longspeech` runs it; × real time;
+  5. reports the process's peak resident memory (ru_maxrss of the child; CUDA: max_memory_allocated).
+The memory predicted from the safetensors headers (`predict_memory`: weights at their loaded width, the
+decoder's linear weights at 8 or 4 bits, both adapters, plus the KV cache of the prompt) is printed beside
+the measurement. `lyra info` is to print the same prediction; compare its figure once it does.
+
+    python -m benchmarks.release_scale --root /tmp/lyra-release                    # Mini, bf16 + 8-bit + 4-bit
+    python -m benchmarks.release_scale --root /tmp/lyra-release --precisions bf16 --quick
+    python -m benchmarks.release_scale --root /data/lyra-release --size base --device cuda --voice
+
+Timings on a shared machine are disturbed by other processes: the JSON records the load average before and
+after each run. Prints a table and writes JSON (default benchmarks/results/release_scale.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO.parent / "shared" / "data" / "real"
+IMAGE = REAL / "extreme_ironing.jpg"
+QUESTION = REAL / "extreme_ironing.mp3"
+PRECISIONS = {"bf16": "none", "8bit": "8bit", "4bit": "4bit"}
+# Bytes per stored weight of the decoder's linear layers: 8-bit keeps one fp32 scale per output row;
+# NF4 one 8-bit absmax per 64 weights plus, double-quantized, one fp32 per 256 of those.
+BYTES_PER_WEIGHT = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
+ROW_SCALE_BYTES = {"none": 0, "8bit": 4, "4bit": 0}
+BF16_BYTES = 2
+KV_TOKENS = 1000
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+
+def _header_shapes(path: Path) -> dict[str, list[int]]:
+    """Key → shape from a safetensors header, without reading any tensor."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def predict_memory(model_dir: Path, quantization: str, kv_tokens: int = KV_TOKENS) -> dict[str, float]:
+    """Bytes the loaded model should hold: weights (bf16, the decoder's linear weights at `quantization` as
+    the loader's QUANTIZED_SCOPE rule says), both adapters' LoRA and projectors, and the KV cache of
+    `kv_tokens` tokens. The speech generator and vocoder load only with a voice and are counted apart."""
+    from lyra_cli.engine.loader import _is_quantized_key
+
+    config = json.loads((model_dir / "config.json").read_text())
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    weights = 0.0
+    for name in sorted(set(index["weight_map"].values())):
+        for key, shape in _header_shapes(model_dir / name).items():
+            if _is_quantized_key(key) and key.endswith(".weight"):
+                weights += _numel(shape) * BYTES_PER_WEIGHT[quantization] + shape[0] * ROW_SCALE_BYTES[quantization]
+            else:
+                weights += _numel(shape) * BF16_BYTES
+    adapters = 0.0
+    for folder in ("speech_lora", "long_speech_lora"):
+        adapters += sum(_numel(s) for s in _header_shapes(model_dir / folder / "adapter_model.safetensors").values()) * BF16_BYTES
+        adapters += (model_dir / folder / "non_lora_trainables.bin").stat().st_size  # bf16 pickle: ≈ its bytes
+    generator = sum(_numel(s) for s in _header_shapes(model_dir / "speech_generator.safetensors").values()) * BF16_BYTES
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * BF16_BYTES
+    return {"weights_gib": weights / GIB, "adapters_gib": adapters / GIB, "generator_gib": generator / GIB,
+            "kv_per_1k_tokens_mib": kv_per_token * 1000 / MIB,
+            "total_gib": (weights + adapters + kv_per_token * kv_tokens) / GIB}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ one process
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def run_one(model_dir: Path, precision: str, device: str, recording: Path | None, new_tokens: int,
+            voice: bool) -> dict[str, Any]:  # fmt: skip
+    """In this (fresh) process: load, one image + speech question, optionally spoken, the audio stage."""
+    import torch
+
+    from lyra_cli.engine.events import AudioChunk
+    from lyra_cli.engine.generate import SamplingConfig
+    from lyra_cli.engine.loader import load_model
+    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder
+    from lyra_cli.engine.pipeline import Engine, read_media
+    from lyra_cli.engine.prompt import Conversation
+    from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+
+    result: dict[str, Any] = {"precision": precision, "rss_before_load_mib": _rss_mib()}
+    runtime = resolve_runtime(RuntimeRequest(device=device, dtype="bf16", quantization=PRECISIONS[precision]))
+    start = time.perf_counter()
+    engine = Engine(load_model(model_dir, runtime), reuse_prefix=False)
+    result["load_s"] = time.perf_counter() - start
+    result["peak_rss_after_load_mib"] = _peak_rss_mib()
+    result["rss_after_load_mib"] = _rss_mib()
+    cuda = runtime.device.type == "cuda"
+    if cuda:
+        result["cuda_allocated_after_load_mib"] = torch.cuda.memory_allocated() / MIB
+    engine.loaded.end_ids = set()  # answers of exactly --new-tokens tokens
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+
+    def ask(voice_obj: Any = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        parts = [engine.encode(read_media("image", IMAGE)), engine.encode(read_media("speech", QUESTION))]
+        media_s = time.perf_counter() - start
+        events = list(engine.respond(Conversation(), parts, sampling, voice=voice_obj))
+        done = events[-1]
+        return {"media_s": media_s, "prompt_tokens": done.prompt_tokens, "new_tokens": done.new_tokens,
+                "first_token_s": media_s + done.timings["first_token_s"], "prefill_s": done.timings["prefill_s"],
+                "tokens_per_s": done.tokens_per_s, "total_s": time.perf_counter() - start,
+                "first_audio_s": media_s + done.timings["first_audio_s"] if "first_audio_s" in done.timings else None,
+                "audio_chunks": sum(isinstance(e, AudioChunk) for e in events)}  # fmt: skip
+
+    ask_start = time.perf_counter()
+    result["question"] = ask()
+    result["question"]["wall_s"] = time.perf_counter() - ask_start
+    if voice:
+        from lyra_cli.engine.voice import VoiceConfig, load_voice
+
+        start = time.perf_counter()
+        spoken = load_voice(engine.loaded, None, VoiceConfig())
+        result["voice_load_s"] = time.perf_counter() - start
+        result["spoken_question"] = ask(spoken)
+    if recording is not None:
+        encoder = RecordingEncoder(engine, LongSpeechSettings(use_cache=False), None)
+        start = time.perf_counter()
+        part, _ = encoder.encode(recording)
+        seconds = time.perf_counter() - start
+        result["audio_stage"] = {"duration_s": part.duration_s, "windows": part.n_windows, "seconds": seconds,
+                                 "x_real_time": part.duration_s / seconds}  # fmt: skip
+    result["peak_rss_mib"] = _peak_rss_mib()
+    if cuda:
+        result["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
+    return result
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def ensure_zoo_visible(root: Path, model_dir: Path) -> None:
+    """Loaders that resolve `model_zoo/...` only against the model folder (lyra before tower paths were also
+    resolved against the working directory) find the towers and vocoder through a link beside the weights."""
+    link = model_dir / "model_zoo"
+    if not link.exists():
+        link.symlink_to(os.path.relpath(root / "model_zoo", model_dir))
+
+
+def measure(root: Path, model_dir: Path, precision: str, args: argparse.Namespace, recording: Path | None) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.release_scale", "--child", str(model_dir), "--precisions", precision,
+           "--device", args.device, "--new-tokens", str(args.new_tokens)]  # fmt: skip
+    cmd += ["--recording", str(recording)] if recording is not None else []
+    cmd += ["--voice"] if args.voice else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    load_before = os.getloadavg()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    row: dict[str, Any] = {"precision": precision, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        row["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
+        return row
+    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    row["predicted"] = predict_memory(model_dir, PRECISIONS[precision])
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print("precision | load s | peak RSS after load GiB | predicted GiB (weights+adapters+1k KV) | first token s | "
+          "tok/s | first audio s | audio stage ×RT | peak GiB (CUDA allocated on a GPU, else RSS)")  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            print(f"{r['precision']} | failed: {r['error']}")
+            continue
+        q, a = r["question"], r.get("audio_stage")
+        first_audio = (r.get("spoken_question") or {}).get("first_audio_s")
+        peak_mib = r.get("cuda_peak_allocated_mib", r["peak_rss_mib"])
+        print(" | ".join([r["precision"], f"{r['load_s']:.1f}", f"{r['peak_rss_after_load_mib'] / 1024:.2f}",
+                          f"{r['predicted']['total_gib']:.2f}", f"{q['first_token_s']:.2f}", f"{q['tokens_per_s']:.2f}",
+                          f"{first_audio:.2f}" if first_audio is not None else "-",
+                          f"{a['x_real_time']:.2f}" if a else "-", f"{peak_mib / 1024:.2f}"]))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, help="where work_dirs/ and model_zoo/ are (written when missing)")
+    parser.add_argument("--size", default="mini", help="mini | base | smoke (release_shapes.py)")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--minutes", type=float, default=5.0, help="recording length for the audio stage (0: skip)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--voice", action="store_true", help="also time the first audio of a spoken answer")
+    parser.add_argument("--quick", action="store_true", help="8 new tokens and a 1-minute recording")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "release_scale.json")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: measure in this process
+    parser.add_argument("--recording", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.precisions[0], args.device, args.recording, args.new_tokens,
+                                 args.voice)))  # fmt: skip
+        return
+    if args.root is None:
+        parser.error("--root is required")
+    if args.quick:
+        args.new_tokens, args.minutes = 8, min(args.minutes, 1.0)
+    from benchmarks.longspeech import build_recording
+    from benchmarks.release_shapes import write_release
+
+    root = args.root.resolve()
+    start = time.perf_counter()
+    model_dir = write_release(root, args.size)
+    write_s = time.perf_counter() - start
+    ensure_zoo_visible(root, model_dir)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "device": args.device}  # fmt: skip
+    report = {"machine": machine, "size": args.size, "model_dir": str(model_dir), "write_or_check_s": write_s,
+              "new_tokens": args.new_tokens, "minutes": args.minutes, "command": " ".join(sys.argv), "rows": []}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lyra-release-scale-") as tmp:
+        recording = None
+        if args.minutes > 0:
+            recording = Path(tmp) / f"recording_{args.minutes:g}min.flac"
+            build_recording(recording, args.minutes)
+        for precision in args.precisions:
+            report["rows"].append(measure(root, model_dir, precision, args, recording))
+            args.out.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a long run keeps its rows
+    print_table(report["rows"])
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
