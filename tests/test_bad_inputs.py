@@ -335,7 +335,7 @@ ROWS = [
     Row("missing argument", ("eval", "merge"), 2, "Missing argument"),
     Row("not an integer", ("chat", "--max-new-tokens", "abc", "--text", "x"), 2, "--max-new-tokens"),
     Row("unknown suite", ("eval", "vqav2", "--data", "{d}"), 2, "unknown eval suite"),
-    Row("extra argument", ("info", "extra"), 2, "lyra info --help"),
+    Row("extra argument", ("info", "a", "b"), 2, "lyra info --help"),
 ]
 # fmt: on
 

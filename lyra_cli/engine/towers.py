@@ -186,6 +186,8 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             header = json.loads(handle.read(length))
     except FileNotFoundError as exc:
         raise CheckpointError(f"weight file `{path}` is missing", "re-download the model folder; a shard is absent") from exc
+    except IsADirectoryError as exc:
+        raise CheckpointError(f"weight file `{path}` is a folder", "re-download the model folder; a shard is absent") from exc
     except (OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"weight file `{path}` is unreadable ({exc})", "re-download this shard") from exc
     header.pop("__metadata__", None)
