@@ -21,6 +21,7 @@ import soundfile
 import soxr
 
 from lyra_cli.errors import InputError
+from lyra_cli.inputs import require_input_file
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def open_audio_stream(
         raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
     if not block_seconds > 0:
         raise ValueError(f"block_seconds must be positive, got {block_seconds}")
-    path = _existing_file(path)
+    path = require_input_file(path, "audio")
     decoder = _open_decoder(path)
     block_frames = max(1, round(block_seconds * decoder.native_rate_hz))
     mono_blocks = _mono_blocks(decoder.blocks, mix, block_frames, path)
@@ -242,15 +243,6 @@ def _demux(container: Any, stream: Any, path: Path) -> Iterator[Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Checks and conversions
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _existing_file(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise InputError(f"`{path}` is a directory, not an audio file", f"pass an audio file ({_FORMATS})")
-    if not path.exists():
-        raise InputError(f"`{path}` does not exist", "check the path (a relative path starts at the current folder)")
-    return path
 
 
 def _channel_mixer(channel_mix: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -18,6 +18,7 @@ import typer
 
 from lyra_cli.commands import common
 from lyra_cli.errors import InputError, LyraError, UsageError
+from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
     from lyra_cli.engine.config import ExtractorConfig
@@ -81,6 +82,7 @@ def longspeech(
     seed: int | None = common.SeedOption,
 ) -> None:
     """Ask questions about a long recording (minutes to hours)."""
+    require_input_file(file, "audio")  # a mistyped path fails here, before torch is imported
     from lyra_cli.audio.io import open_audio_stream
     from lyra_cli.engine.config import load_config
     from lyra_cli.engine.longspeech import LongSpeechSettings, prompt_tokens, windows_for

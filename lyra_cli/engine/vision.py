@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from lyra_cli.errors import CheckpointError, InputError
+from lyra_cli.inputs import require_input_file
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +132,13 @@ def load_image(path: Path | str, *, max_side: int = CLI_MAX_SIDE) -> Image.Image
 
     Size limits are checked from the header, before any pixel is decoded.
     """
-    path = Path(path)
-    _check_input_file(path, "image")
+    path = require_input_file(path, "image")
     with _open_image_header(path) as header:
         _check_image_size(header.size, path)
         image = to_rgb(_decode_image(header, path))  # a copy: the file is closed after this block
     size = lyra_image_size(*image.size, max_side=max_side)
     # NEAREST, as the official code: these resizes are coarse guards, the processor resizes after.
     return image if size == image.size else image.resize(size, resample=Image.Resampling.NEAREST)
-
-
-def _check_input_file(path: Path, kind: str) -> None:
-    if path.is_dir():
-        raise InputError(f"{kind} `{path}` is a folder, not a file", f"pass one {kind} file")
-    if not path.is_file():
-        raise InputError(f"{kind} file `{path}` does not exist", "check the path")
 
 
 def _open_image_header(path: Path) -> Image.Image:
@@ -259,8 +252,7 @@ def load_video_frames(
     """Sampled, resized frames (T, H, W, 3) uint8 with T even and H, W multiples of 28, and the
     sampling rate in frames per second of the original clip (T / total_frames · video_fps).
     """
-    path = Path(path)
-    _check_input_file(path, "video")
+    path = require_input_file(path, "video")
     probe = _probe_video(path)
     n_frames = video_frame_count(probe.n_frames, probe.fps, max_frames=max_frames)
     frames, n_decoded = _decode_frames(path, video_frame_indices(probe.n_frames, n_frames))
