@@ -361,3 +361,30 @@ def test_many_mutated_inputs_decode_or_fail_cleanly(real: Path, tmp_path: Path) 
     n_cases = int(os.environ.get("LYRA_FUZZ_N", SLOW_CASES))
     failures = run_fuzz(real, tmp_path, n_cases)
     assert not failures, _report(failures, n_cases)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The crash classes the fuzzer found, each pinned by a hand-made file
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_wav_header_claiming_1_hz_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Was: 22,050 frames "at 1 Hz" resampled to 16 kHz for 40 s (352 M samples), then accepted."""
+    path = tmp_path / "one_hertz.wav"
+    data = bytearray(_encode_audio(np.zeros((22_050, 2), np.float32), 22_050, "WAV", "PCM_16"))
+    struct.pack_into("<I", data, 24, 1)  # fmt chunk: sample rate
+    path.write_bytes(bytes(data))
+    with pytest.raises(LyraError, match=r"claims a sample rate of `1` Hz") as err:
+        read_media("speech", path)
+    assert path.name in err.value.message
+
+
+def test_float_samples_at_float32_max_are_refused_not_mixed_to_inf(tmp_path: Path) -> None:
+    """Was: the float32 mean of two channels at 3e38 overflowed to inf ("NaN or infinity")."""
+    path = tmp_path / "huge.wav"
+    sf.write(path, np.full((16_000, 2), 3e38, np.float32), 16_000, subtype="FLOAT")
+    with pytest.raises(LyraError, match=r"samples up to `3e\+38`, far outside the audio range"):
+        read_media("speech", path)
+    loud = tmp_path / "loud.wav"  # float files may exceed full scale a little: kept as they are
+    sf.write(loud, np.full((16_000, 2), 1.5, np.float32), 16_000, subtype="FLOAT")
+    assert np.abs(read_media("speech", loud).wav).max() == pytest.approx(1.5, rel=1e-3)
