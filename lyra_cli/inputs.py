@@ -29,4 +29,6 @@ def require_input_file(path: str | Path, what: str) -> Path:
         raise InputError(f"{what} `{path}` is not a regular file", f"pass a saved {what} file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{what} file `{path}` cannot be read (permission denied)", "check the file's permissions")
+    if path.stat().st_size == 0:  # no format has a 0-byte file; the decoders would only say "invalid data"
+        raise InputError(f"{what} file `{path}` is empty (0 bytes)", "check that it was saved or copied completely")
     return path

@@ -15,6 +15,7 @@ The default run mutates `DEFAULT_CASES` files in-process; `-m slow` runs `LYRA_F
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import struct
@@ -73,7 +74,7 @@ def _mp4_excerpt(real: Path) -> bytes:
 
     buffer = io.BytesIO()
     with av.open(str(real / "movement.mp4")) as src:
-        frames = [f.to_image().resize((64, 48)) for _, f in zip(range(8), src.decode(video=0))]
+        frames = [f.to_image().resize((64, 48)) for f in itertools.islice(src.decode(video=0), 8)]
     samples, rate = _audio_excerpt(real, 1.0)
     with av.open(buffer, "w", format="mp4") as out:
         video = out.add_stream("libx264", rate=4)
@@ -287,6 +288,7 @@ def decode_long_speech(path: Path) -> None:
     finally:
         stream.close()
     check_speech(np.concatenate(windows))
+    assert stream.sample_rate_hz == SAMPLE_RATE_HZ
     assert stream.duration_s is None or np.isfinite(stream.duration_s)
 
 

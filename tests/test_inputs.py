@@ -26,6 +26,9 @@ def test_missing_folder_fifo_and_unreadable_are_told_apart(tmp_path: Path) -> No
         require_input_file(tmp_path / "nope.wav", "audio")
     with pytest.raises(InputError, match=r"image `.*` is a folder, not a file"):
         require_input_file(tmp_path, "image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"image file `.*empty\.png` is empty \(0 bytes\)"):
+        require_input_file(tmp_path / "empty.png", "image")
     fifo = tmp_path / "pipe.mp3"
     os.mkfifo(fifo)
     with pytest.raises(InputError, match="is not a regular file"):

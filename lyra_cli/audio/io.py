@@ -367,7 +367,9 @@ def _check_samples(mono: np.ndarray, path: Path) -> None:
         return
     peak = float(np.abs(mono).max())
     if not np.isfinite(peak):  # would poison every feature downstream
-        raise InputError(f"`{path}` contains invalid samples (NaN or infinity)", "re-export it as 16-bit PCM wav")
+        raise InputError(
+            f"`{path}` contains invalid samples (NaN, or infinite in float32)", "re-export it as 16-bit PCM wav"
+        )
     if peak > MAX_SAMPLE_PEAK:
         raise InputError(
             f"`{path}` has samples up to `{peak:.3g}`, far outside the audio range [-1, 1]",
