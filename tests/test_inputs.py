@@ -13,6 +13,7 @@ from lyra_cli.errors import InputError
 from lyra_cli.inputs import require_input_file
 
 HEAVY_MODULES = ("torch", "transformers", "av", "safetensors", "peft")
+INFO_HEAVY_MODULES = ("torch", "transformers", "av", "peft", "accelerate")
 
 
 def test_a_readable_file_passes_with_home_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,3 +67,14 @@ def test_bad_input_paths_fail_before_any_heavy_import(tmp_path: Path) -> None:
     assert done.stderr.count("does not exist") == 3 and done.stderr.count("is a folder") == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "cache").exists()  # nothing was built either (the tiny model is not needed yet)
+
+
+def test_info_reads_a_model_folder_without_importing_torch(tiny_dir: Path) -> None:
+    """`lyra info` reads config.json and safetensors headers (safetensors itself is light): no torch & co."""
+    code = (
+        "import sys; from lyra_cli.main import run\n"
+        f"rc = run(['info', '--model', {str(tiny_dir)!r}])\n"
+        f"print('RC', rc, 'HEAVY', [m for m in {INFO_HEAVY_MODULES!r} if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 0 HEAVY []" in done.stdout, done.stdout + done.stderr
