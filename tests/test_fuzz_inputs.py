@@ -316,7 +316,8 @@ def run_case(seed: Seed, case: int, folder: Path) -> str | None:
     """None if the mutant decoded sanely or was refused with a LyraError naming it; else what went wrong."""
     rng = random.Random(f"{SEED}/{seed.name}/{case}")
     path = folder / f"{case}-{seed.name}"
-    path.write_bytes(mutate(seed, rng))
+    data = mutate(seed, rng)
+    path.write_bytes(data)
     decoders = DECODERS[seed.kind]
     decode = decoders[case % len(decoders)]
     try:
@@ -329,7 +330,10 @@ def run_case(seed: Seed, case: int, folder: Path) -> str | None:
     except Exception as err:  # noqa: BLE001 - the point of the test: anything else is a bug
         return f"{path.name} via {decode.__name__}: {type(err).__name__}: {err}"
     finally:
+        changed = path.read_bytes() != data  # decoders only read: the user's file stays as it was
         path.unlink()
+    if changed or sorted(folder.iterdir()) != []:
+        return f"{path.name} via {decode.__name__}: the input was changed or a file was left beside it"
     return None
 
 
@@ -340,6 +344,7 @@ def run_fuzz(real: Path, folder: Path, n_cases: int) -> list[str]:
         path.write_bytes(seed.data)
         for decode in DECODERS[seed.kind]:
             decode(path)
+        path.unlink()
     failures = []
     for case in range(n_cases):
         failure = run_case(seeds[case % len(seeds)], case, folder)
