@@ -395,3 +395,19 @@ def test_float_samples_at_float32_max_are_refused_not_mixed_to_inf(tmp_path: Pat
     loud = tmp_path / "loud.wav"  # float files may exceed full scale a little: kept as they are
     sf.write(loud, np.full((16_000, 2), 1.5, np.float32), 16_000, subtype="FLOAT")
     assert np.abs(read_media("speech", loud).wav).max() == pytest.approx(1.5, rel=1e-3)
+
+
+def test_video_frames_above_the_size_limit_are_refused_before_decoding(
+    real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header's frame size is checked first (lowered limit: an 8K test file would be slow to make)."""
+    import lyra_cli.engine.vision as vision
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(_mp4_excerpt(real))
+    monkeypatch.setattr(vision, "MAX_VIDEO_FRAME_PIXELS", 64 * 48 - 1)
+    decoded = []
+    monkeypatch.setattr(vision, "_decode_frames", lambda *args: decoded.append(args))
+    with pytest.raises(LyraError, match=r"video `.*clip\.mp4` has frames of `64×48` px, above 8K"):
+        read_media("video", path)
+    assert decoded == []

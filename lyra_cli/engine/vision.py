@@ -298,7 +298,9 @@ def _probe_video(path: Path) -> _VideoProbe:
         if _is_still_image_format(container.format.name):
             raise InputError(f"`{path}` is a still image, not a video", "pass it with `--image`")
         stream = container.streams.video[0]
-        _check_frame_size(stream, path)
+        if stream.codec_context is None:  # a codec tag FFmpeg does not know
+            raise InputError(f"video `{path}` uses a codec FFmpeg cannot decode", "re-encode it as h264 mp4")
+        _check_frame_size(stream.codec_context.width, stream.codec_context.height, path)
         try:
             n_packets = sum(1 for packet in container.demux(stream) if packet.size)
         except (av.FFmpegError, ValueError, OSError, MemoryError) as exc:
@@ -308,10 +310,9 @@ def _probe_video(path: Path) -> _VideoProbe:
         return _VideoProbe(n_packets, _stream_fps(stream, container, n_packets))
 
 
-def _check_frame_size(stream: Any, path: Path) -> None:
-    """Refuse frame sizes from the header that no camera makes, before a frame is decoded."""
-    context = stream.codec_context
-    width, height = (context.width, context.height) if context is not None else (0, 0)
+def _check_frame_size(width: int, height: int, path: Path) -> None:
+    """Refuse frame sizes no camera makes: from the header before decoding, and per decoded frame (the
+    stream's own header, e.g. h264's, can disagree with the container's)."""
     if width * height > MAX_VIDEO_FRAME_PIXELS:
         raise InputError(
             f"video `{path}` has frames of `{width}×{height}` px, above 8K (`7680×4320`)",
@@ -348,6 +349,7 @@ def _decode_frames(path: Path, indices: Sequence[int]) -> tuple[list[np.ndarray]
         try:
             for n_decoded, frame in enumerate(container.decode(stream), start=1):
                 if n_decoded - 1 in wanted:
+                    _check_frame_size(frame.width, frame.height, path)  # before a whole RGB copy is made
                     kept[n_decoded - 1] = frame.to_ndarray(format="rgb24")
         except (av.FFmpegError, ValueError, OSError, MemoryError) as exc:  # damaged data, absurd sizes
             raise InputError(f"cannot decode video `{path}`: {exc}", "check that the file plays") from exc
