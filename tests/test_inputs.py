@@ -30,6 +30,12 @@ def test_missing_folder_fifo_and_unreadable_are_told_apart(tmp_path: Path) -> No
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(InputError, match=r"image file `.*empty\.png` is empty \(0 bytes\)"):
         require_input_file(tmp_path / "empty.png", "image")
+    with pytest.raises(InputError, match=r"audio path `a+` cannot be used \(File name too long\)"):
+        require_input_file("a" * 5000, "audio")
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    with pytest.raises(InputError, match=r"audio path `.*loop\.wav` cannot be used"):
+        require_input_file(loop, "audio")
     fifo = tmp_path / "pipe.mp3"
     os.mkfifo(fifo)
     with pytest.raises(InputError, match="is not a regular file"):
