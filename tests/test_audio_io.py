@@ -189,7 +189,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory(tmp_path):
-    _raises_input_error(tmp_path, "is a directory")
+    _raises_input_error(tmp_path, "is a folder")
 
 
 @pytest.mark.parametrize("name", ["notes.wav", "notes.mp3", "notes.flac"])

@@ -110,7 +110,7 @@ def test_text_file_fails_on_open(tmp_path, name):
 def test_missing_file_and_directory_fail_on_open(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         open_audio_stream(tmp_path / "nope.wav")
-    with pytest.raises(InputError, match="is a directory"):
+    with pytest.raises(InputError, match="is a folder"):
         open_audio_stream(tmp_path)
 
 

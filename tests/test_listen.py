@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from helpers.signals import sigint_default
-from helpers.virtual_audio import virtual_mic_env
+from helpers.virtual_audio import needs_portaudio, virtual_mic_env
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 from lyra_cli.main import run
 
@@ -85,16 +85,14 @@ def _lyra(*args: str, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)  # fmt: skip
 
 
+@needs_portaudio
 def test_microphone_through_a_virtual_sound_card(tiny_dir: Path, real: Path, tmp_path: Path) -> None:
-    pytest.importorskip("sounddevice", reason="needs the mic extra")
     recording = np.concatenate([PAUSE[:8000], load_audio(real / "extreme_ironing.mp3"), PAUSE])
     env = {**virtual_mic_env(tmp_path, recording), "LYRA_CACHE_DIR": os.environ["LYRA_CACHE_DIR"]}
     out = tmp_path / "reply.wav"
     proc = _lyra("listen", "--mic", "--input-device", "lyra_mic", "--no-speak", "--speech-out", str(out),
                  "--max-turns", "1", "--json", "--max-new-tokens", "8", "-q", env=env)  # fmt: skip
     stdout, stderr = proc.communicate(timeout=120)
-    if "PortAudio library" in stderr:
-        pytest.skip("needs the PortAudio library (Debian package `libportaudio2`)")
     assert proc.returncode == 0, stderr
     turn = json.loads(stdout.splitlines()[0])
     assert turn["turn"] == 1 and 1.5 < turn["user_speech_s"] < 4.0

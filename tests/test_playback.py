@@ -243,6 +243,23 @@ def test_missing_sounddevice_says_what_to_install(monkeypatch: pytest.MonkeyPatc
     assert "`sounddevice`" in err.value.message and "lyra-cli[mic]" in str(err.value.hint)
 
 
+class _NoPortAudio:
+    """A meta-path finder that fails `import sounddevice` as the package does without the C library."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "sounddevice":
+            raise OSError("PortAudio library not found")
+
+
+def test_missing_portaudio_library_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_NoPortAudio(), *sys.meta_path])
+    with pytest.raises(LyraError) as err:
+        playback.list_devices()
+    assert "PortAudio" in err.value.message and "libportaudio2" in str(err.value.hint)
+    assert "--input-file" in str(err.value.hint)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # SpeakerSink's callback, driven by hand through a stand-in stream
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from helpers.virtual_audio import needs_portaudio
 from lyra_cli.engine.events import AudioChunk, Done
 from lyra_cli.engine.generate import SamplingConfig
 from lyra_cli.engine.loader import load_model
@@ -97,13 +98,13 @@ def test_speak_without_a_sound_card_names_the_flags(capsys, monkeypatch: pytest.
     assert "no audio output device" in err and "--speech-out" in err
 
 
+@needs_portaudio
 def test_speak_and_speech_out_together_through_a_virtual_sound_card(tiny_dir: Path, tmp_path: Path) -> None:
     """Playback through a (file-backed) speaker while the same answer is written to a wav."""
     import os
     import subprocess
     import sys
 
-    pytest.importorskip("sounddevice", reason="needs the mic extra")
     from helpers.virtual_audio import virtual_mic_env
 
     env = {**virtual_mic_env(tmp_path, np.zeros(16000, dtype=np.float32)), "LYRA_CACHE_DIR": os.environ["LYRA_CACHE_DIR"]}
@@ -111,8 +112,6 @@ def test_speak_and_speech_out_together_through_a_virtual_sound_card(tiny_dir: Pa
     done = subprocess.run([sys.executable, "-m", "lyra_cli.main", "chat", "--text", "say something", "--speak",
                            "--output-device", "lyra_speaker", "--speech-out", str(out), "--json",
                            "--max-new-tokens", "20", "-q"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    if "PortAudio library" in done.stderr:
-        pytest.skip("needs the PortAudio library (Debian package `libportaudio2`)")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert sf.info(out).frames / 16000 == pytest.approx(record["timings"]["audio_s"])

@@ -12,6 +12,8 @@ memory. `load_audio` concatenates that same stream: soxr's streamed output is bi
 from __future__ import annotations
 
 import logging
+import struct
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import soundfile
 import soxr
 
-from lyra_cli.errors import InputError
+from lyra_cli.errors import InputError, LyraError
+from lyra_cli.inputs import require_input_file
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +33,20 @@ SILENCE_PEAK = 1e-4  # peak |amplitude| below -80 dBFS: nothing a speech encoder
 BLOCK_FRAMES = 1 << 16  # frames per libsndfile read (1.5 s at 44.1 kHz); FFmpeg's blocks are its own frames
 STREAM_BLOCK_SECONDS = 10.0  # audio per streamed block: few soxr calls, yet only ~2 MB held at 48 kHz stereo
 RESAMPLE_QUALITY = "HQ"  # soxr's default; ~1 ms for 5 s of audio, far below any model cost
+# Guards on what a header may claim (a damaged one claims anything): outside these the file is refused
+# before decoding, rather than resampled from 1 Hz for minutes or read 65,535 channels at a time.
+MIN_SAMPLE_RATE_HZ = 1_000  # far below telephone audio (8 kHz); lower rates hold no speech
+MAX_SAMPLE_RATE_HZ = 768_000  # the highest rate audio interfaces record at
+MAX_CHANNELS = 64  # FFmpeg's channel layouts stop here; beyond, a header field is damaged
+# Float formats may exceed full scale a little; samples past 16 (+24 dBFS) are integer values stored as
+# float or garbage, and would dominate the log-mel features. Integer formats cannot exceed 1.
+MAX_SAMPLE_PEAK = 16.0
 
 ChannelMix = Literal["mean", "first"]
 Resampler = Literal["soxr", "sinc"]  # ours (soxr HQ) or the authors' (torchaudio's default sinc: audio/resample.py)
 _CHANNEL_MIXERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "mean": lambda block: block.mean(axis=1, dtype=np.float32),  # ours: no channel is thrown away
+    # float64: the mean of float32 samples near their maximum overflows to inf in float32
+    "mean": lambda block: block.mean(axis=1, dtype=np.float64),  # ours: no channel is thrown away
     "first": lambda block: block[:, 0],  # the authors' `wav[0]`
 }
 _FORMATS = "wav, flac, ogg, mp3, m4a, webm, or a video with sound"
@@ -93,10 +105,14 @@ def open_audio_stream(
         raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
     if not block_seconds > 0:
         raise ValueError(f"block_seconds must be positive, got {block_seconds}")
-    path = _existing_file(path)
-    decoder = _open_decoder(path)
+    path = require_input_file(path, "audio")
+    try:
+        decoder = _open_decoder(path)
+    except _decode_errors() as err:  # a damaged header that neither backend reports as one
+        raise _undecodable(path, err) from err
+    _check_format(path, decoder.native_rate_hz, decoder.n_channels)
     block_frames = max(1, round(block_seconds * decoder.native_rate_hz))
-    mono_blocks = _mono_blocks(decoder.blocks, mix, block_frames, path)
+    mono_blocks = _mono_blocks(_translated(decoder.blocks, path), mix, block_frames, path)
     blocks = _RESAMPLERS[resampler](mono_blocks, decoder.native_rate_hz, sample_rate_hz, path)
     return AudioStream(path, decoder.duration_s, blocks, sample_rate_hz)
 
@@ -142,6 +158,7 @@ def audio_duration_s(wav: np.ndarray, sample_rate_hz: int = SAMPLE_RATE_HZ) -> f
 @dataclass
 class _Decoder:
     native_rate_hz: int
+    n_channels: int
     duration_s: float | None  # from metadata, without decoding
     blocks: Iterator[np.ndarray]  # float32 (n_frames, n_channels)
 
@@ -164,7 +181,7 @@ def _open_decoder(path: Path) -> _Decoder:
         return _open_pyav(path)
     log.debug("decoding %s with libsndfile (%s, %d Hz)", path, sound_file.format, sound_file.samplerate)
     duration_s = sound_file.frames / sound_file.samplerate if sound_file.frames > 0 else None
-    return _Decoder(sound_file.samplerate, duration_s, _soundfile_blocks(sound_file, path))
+    return _Decoder(sound_file.samplerate, sound_file.channels, duration_s, _soundfile_blocks(sound_file, path))
 
 
 def _soundfile_blocks(sound_file: soundfile.SoundFile, path: Path) -> Iterator[np.ndarray]:
@@ -192,7 +209,7 @@ def _open_pyav(path: Path) -> _Decoder:
         container.close()
         raise InputError(f"`{path}` has no audio track", f"pass an audio file ({_FORMATS})")
     stream = container.streams.audio[0]
-    sample_rate_hz = stream.codec_context.sample_rate
+    sample_rate_hz = stream.codec_context.sample_rate if stream.codec_context is not None else 0
     if not sample_rate_hz:  # FFmpeg falls back to the file name's extension, e.g. for a text file named .flac
         container.close()
         raise InputError(f"`{path}` could not be decoded as audio (no audio stream found)", _CHECK_FILE_HINT)
@@ -201,18 +218,19 @@ def _open_pyav(path: Path) -> _Decoder:
     # the stream changes format midway; mixing and resampling stay ours (the same for both backends).
     resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=sample_rate_hz)
     blocks = _pyav_blocks(container, stream, resampler, path)
-    return _Decoder(sample_rate_hz, _pyav_duration_s(container, stream), blocks)
+    n_channels = stream.codec_context.layout.nb_channels
+    return _Decoder(sample_rate_hz, n_channels, _pyav_duration_s(container, stream), blocks)
 
 
 def _pyav_duration_s(container: Any, stream: Any) -> float | None:
     """The sound track's duration from the container, without decoding; None when it does not say."""
     import av
 
-    if stream.duration is not None and stream.time_base is not None:
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:  # the whole container's, in FFmpeg's microseconds
+    if container.duration is not None and container.duration > 0:  # the whole container's, in FFmpeg's µs
         return container.duration / av.time_base
-    return None
+    return None  # unknown, or a damaged header's negative or zero claim
 
 
 def _pyav_blocks(container: Any, stream: Any, resampler: Any, path: Path) -> Iterator[np.ndarray]:
@@ -250,13 +268,42 @@ def _demux(container: Any, stream: Any, path: Path) -> Iterator[Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _existing_file(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise InputError(f"`{path}` is a directory, not an audio file", f"pass an audio file ({_FORMATS})")
-    if not path.exists():
-        raise InputError(f"`{path}` does not exist", "check the path (a relative path starts at the current folder)")
-    return path
+def _check_format(path: Path, sample_rate_hz: int, n_channels: int) -> None:
+    """Refuse header claims no recording makes, before a block is decoded (see the guards above)."""
+    if not MIN_SAMPLE_RATE_HZ <= sample_rate_hz <= MAX_SAMPLE_RATE_HZ:
+        raise InputError(
+            f"`{path}` claims a sample rate of `{sample_rate_hz}` Hz, outside "
+            f"`{MIN_SAMPLE_RATE_HZ}`-`{MAX_SAMPLE_RATE_HZ}` Hz: its header is damaged",
+            _CHECK_FILE_HINT,
+        )
+    if not 1 <= n_channels <= MAX_CHANNELS:
+        raise InputError(
+            f"`{path}` claims `{n_channels}` audio channels (at most `{MAX_CHANNELS}` are read): its header is damaged",
+            _CHECK_FILE_HINT,
+        )
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What the backends raise for a damaged file, beyond their own error types: libsndfile's are
+    RuntimeErrors; FFmpeg's mostly ValueError/OSError subclasses, a few only `av.FFmpegError`; a header
+    that claims absurd sizes can surface as MemoryError, EOFError or struct.error."""
+    errors: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, EOFError, MemoryError, struct.error)
+    av = sys.modules.get("av")  # only when FFmpeg is in use: importing it just for this would cost 0.2 s
+    return (*errors, av.FFmpegError) if av is not None else errors
+
+
+def _translated(blocks: Iterator[np.ndarray], path: Path) -> Iterator[np.ndarray]:
+    """`blocks`, with any backend error raised while decoding turned into an `InputError` naming `path`."""
+    try:
+        yield from blocks
+    except LyraError:
+        raise
+    except _decode_errors() as err:
+        raise _undecodable(path, err) from err
+    finally:
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
 
 
 def _channel_mixer(channel_mix: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -276,9 +323,10 @@ def _mono_blocks(
     pending: list[np.ndarray] = []  # mixed audio not yet passed on: under one block, plus one decoded block
     n_pending = 0
     for block in blocks:
-        mono = mix(block)
-        _check_finite(mono, path)
-        pending.append(mono)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are refused just below
+            mono = mix(block)
+        _check_samples(mono, path)
+        pending.append(mono.astype(np.float32, copy=False))
         n_pending += mono.shape[0]
         if n_pending >= block_frames:  # concatenate once per block, not once per codec frame
             joined = np.concatenate(pending)
@@ -347,9 +395,20 @@ _RESAMPLERS: dict[str, Callable[[Iterator[np.ndarray], int, int, Path], Iterator
 }
 
 
-def _check_finite(mono: np.ndarray, path: Path) -> None:
-    if not np.isfinite(mono).all():  # possible in float wav files; would poison every feature downstream
-        raise InputError(f"`{path}` contains invalid samples (NaN or infinity)", "re-export it as 16-bit PCM wav")
+def _check_samples(mono: np.ndarray, path: Path) -> None:
+    """Refuse NaN, infinity and samples beyond `MAX_SAMPLE_PEAK` (possible in float files only)."""
+    if not mono.size:
+        return
+    peak = float(np.abs(mono).max())
+    if not np.isfinite(peak):  # would poison every feature downstream
+        raise InputError(
+            f"`{path}` contains invalid samples (NaN, or infinite in float32)", "re-export it as 16-bit PCM wav"
+        )
+    if peak > MAX_SAMPLE_PEAK:
+        raise InputError(
+            f"`{path}` has samples up to `{peak:.3g}`, far outside the audio range [-1, 1]",
+            "the file stores raw values as float samples: re-export it as 16-bit PCM wav",
+        )
 
 
 def _empty_audio(path: str | Path) -> InputError:
@@ -358,5 +417,5 @@ def _empty_audio(path: str | Path) -> InputError:
 
 def _undecodable(path: Path, err: Exception) -> InputError:
     # FFmpeg errors carry `strerror`, libsndfile errors `error_string`; both without the path repeated.
-    reason = getattr(err, "strerror", None) or getattr(err, "error_string", None) or str(err)
+    reason = getattr(err, "strerror", None) or getattr(err, "error_string", None) or str(err) or type(err).__name__
     return InputError(f"`{path}` could not be decoded as audio ({reason})", _CHECK_FILE_HINT)

@@ -19,6 +19,7 @@ import typer
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.commands import common, speech_io
 from lyra_cli.errors import UsageError
+from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
     from lyra_cli.engine.config import ExtractorConfig
@@ -94,6 +95,9 @@ def chat(
     """Ask Lyra about images, video and speech."""
     items = order_inputs(common.ARGV, {"image": [str(p) for p in image], "video": [str(p) for p in video],
                                         "speech": [str(p) for p in speech], "text": text})  # fmt: skip
+    for item in items:  # a mistyped path fails here, before torch is imported
+        if item.kind != "text":
+            require_input_file(item.value, item.kind)
     has_question = any(item.kind in ("text", "speech") for item in items)
     interactive = not has_question and sys.stdin.isatty()
     if not has_question and not interactive:

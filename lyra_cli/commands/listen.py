@@ -19,6 +19,7 @@ import typer
 
 from lyra_cli.commands import common, speech_io
 from lyra_cli.errors import UsageError
+from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -190,6 +191,8 @@ def listen(
     if official_audio and input_file is None:
         raise UsageError("--official-audio needs --input-file (the microphone is always captured mono, soxr to 16 kHz)",
                          "add --input-file FILE, or drop --official-audio")  # fmt: skip
+    if input_file is not None:  # a mistyped path fails here, before torch is imported
+        require_input_file(input_file, "audio")
     vad = _vad_config(vad_threshold, min_speech, end_silence, max_turn)
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,

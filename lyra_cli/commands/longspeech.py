@@ -18,6 +18,7 @@ import typer
 
 from lyra_cli.commands import common
 from lyra_cli.errors import InputError, LyraError, UsageError
+from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
     from lyra_cli.engine.config import ExtractorConfig
@@ -85,6 +86,7 @@ def longspeech(
     logprobs: int | None = common.LogprobsOption,
 ) -> None:
     """Ask questions about a long recording (minutes to hours)."""
+    require_input_file(file, "audio")  # a mistyped path fails here, before torch is imported
     from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.engine.config import load_config
     from lyra_cli.engine.longspeech import LongSpeechSettings, prompt_tokens, windows_for

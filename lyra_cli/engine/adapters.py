@@ -14,13 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from lyra_cli.engine.config import LyraConfig, read_json
-from lyra_cli.engine.model import LyraForCausalLM, SpeechProjector
 from lyra_cli.errors import CheckpointError, MissingDependencyError
+
+if TYPE_CHECKING:  # imported where adapters are loaded: `lyra info` only needs the folder names below
+    import torch
+    from torch import nn
+
+    from lyra_cli.engine.model import LyraForCausalLM, SpeechProjector
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class AdapterBank:
 
 def projector_state(path: Path) -> dict[str, torch.Tensor]:
     """`non_lora_trainables.bin`: keys like `model.model.mm_speech_projector.linear1.weight` → `linear1.weight`."""
+    import torch
+
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip or a pickle that needs code: never executed
@@ -81,6 +86,8 @@ def projector_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_projector(config: LyraConfig, like: SpeechProjector, path: Path) -> SpeechProjector:
+    from lyra_cli.engine.model import SpeechProjector
+
     weight = like.linear1.weight
     projector = SpeechProjector(config.speech, config.text.hidden_size).to(device=weight.device, dtype=weight.dtype)
     state = projector_state(path)

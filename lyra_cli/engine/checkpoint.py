@@ -19,12 +19,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import init_empty_weights
-from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from lyra_cli.engine.config import LyraConfig
 from lyra_cli.engine.towers import (
@@ -38,6 +35,10 @@ from lyra_cli.engine.towers import (
     tower_folder_keys,
 )
 from lyra_cli.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch and accelerate are imported where weights are loaded: `lyra info` reads headers only
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ class LoadReport:
 
 def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
     """Construct a module with parameters on the meta device (buffers stay real), allocating nothing."""
+    from accelerate import init_empty_weights
+
     with init_empty_weights(include_buffers=False):
         return factory()
 
@@ -186,6 +189,8 @@ def load_weights(
     ignore_prefixes: tuple[str, ...] = (),
 ) -> LoadReport:
     """Stream every expected parameter of `model` from `source` onto its device, file by file."""
+    from accelerate.utils import set_module_tensor_to_device
+
     expected = {name: p for name, p in model.named_parameters(remove_duplicate=True)}
     missing = sorted(set(expected) - set(source.locations))
     if missing:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from lyra_cli.errors import CheckpointError, InputError
+from lyra_cli.inputs import require_input_file
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,11 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_INPUT_SIDE = 4  # smaller images hold no picture worth upscaling: refuse them
 PIL_BOMB_WARNING_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (warns above it)
 MAX_IMAGE_PIXELS = 2 * PIL_BOMB_WARNING_PIXELS  # PIL refuses above this; we refuse from the header
+# A video frame is decoded whole and up to 16 are kept before resizing: 8K UHD is the largest we accept.
+MAX_VIDEO_FRAME_PIXELS = 7680 * 4320
+# What a damaged image may raise from PIL beyond its own types (struct.error from short header fields,
+# EOFError from truncated frames, MemoryError from sizes a corrupt header claims).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error, IndexError, TypeError)
 
 # --- video rules: Lyra CLI's arguments to qwen-vl-utils (§2.6) and qwen-vl-utils 0.0.8's defaults ---
 VIDEO_TOTAL_PIXELS = IMAGE_FACTOR * IMAGE_FACTOR * 2048 * 32  # CLI budget for all frames together
@@ -131,21 +138,18 @@ def load_image(path: Path | str, *, max_side: int = CLI_MAX_SIDE) -> Image.Image
 
     Size limits are checked from the header, before any pixel is decoded.
     """
-    path = Path(path)
-    _check_input_file(path, "image")
+    path = require_input_file(path, "image")
     with _open_image_header(path) as header:
         _check_image_size(header.size, path)
-        image = to_rgb(_decode_image(header, path))  # a copy: the file is closed after this block
+        image = _decode_image(header, path)  # a copy: the file is closed after this block
+    try:
+        image = to_rgb(image)
+    except _IMAGE_ERRORS as exc:  # a mode PIL cannot convert (a damaged header can claim any)
+        raise InputError(f"image `{path}` has pixels lyra cannot convert to RGB: {exc}",
+                         "re-export it as an 8-bit RGB JPEG or PNG") from exc  # fmt: skip
     size = lyra_image_size(*image.size, max_side=max_side)
     # NEAREST, as the official code: these resizes are coarse guards, the processor resizes after.
     return image if size == image.size else image.resize(size, resample=Image.Resampling.NEAREST)
-
-
-def _check_input_file(path: Path, kind: str) -> None:
-    if path.is_dir():
-        raise InputError(f"{kind} `{path}` is a folder, not a file", f"pass one {kind} file")
-    if not path.is_file():
-        raise InputError(f"{kind} file `{path}` does not exist", "check the path")
 
 
 def _open_image_header(path: Path) -> Image.Image:
@@ -161,9 +165,9 @@ def _open_image_header(path: Path) -> Image.Image:
         raise InputError(
             f"`{path}` is not an image file PIL can read", "use a JPEG, PNG, WebP, BMP, GIF or TIFF image"
         ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL plugins report bad headers in these
+    except _IMAGE_ERRORS as exc:  # PIL plugins report bad headers in these
         raise InputError(
-            f"cannot read image `{path}`: {exc}", "check that the file is a complete image"
+            f"cannot read image `{path}`: {exc or type(exc).__name__}", "check that the file is a complete image"
         ) from exc
 
 
@@ -193,9 +197,9 @@ def _decode_image(image: Image.Image, path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
             return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+    except _IMAGE_ERRORS as exc:  # truncated or corrupt data
         raise InputError(
-            f"image `{path}` is truncated or corrupt: {exc}", "re-export or re-download the image"
+            f"image `{path}` is truncated or corrupt: {exc or type(exc).__name__}", "re-export or re-download the image"
         ) from exc
 
 
@@ -259,8 +263,7 @@ def load_video_frames(
     """Sampled, resized frames (T, H, W, 3) uint8 with T even and H, W multiples of 28, and the
     sampling rate in frames per second of the original clip (T / total_frames · video_fps).
     """
-    path = Path(path)
-    _check_input_file(path, "video")
+    path = require_input_file(path, "video")
     probe = _probe_video(path)
     n_frames = video_frame_count(probe.n_frames, probe.fps, max_frames=max_frames)
     frames, n_decoded = _decode_frames(path, video_frame_indices(probe.n_frames, n_frames))
@@ -295,13 +298,26 @@ def _probe_video(path: Path) -> _VideoProbe:
         if _is_still_image_format(container.format.name):
             raise InputError(f"`{path}` is a still image, not a video", "pass it with `--image`")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a codec tag FFmpeg does not know
+            raise InputError(f"video `{path}` uses a codec FFmpeg cannot decode", "re-encode it as h264 mp4")
+        _check_frame_size(stream.codec_context.width, stream.codec_context.height, path)
         try:
             n_packets = sum(1 for packet in container.demux(stream) if packet.size)
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, ValueError, OSError, MemoryError) as exc:
             raise InputError(f"cannot read video `{path}`: {exc}", "check that the file plays") from exc
         if n_packets == 0:
             raise InputError(f"video `{path}` has no frames", "check that the file plays")
         return _VideoProbe(n_packets, _stream_fps(stream, container, n_packets))
+
+
+def _check_frame_size(width: int, height: int, path: Path) -> None:
+    """Refuse frame sizes no camera makes: from the header before decoding, and per decoded frame (the
+    stream's own header, e.g. h264's, can disagree with the container's)."""
+    if width * height > MAX_VIDEO_FRAME_PIXELS:
+        raise InputError(
+            f"video `{path}` has frames of `{width}×{height}` px, above 8K (`7680×4320`)",
+            "downscale it (e.g. `ffmpeg -i IN -vf scale=1280:-2 OUT.mp4`); the model sees at most 768 tokens a frame",
+        )
 
 
 def _is_still_image_format(demuxer: str) -> bool:
@@ -311,10 +327,11 @@ def _is_still_image_format(demuxer: str) -> bool:
 
 def _stream_fps(stream: Any, container: Any, n_frames: int) -> float:
     """Average frame rate, else frames / duration, else the sampling rate (every frame a sample)."""
-    rate = stream.average_rate or stream.guessed_rate
-    if rate:
-        return float(rate)
-    if container.duration:
+    # A damaged header can state a zero or negative rate or duration: those count as unstated.
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate is not None and rate > 0:
+            return float(rate)
+    if container.duration is not None and container.duration > 0:
         return n_frames / (container.duration / 1_000_000)  # container.duration is in µs
     return VIDEO_SAMPLE_FPS
 
@@ -332,8 +349,9 @@ def _decode_frames(path: Path, indices: Sequence[int]) -> tuple[list[np.ndarray]
         try:
             for n_decoded, frame in enumerate(container.decode(stream), start=1):
                 if n_decoded - 1 in wanted:
+                    _check_frame_size(frame.width, frame.height, path)  # before a whole RGB copy is made
                     kept[n_decoded - 1] = frame.to_ndarray(format="rgb24")
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, ValueError, OSError, MemoryError) as exc:  # damaged data, absurd sizes
             raise InputError(f"cannot decode video `{path}`: {exc}", "check that the file plays") from exc
     return [kept[i] for i in indices if i in kept], n_decoded
 
