@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from lyra_cli.engine.events import TokenLogprob
 
 ui = Console(stderr=True, highlight=False, soft_wrap=True)
-_errors = Console(stderr=True, highlight=False, soft_wrap=True)  # errors show even under -q
+# Errors, and stderr output the user asked for (the --logprobs table), show even under -q.
+_unquiet = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def set_quiet(quiet: bool) -> None:
-    """-q: nothing on stderr but errors (headers, progress, tables and notes are dropped)."""
+    """-q: nothing on stderr but errors and asked-for tables (headers, progress and notes are dropped)."""
     ui.quiet = quiet
 
 
@@ -35,9 +36,9 @@ def info(message: str) -> None:
 
 
 def error(message: str, hint: str | None) -> None:
-    _errors.print(f"[bold red]error:[/bold red] {escape(message)}")
+    _unquiet.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
-        _errors.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+        _unquiet.print(f"[yellow]hint:[/yellow] {escape(hint)}")
 
 
 def logprob_table(entries: Sequence["TokenLogprob"]) -> None:
@@ -58,7 +59,7 @@ def logprob_table(entries: Sequence["TokenLogprob"]) -> None:
         if with_top:
             row.append(Text("  ".join(f"{_quoted(t.token)} {t.logprob:.3f}" for t in entry.top_logprobs)))
         table.add_row(*row)
-    ui.print(table)
+    _unquiet.print(table)  # asked for with --logprobs: payload, kept under -q
 
 
 def _quoted(token: str) -> str:
