@@ -76,7 +76,7 @@ def test_short_clip_uses_the_speech_adapter(real: Path, tiny_dir: Path, capsys) 
 def test_too_long_without_extractor_is_refused_with_options() -> None:
     with pytest.raises(LyraError, match="beyond the model's 32,768 positions") as info:
         check_length(72_064, 32_768, None, 28)
-    assert "--extract 4x0.7" in info.value.hint and "--max-audio 00:54:00" in info.value.hint
+    assert "--extract 4x0.7" in info.value.hint and "--max-audio 00:54:30" in info.value.hint
     check_length(72_064, 32_768, ExtractorConfig(compress_gap=7, keep_rate=0.7), 28)  # allowed with the extractor
     check_length(6_064, 32_768, None, 28)
     with pytest.raises(LyraError) as small:  # the suggested spec must parse on the model at hand

@@ -75,7 +75,7 @@ def test_the_too_long_hint_names_an_extract_the_model_accepts(tiny_dir: Path, tm
                 "--ask", "q"]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "beyond the model's 32,768 positions" in err
-    assert _hinted_commands(err) == [["--extract", "4x0.7"], ["--max-audio", "00:54:00"]]
+    assert _hinted_commands(err) == [["--extract", "4x0.7"], ["--max-audio", "00:54:30"]]
 
 
 # ---------------------------------------------------------------------------------------- the extractor
@@ -166,7 +166,7 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer(engine: Engine, monkeypa
     err = capsys.readouterr().err
     assert "interrupted" in err
     # the abandoned answer left no turn behind; the next question was answered in the same session
-    assert [turn.parts[-1].text for turn in conversation.turns] == ["second"]
+    assert [turn.user[-1].text for turn in conversation.turns] == ["second"]
     assert conversation.turns[0].answer is not None
 
 
@@ -186,7 +186,8 @@ def test_a_merged_model_header_names_the_merged_adapter() -> None:
     merged = AdapterBank(available=(), projectors={}, merged=Adapter.SPEECH)
     assert adapter_line(merged) == "adapter merged into the weights: speech (used for every turn)"
     both = AdapterBank(available=(Adapter.LONG_SPEECH,), projectors={}, merged=Adapter.SPEECH)
-    assert adapter_line(both).startswith("adapter merged into the weights: speech · adapters long_speech (")
+    merged_text = "adapter merged into the weights: speech (used for every turn)"
+    assert adapter_line(both).startswith(f"{merged_text} · adapters long_speech (chosen per turn")
     plain = AdapterBank(available=(Adapter.SPEECH, Adapter.LONG_SPEECH), projectors={})
     assert adapter_line(plain).startswith("adapters speech, long_speech (chosen per turn")
     assert adapter_line(AdapterBank(available=(), projectors={})).startswith("adapters none (")
