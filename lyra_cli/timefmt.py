@@ -16,5 +16,5 @@ def clock(seconds: float) -> str:
 
 def clock_tenths(seconds: float) -> str:
     """hh:mm:ss.t to the nearest tenth of a second (negative clamps to 0): 130.2 -> "00:02:10.2"."""
-    tenths = max(0, int(round(seconds * 10)))
+    tenths = max(0, round(seconds * 10))
     return f"{clock(tenths // 10)}.{tenths % 10}"

@@ -229,6 +229,7 @@ def test_stage4_skips_and_counts_records_without_units(tiny_dir: Path, synthetic
     out, err = capsys.readouterr()
     assert json.loads(out)["data"]["usable_records"] == 1
     assert json.loads(out)["data"]["skipped"] == {"no tgt_unit (stage 4 learns the speech units)": 5}
+    assert "1 usable records; skipped: 5 × no tgt_unit" in err
     assert run(["train", "stage4", "--data", str(synthetic), "--out", str(tmp_path / "o"), "--dry-run",
                 "--strict"]) == 1  # fmt: skip
     assert "no tgt_unit" in capsys.readouterr().err

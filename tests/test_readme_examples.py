@@ -57,7 +57,7 @@ SLOW = [
 def readme_commands() -> list[str]:
     """The `lyra …` (and `torchrun … lyra_cli …`) lines of the README's bash blocks, continuations joined,
     comments and a leading `scripts/setup.sh && .venv/bin/` stripped; `echo … |` kept in front."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():

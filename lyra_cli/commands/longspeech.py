@@ -230,7 +230,13 @@ def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_toke
     else:
         write_answer("\n")
     if show_evidence and not json_out:
-        info("evidence: " + (done.evidence_text or "the extractor is off (use --extract) — every second was kept"))
+        info("evidence: " + (done.evidence_text or _no_evidence(extractor)))
+
+
+def _no_evidence(extractor) -> str:  # noqa: ANN001
+    if extractor is not None and extractor.enabled:
+        return "the extractor dropped nothing — every second was kept"
+    return "the extractor is off (use --extract) — every second was kept"
 
 
 def prefill_line(prefilled, extractor) -> str:  # noqa: ANN001
