@@ -170,6 +170,25 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer(engine: Engine, monkeypa
     assert conversation.turns[0].answer is not None
 
 
+def test_a_second_ctrl_c_right_after_the_first_ends_the_session(engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys) -> None:  # noqa: ANN001  # fmt: skip
+    import types
+
+    from lyra_cli import console
+    from lyra_cli.commands import chat
+
+    def write(text: str) -> None:
+        if text != "\n":  # the REPL's own newline after `interrupted` goes through
+            raise KeyboardInterrupt  # every answer is interrupted at its first text
+
+    monkeypatch.setattr(console, "write_answer", write)
+    monkeypatch.setattr(chat, "time", types.SimpleNamespace(monotonic=lambda: 100.0))  # both presses at once
+    conversation = Conversation()
+    with pytest.raises(KeyboardInterrupt):
+        run_repl(engine, conversation, SamplingConfig(max_new_tokens=4), ["first", "second", "never"])
+    assert conversation.turns == [] and capsys.readouterr().err.count("interrupted") == 1
+
+
 def test_ctrl_c_at_the_prompt_ends_the_session(engine: Engine) -> None:
     def lines():  # noqa: ANN202
         yield "hello"
