@@ -111,6 +111,7 @@ def train_stage(
         info(f"DeepSpeed config `{deepspeed}` read (ZeRO-{zero_stage}): its batch, accumulation, clipping and bf16 "
              "settings apply; training runs plain data parallel")  # fmt: skip
     try:
+        _check_extract(stage, model)  # a usage error before the data or any weights are read
         records, problems = _records(data, image_folder, speech_folder, strict, stage, report=ranks.is_main)
         engine, generator, plan = _prepare(model, runtime, stage, seed, ranks)
         if dry_run:
@@ -205,6 +206,15 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
                  "long-speech adapter, which is chosen only for clips over 30 s (the authors' stage-3 data is all "
                  "long speech)")  # fmt: skip
     return records, problems
+
+
+def _check_extract(stage: Any, model: str) -> None:
+    """`--extract` against the model's depth, read from its config (no weights)."""
+    if stage.extract:
+        from lyra_cli.engine.config import load_config
+        from lyra_cli.engine.extractor import parse_extract
+
+        parse_extract(stage.extract, load_config(common.model_dir_for(model)).text.num_layers)
 
 
 def _compute(autocast: Any, dtype: Any) -> str:
