@@ -7,7 +7,7 @@ For each duration (default 10, 30, 60, 120 minutes) a recording is built from th
   3. asks a second question about the same file (cache hit: no decoding or encoding).
 Each process reports wall times and the growth of its peak RSS during the audio stage (decode + encode),
 which must not grow with the duration. Prompts above the tiny model's 32,768 positions use the extractor
-(`--extract`, default 2x0.5: the tiny model has 2 layers, so one drop after layer 0), as a user must.
+(`--extract`, default 2x0.5: one drop, halfway through the tiny model's layers), as a user must.
 
     python benchmarks/longspeech.py                      # all durations (~5 min on 2 CPU cores)
     python benchmarks/longspeech.py --minutes 10 30      # a subset
@@ -129,7 +129,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[10, 30, 60, 120])
-    parser.add_argument("--extract", default="2x0.5", help="extractor for prompts beyond the position range (tiny: 2 layers)")
+    parser.add_argument("--extract", default="2x0.5", help="extractor for prompts beyond the position range")
     parser.add_argument("--model", default="tiny", help="tiny, or a model folder (run from where its model_zoo/ resolves)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "longspeech.json")

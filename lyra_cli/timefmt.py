@@ -12,3 +12,9 @@ def clock(seconds: float) -> str:
     hours, rest = divmod(whole, SECONDS_PER_HOUR)
     minutes, secs = divmod(rest, SECONDS_PER_MINUTE)
     return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def clock_tenths(seconds: float) -> str:
+    """hh:mm:ss.t to the nearest tenth of a second (negative clamps to 0): 130.2 -> "00:02:10.2"."""
+    tenths = max(0, round(seconds * 10))
+    return f"{clock(tenths // 10)}.{tenths % 10}"

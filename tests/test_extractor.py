@@ -26,6 +26,7 @@ from lyra_cli.engine.extractor import (
     parse_extract,
     query_mask,
     speech_clips,
+    suggested_extract,
 )
 from lyra_cli.engine.llm import KVCache, LyraTextModel
 from lyra_cli.engine.prefill import PrefillResult, prefill
@@ -88,7 +89,7 @@ def setup() -> tuple[LyraTextModel, nn.Linear, Tensor, Tensor, Tensor, int]:
 
 @pytest.mark.parametrize(
     "spec, gap, rate",
-    [("4x0.7", 7, 0.7), ("4X0.8", 7, 0.8), (" 2 x 1 ", 14, 1.0), ("28x.5", 1, 0.5), ("1x0.9", 28, 0.9)],
+    [("4x0.7", 7, 0.7), ("4X0.8", 7, 0.8), (" 2 x 0.99 ", 14, 0.99), ("28x.5", 1, 0.5), ("2x0.9", 14, 0.9)],
 )
 def test_parse_extract(spec: str, gap: int, rate: float) -> None:
     assert parse_extract(spec, num_layers=28) == ExtractorConfig(compress_gap=gap, keep_rate=rate)
@@ -99,6 +100,21 @@ def test_parse_extract_rejects_bad_specs(spec: str) -> None:
     with pytest.raises(UsageError) as error:
         parse_extract(spec, num_layers=28)
     assert "BLOCKSxRATIO" in (error.value.hint or "")
+
+
+@pytest.mark.parametrize("spec", ["1x0.7", "4x1", "4x1.0", " 2 x 1 "])
+def test_an_extract_that_can_drop_nothing_is_refused(spec: str) -> None:
+    """One block never drops (no drop after the last layer), and a ratio of 1 keeps every token."""
+    with pytest.raises(UsageError, match="drops nothing") as error:
+        parse_extract(spec, num_layers=28)
+    assert "leave --extract out" in (error.value.hint or "")
+
+
+@pytest.mark.parametrize("layers, spec", [(28, "4x0.7"), (4, "4x0.7"), (3, "3x0.7"), (2, "2x0.7"), (1, None)])
+def test_the_suggested_extract_parses_and_drops_on_that_model(layers: int, spec: str | None) -> None:
+    assert suggested_extract(layers) == spec
+    if spec is not None:
+        assert compress_layers(parse_extract(spec, layers), layers)  # at least one drop
 
 
 def test_compress_layers_follow_the_official_condition() -> None:
@@ -309,3 +325,24 @@ def test_evidence_spans_take_the_callers_clip_numbering() -> None:
 def test_format_spans_uses_hours_minutes_seconds() -> None:
     assert format_spans([(65.0, 130.2), (3900.0, 3912.5)]) == "00:01:05–00:02:11, 01:05:00–01:05:13"
     assert format_spans([]) == ""
+
+
+def _clock_s(text: str) -> float:
+    hours, minutes, seconds = text.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def test_format_spans_never_prints_separate_spans_as_touching() -> None:
+    """Kept stretches over 1 s apart stay visibly apart: a boundary that whole seconds would merge prints tenths."""
+    assert format_spans([(190.0, 242.2), (243.4, 250.0)]) == "00:03:10–00:04:02.2, 00:04:03.4–00:04:10"
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):  # random spans as evidence_spans makes them: 0.1 s steps, gaps over SPAN_MERGE_GAP_S
+        steps = torch.randint(1, 40, (12,), generator=generator).tolist()
+        edges, t = [], 0
+        for i, step in enumerate(steps):
+            t += step + 10 if i % 2 == 0 else step  # a gap of over 10 tokens (1.0 s), then a span of `step`
+            edges.append(round(t * 0.1, 6))
+        spans = list(zip(edges[0::2], edges[1::2]))
+        printed = [tuple(_clock_s(x) for x in span.split("–")) for span in format_spans(spans).split(", ")]
+        assert all(start <= s and end >= e for (start, end), (s, e) in zip(printed, spans))  # outward: nothing hidden
+        assert all(printed[i][1] < printed[i + 1][0] for i in range(len(printed) - 1))  # never touching

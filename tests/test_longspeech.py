@@ -75,10 +75,13 @@ def test_short_clip_uses_the_speech_adapter(real: Path, tiny_dir: Path, capsys) 
 
 def test_too_long_without_extractor_is_refused_with_options() -> None:
     with pytest.raises(LyraError, match="beyond the model's 32,768 positions") as info:
-        check_length(72_064, 32_768, None)
-    assert "--extract" in info.value.hint and "--max-audio" in info.value.hint
-    check_length(72_064, 32_768, ExtractorConfig(compress_gap=7, keep_rate=0.7))  # allowed with the extractor
-    check_length(6_064, 32_768, None)
+        check_length(72_064, 32_768, None, 28)
+    assert "--extract 4x0.7" in info.value.hint and "--max-audio 00:54:30" in info.value.hint
+    check_length(72_064, 32_768, ExtractorConfig(compress_gap=7, keep_rate=0.7), 28)  # allowed with the extractor
+    check_length(6_064, 32_768, None, 28)
+    with pytest.raises(LyraError) as small:  # the suggested spec must parse on the model at hand
+        check_length(72_064, 32_768, None, 2)
+    assert "--extract 2x0.7" in small.value.hint
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("45m", 2700), ("1.5h", 5400), ("1:30", 90),
@@ -149,5 +152,5 @@ def test_prefill_progress_follows_the_chunks_to_the_end(ten_minutes: Path, tiny_
     assert run(args) == 0
     done, totals = [d for d, _ in reports], {t for _, t in reports}
     assert len(totals) == 1 and done == sorted(done) and done[-1] == totals.pop()
-    # 6,035 tokens through layer 0 in 7 chunks, then 3,035 survivors through layer 1 in 4
+    # 6,035 tokens through block 1 (layers 0–1) in 7 chunks, then 3,035 survivors through block 2 in 4
     assert len(reports) == 7 + 4

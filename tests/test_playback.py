@@ -227,11 +227,11 @@ def test_no_audio_device_names_the_flags_that_help(monkeypatch: pytest.MonkeyPat
     with pytest.raises(LyraError) as out:
         pick_device(None, "output")
     assert out.value.message == "no audio output device found"
-    assert "`--speech-out FILE.wav`" in str(out.value.hint) and "`--list-devices`" in str(out.value.hint)
+    assert "`--speech-out FILE.wav`" in str(out.value.hint) and "`lyra listen --list-devices`" in str(out.value.hint)
     with pytest.raises(LyraError) as inp:
         pick_device("USB", "input")
     assert inp.value.message == "no audio input device found"
-    assert "`--input-file FILE`" in str(inp.value.hint) and "`--list-devices`" in str(inp.value.hint)
+    assert "`--input-file FILE`" in str(inp.value.hint) and "`lyra listen --list-devices`" in str(inp.value.hint)
     with pytest.raises(LyraError, match="no audio output device found"):
         playback.SpeakerSink()
 

@@ -18,6 +18,7 @@ from lyra_cli.engine.prompt import TokenKind
 from lyra_cli.engine.train.data import IGNORE_INDEX
 from lyra_cli.engine.train.extract import forward_extracting
 from lyra_cli.engine.train.loop import _shifted_ce
+from lyra_cli.engine.train.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 CONFIG = TextModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
@@ -127,8 +128,10 @@ def test_nothing_supervised_is_a_zero_loss_in_the_graph(setup) -> None:  # noqa:
 # ---------------------------------------------------------------------------------------------- stages, CLI
 
 
-def test_dry_run_shows_the_extractor(tiny_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code = run(["train", "stage2", "--model", str(tiny_dir), "--data", str(tmp_path / "none.json"),
+def test_dry_run_shows_the_extractor(tiny_dir: Path, real: Path, capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path) -> None:  # fmt: skip
+    data = write_synthetic_set(tmp_path / "data", real, n_records=2, seed=0)  # a dry run checks the data too
+    code = run(["train", "stage2", "--model", str(tiny_dir), "--data", str(data),
                 "--out", str(tmp_path / "out"), "--extract", "2x0.7", "--dry-run"])  # fmt: skip
     assert code == 0
     assert '"extract": "2x0.7"' in capsys.readouterr().out

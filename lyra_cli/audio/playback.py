@@ -36,7 +36,7 @@ OUTPUT_LATENCY_S = 0.1  # device buffer: barge-in silences the speaker this fast
 DRAIN_MARGIN_S = 1.0  # close(wait=True) waits for the queued audio plus this, then gives up on a stuck device
 PCM16_SCALE = 32768.0  # float <-> int16 as libsndfile and PortAudio convert: int16 / 32768 reads back exactly
 
-_LIST_HINT = "`--list-devices` lists the devices found"
+_LIST_HINT = "`lyra listen --list-devices` lists the devices found"  # chat has no such flag: name the command
 _NO_DEVICE_HINTS: dict[str, str] = {
     "output": f"pass `--speech-out FILE.wav` to write the spoken answer to a file instead; {_LIST_HINT}",
     "input": f"pass `--input-file FILE` to feed a recording instead of the microphone; {_LIST_HINT}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
     from lyra_cli.engine.prompt import Conversation
 
 MEDIA_FLAGS = {"--image": "image", "--video": "video", "--speech": "speech", "--text": "text"}
-REPL_HELP = "each line is a question · /image PATH · /video PATH · /speech PATH · /reset · /exit"
+REPL_HELP = ("each line is a question · /image PATH, /video PATH: attach to the next question · /speech PATH: ask it "
+             "now · /reset · /exit · Ctrl-C stops an answer")  # fmt: skip
+# A second Ctrl-C this soon after one that stopped an answer ends the session (one press: the answer only).
+DOUBLE_INTERRUPT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ def chat(
         common.announce_front_end(front_end, quiet)
         voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
         turn = TurnSettings(json_out=json_out, extractor=extractor, voice=voice, outputs=outputs, stats=stats,
-                            front_end=front_end)  # fmt: skip
+                            front_end=front_end, quiet=quiet)  # fmt: skip
         conversation = _conversation(system)
         parts = _encode(engine, decoded)
         if interactive:
@@ -175,6 +179,7 @@ class TurnSettings:
     outputs: "speech_io.SpeechOutputs | None" = None
     stats: bool = False
     front_end: AudioFrontEnd = AudioFrontEnd()  # how speech files are decoded (`--official-audio`)
+    quiet: bool = False
 
 
 def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig",
@@ -186,8 +191,9 @@ def _answer(engine: "Engine", conversation: "Conversation", parts: list, samplin
     outputs = turn.outputs if turn.voice is not None else None
     if outputs is not None:
         outputs.begin_turn()
+    events = engine.respond(conversation, parts, sampling, extractor=turn.extractor, voice=turn.voice)
     try:
-        for event in engine.respond(conversation, parts, sampling, extractor=turn.extractor, voice=turn.voice):
+        for event in events:
             if isinstance(event, TextDelta) and not turn.json_out:
                 write_answer(event.text)
             elif isinstance(event, AudioChunk) and outputs is not None:
@@ -195,10 +201,13 @@ def _answer(engine: "Engine", conversation: "Conversation", parts: list, samplin
             elif isinstance(event, Done):
                 done = event
     except BaseException:
+        events.close()  # now, not at garbage collection: the unfinished turn leaves the conversation
         if outputs is not None:
             outputs.abort_turn()  # nothing half-written
         raise
     assert done is not None  # respond always ends with Done
+    if _extractor_on(turn.extractor) and done.kept_tokens == done.prompt_tokens and not turn.quiet:
+        info(common.NOTHING_DROPPED)
     if outputs is not None:
         outputs.end_turn()
     if turn.json_out:
@@ -210,6 +219,10 @@ def _answer(engine: "Engine", conversation: "Conversation", parts: list, samplin
     if turn.stats:
         info(speech_io.latency_line(done))
     return done
+
+
+def _extractor_on(extractor: "ExtractorConfig | None") -> bool:
+    return extractor is not None and extractor.enabled
 
 
 def turn_json(done: "Done", parts: list) -> dict:
@@ -253,7 +266,7 @@ def _stdin_lines() -> Iterator[str]:
 def run_repl(engine: "Engine", conversation: "Conversation", sampling: "SamplingConfig", lines: Iterable[str],
              turn: TurnSettings | None = None, *, pending: list | None = None) -> None:  # fmt: skip
     """The multi-turn loop: media commands queue parts for the next question; /reset clears the history."""
-    from lyra_cli.console import error, info
+    from lyra_cli.console import error, info, write_answer
     from lyra_cli.engine.pipeline import read_media
     from lyra_cli.engine.prompt import TextPart
     from lyra_cli.errors import LyraError
@@ -261,6 +274,7 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
     turn = turn or TurnSettings()
     queued = list(pending or [])
     info(REPL_HELP)
+    stopped_at = None  # when Ctrl-C last stopped an answer
     for raw in lines:
         line = raw.strip()
         if not line:
@@ -277,14 +291,23 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
                 if not arg.strip():
                     raise UsageError(f"{command} needs a path", f"e.g. {command} examples/extreme_ironing.jpg")
                 queued.append(engine.encode(read_media(command[1:], arg.strip(), turn.front_end)))
-                info(f"{command[1:]} `{arg.strip()}` added to the next question")
                 if command == "/speech":  # speech is a question by itself (the official image+speech turn)
-                    _answer(engine, conversation, queued, sampling, turn)
-                    queued = []
+                    info(f"speech `{arg.strip()}` is the question: answering now")
+                    parts, queued = queued, []
+                    _answer(engine, conversation, parts, sampling, turn)
+                else:
+                    info(f"{command[1:]} `{arg.strip()}` added to the next question")
             elif command.startswith("/"):
                 raise UsageError(f"unknown command `{command}`", REPL_HELP)
             else:
-                _answer(engine, conversation, [*queued, TextPart(line)], sampling, turn)
-                queued = []
+                parts, queued = [*queued, TextPart(line)], []
+                _answer(engine, conversation, parts, sampling, turn)
         except LyraError as exc:  # a bad file or command ends the line, not the session
             error(exc.message, exc.hint)
+        except KeyboardInterrupt:  # stops this answer; the turn is not in the history (respond drops it)
+            now = time.monotonic()
+            if stopped_at is not None and now - stopped_at < DOUBLE_INTERRUPT_S:
+                raise
+            stopped_at = now
+            write_answer("\n")
+            info("interrupted (the answer is not kept; Ctrl-C at the prompt ends the session)")

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from lyra_cli.engine.towers import TowerOverrides
 
 TINY = "tiny"
+# Said when --extract (or the config's extractor) had nothing to drop in a prompt: the authors keep ≥ 32 tokens.
+NOTHING_DROPPED = ("the extractor dropped nothing: this prompt has too few image/speech tokens "
+                   "(it always keeps at least 32)")  # fmt: skip
 # The raw arguments of this invocation, set by `lyra_cli.main.run`: typer groups repeated options
 # per flag, and `chat` needs their command-line order.
 ARGV: list[str] = []
@@ -158,6 +161,17 @@ def header_lines(loaded: "LoadedModel", model_spec: str) -> list[str]:
 
         lines.append(f"  {describe_quantization(runtime.quantization, runtime.dtype)}")  # type: ignore[arg-type]
     lines += loaded.sources.lines()  # where each tower, the processor settings and the vocoder came from
-    adapters = ", ".join(a.value for a in loaded.adapters.available) or "none"
-    lines.append(f"adapters {adapters} (chosen per turn: none for text/image/video, speech ≤ 30 s, long_speech beyond)")
+    lines.append(adapter_line(loaded.adapters))
     return lines
+
+
+def adapter_line(bank: Any) -> str:
+    """What the header says about adapters: the one merged into the weights (`lyra train merge`) if any, and
+    the switchable ones, chosen per turn."""
+    switchable = ", ".join(a.value for a in bank.available if a is not bank.merged)
+    per_turn = (f"adapters {switchable or 'none'} (chosen per turn: none for text/image/video, speech ≤ 30 s, "
+                "long_speech beyond)")  # fmt: skip
+    if bank.merged is None:
+        return per_turn
+    merged = f"adapter merged into the weights: {bank.merged.value} (used for every turn)"
+    return f"{merged} · {per_turn}" if switchable else merged

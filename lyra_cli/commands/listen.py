@@ -208,7 +208,7 @@ def listen(
     try:
         listener = _listener(model, request, sampling_flags, system, outputs, vocoder, chunk_units, ctc_aligned,
                              json_out=json_out, stats=stats, quiet=quiet, realtime=input_file is None or realtime,
-                             max_turns=max_turns, overrides=overrides)  # fmt: skip
+                             max_turns=max_turns, overrides=overrides, input_file=input_file)  # fmt: skip
         from lyra_cli.audio.vad import SileroVad, TurnDetector
 
         listener.run(source, TurnDetector(vad, SileroVad()))
@@ -241,6 +241,13 @@ def _source(input_file: Path | None, input_device: str | None, realtime: bool, o
     return MicSource(pick_device(input_device, "input"))
 
 
+def listening_line(input_file: Path | None) -> str:
+    """What the session is doing, in the words of its source: nobody is asked to speak into a file."""
+    if input_file is None:
+        return "listening… speak, pause to let Lyra answer, speak over it to interrupt; Ctrl-C quits"
+    return f"reading `{input_file}` as if spoken: each pause ends a turn and Lyra answers it; Ctrl-C quits"
+
+
 def _print_devices() -> None:
     from lyra_cli.audio.playback import list_devices
     from lyra_cli.console import write_answer
@@ -256,7 +263,7 @@ def _print_devices() -> None:
 
 def _listener(model: str, request, sampling_flags: dict, system: str | None, outputs, vocoder, chunk_units: int,  # noqa: ANN001
               ctc_aligned: bool, *, json_out: bool, stats: bool, quiet: bool, realtime: bool,
-              max_turns: int | None, overrides) -> Listener:  # noqa: ANN001  # fmt: skip
+              max_turns: int | None, overrides, input_file: Path | None = None) -> Listener:  # noqa: ANN001  # fmt: skip
     from lyra_cli.console import info, write_answer
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
@@ -269,7 +276,7 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
     if not quiet:
         for line in common.header_lines(engine.loaded, model):
             info(line)
-        info("listening… speak, pause to let Lyra answer, speak over it to interrupt; Ctrl-C quits")
+        info(listening_line(input_file))
 
     def render_done(job: TurnJob, done: "Done") -> None:
         if json_out:

@@ -107,6 +107,7 @@ def train_stage(
         check_train_paths(data, out, overwrite=overwrite)
     from lyra_cli.engine.runtime import resolve_runtime
     from lyra_cli.engine.train.distributed import Distributed
+    from lyra_cli.engine.train.loop import resolve_precision
 
     towers = common.tower_overrides(vision_tower, speech_tower)
     runtime = resolve_runtime(common.runtime_request(device, dtype, load_8bit, load_4bit))
@@ -118,13 +119,19 @@ def train_stage(
         info(f"DeepSpeed config `{deepspeed}` read (ZeRO-{zero_stage}): its batch, accumulation, clipping and bf16 "
              "settings apply; training runs plain data parallel")  # fmt: skip
     try:
+        _check_extract(stage, model)  # a usage error before the data or any weights are read
+        records, problems = _records(data, image_folder, speech_folder, strict, stage, report=ranks.is_main)
         engine, generator, plan = _prepare(model, runtime, stage, seed, ranks, towers)
         if dry_run:
             if ranks.is_main:
+                autocast = resolve_precision(precision, stage, runtime.device)
                 _print(json.dumps({"stage": _settings(stage), "trainable_parameters": plan.count,
-                                   "trainable_tensors": len(plan.names)}, indent=2))  # fmt: skip
+                                   "trainable_tensors": len(plan.names),
+                                   "data": {"file": str(data), "usable_records": len(records),
+                                            "skipped": dict(sorted(problems.counts.items()))},
+                                   "precision": {"requested": precision, "device": str(runtime.device),
+                                                 "compute": _compute(autocast, runtime.dtype)}}, indent=2))  # fmt: skip
         else:
-            records = _records(data, image_folder, speech_folder, strict, report=ranks.is_main)
             _run(engine, generator, plan, records, out=out, steps=steps, save_every=save_every,
                  keep_last=keep_last, resume=resume, seed=seed, quiet=quiet or not ranks.is_main,
                  precision=precision, ranks=ranks, tensorboard=tensorboard, strict=strict)  # fmt: skip
@@ -201,9 +208,13 @@ def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any, towers
     return engine, generator, plan
 
 
-def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, strict: bool, *, report: bool) -> list:
+def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, strict: bool, stage: Any, *,
+             report: bool) -> tuple[list, Any]:  # fmt: skip
+    """The usable records for `stage` and the skipped ones by reason, reported once; before any weights load."""
     from lyra_cli.console import info
-    from lyra_cli.engine.train.data import parse_records
+    from lyra_cli.engine.adapters import Adapter
+    from lyra_cli.engine.train.data import keep_with_units, parse_records, short_speech_count
+    from lyra_cli.engine.train.stages import Trains
     from lyra_cli.errors import InputError
 
     if not data.is_file():
@@ -211,9 +222,34 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
     root = data.parent
     records, problems = parse_records(data, image_folder=image_folder or root, speech_folder=speech_folder or root,
                                       strict=strict)  # fmt: skip
+    if stage.trains is Trains.SPEECH_GENERATOR:
+        records = keep_with_units(records, problems, strict=strict, path=data)
+    if not records:
+        raise InputError(f"`{data}` has no record {stage.name} can use (skipped: {problems.summary()})",
+                         "check the paths against --image-folder/--speech-folder, or `lyra train "
+                         f"{stage.name} --help` for the records it needs")  # fmt: skip
     if report:
         info(f"{len(records)} usable records; skipped: {problems.summary()}")
-    return records
+        short = short_speech_count(records) if stage.adapter is Adapter.LONG_SPEECH else 0
+        if short:
+            info(f"{short} of {len(records)} records have no `long_speech` recording: {stage.name} trains the "
+                 "long-speech adapter, which is chosen only for clips over 30 s (the authors' stage-3 data is all "
+                 "long speech)")  # fmt: skip
+    return records, problems
+
+
+def _check_extract(stage: Any, model: str) -> None:
+    """`--extract` against the model's depth, read from its config (no weights)."""
+    if stage.extract:
+        from lyra_cli.engine.config import load_config
+        from lyra_cli.engine.extractor import parse_extract
+
+        parse_extract(stage.extract, load_config(common.model_dir_for(model)).text.num_layers)
+
+
+def _compute(autocast: Any, dtype: Any) -> str:
+    """What the forward passes compute in: `autocast bfloat16`, or `float32 weights` (no autocast)."""
+    return f"autocast {_dtype_name(autocast)}" if autocast else f"{_dtype_name(dtype)} weights"
 
 
 def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, steps: int | None, save_every: int,
@@ -243,7 +279,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
         if ranks.is_main:
             info(f"resumed from `{last}` at step {trainer.step_count}")
     if not quiet:
-        compute = f"autocast {_dtype_name(autocast)}" if autocast else f"{_dtype_name(runtime.dtype)} weights"
+        compute = _compute(autocast, runtime.dtype)
         extract = f", extractor {stage.extract}" if stage.extract else ""
         processes = f", {ranks.world_size} processes" if ranks.enabled else ""
         info(f"{stage.name}: {plan.count:,} trainable parameters, {total} steps, lr {stage.learning_rate}, "

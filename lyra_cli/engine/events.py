@@ -69,6 +69,15 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Prefilled:
+    """The prompt is read: sent once, before the first answer text, so a summary prints before the answer."""
+
+    prompt_tokens: int
+    kept_tokens: int  # prompt tokens left after the extractor (= prompt_tokens when it dropped nothing)
+    prefill_s: float
+
+
+@dataclass(frozen=True)
 class Done:
     """The turn finished. Timings in seconds, token counts exact."""
 
@@ -95,4 +104,4 @@ class Done:
         return self.new_tokens / decode_s if decode_s > 0 else 0.0
 
 
-Event = TextDelta | AudioChunk | Progress | Done
+Event = TextDelta | AudioChunk | Progress | Prefilled | Done

@@ -26,7 +26,7 @@ from lyra_cli.audio.features import TOKEN_SECONDS
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.prompt import TokenKind
 from lyra_cli.errors import UsageError
-from lyra_cli.timefmt import clock
+from lyra_cli.timefmt import clock, clock_tenths
 
 # The authors never keep fewer multimodal tokens than this per drop (and do not drop below it at all).
 MIN_KEEP_TOKENS = 32
@@ -34,6 +34,10 @@ MIN_KEEP_TOKENS = 32
 SPAN_MERGE_GAP_S = 1.0
 # fp32 attention logits held at once while scoring (256 MiB): bounds memory for very long prompts.
 SCORE_CHUNK_ELEMENTS = 1 << 26
+
+# What hints suggest: the authors' long-speech setting (4 blocks, keep 70 %).
+SUGGESTED_BLOCKS = 4
+SUGGESTED_RATIO = 0.7
 
 EXTRACT_SPEC = re.compile(r"^\s*(\d+)\s*[xX×]\s*([0-9]*\.?[0-9]+)\s*$")
 EXTRACT_HINT = "use --extract BLOCKSxRATIO, e.g. `4x0.7`: 4 blocks of layers, keep 70% of image/speech tokens per block"
@@ -57,11 +61,27 @@ def parse_extract(spec: str, num_layers: int) -> ExtractorConfig:
     blocks, keep_rate = int(match.group(1)), float(match.group(2))
     if not 1 <= blocks <= num_layers:
         raise UsageError(f"--extract `{spec}` asks for `{blocks}` blocks of a {num_layers}-layer model",
-                         f"BLOCKS must be between 1 and {num_layers}; {EXTRACT_HINT}")  # fmt: skip
+                         f"BLOCKS must be between 2 and {num_layers}; {EXTRACT_HINT}")  # fmt: skip
     if not 0 < keep_rate <= 1:
         raise UsageError(f"--extract `{spec}` keeps a ratio of `{keep_rate}`",
-                         f"RATIO must be in (0, 1], 1 = keep everything; {EXTRACT_HINT}")  # fmt: skip
+                         f"RATIO must be in (0, 1); {EXTRACT_HINT}")  # fmt: skip
+    # Settings that can never drop a token are refused rather than run as a silent no-op.
+    if blocks == 1:
+        raise UsageError(f"--extract `{spec}` drops nothing: one block has no drop (never after the last layer)",
+                         f"BLOCKS must be between 2 and {num_layers}; leave --extract out to keep every token")  # fmt: skip
+    if keep_rate == 1:
+        raise UsageError(f"--extract `{spec}` drops nothing: a ratio of 1 keeps every image/speech token",
+                         f"RATIO must be below 1, e.g. `{suggested_extract(num_layers)}`; leave --extract out to keep "
+                         "every token")  # fmt: skip
     return ExtractorConfig(compress_gap=num_layers // blocks, keep_rate=keep_rate)
+
+
+def suggested_extract(num_layers: int) -> str | None:
+    """The `--extract` value hints suggest, valid for this model: the authors' `4x0.7`, fewer blocks on a model
+    with under 4 layers, None for a 1-layer model (nothing to drop between layers)."""
+    if num_layers < 2:
+        return None
+    return f"{min(SUGGESTED_BLOCKS, num_layers)}x{SUGGESTED_RATIO}"
 
 
 def compress_layers(cfg: ExtractorConfig, num_layers: int) -> list[int]:
@@ -207,5 +227,16 @@ def _seconds(n_tokens: int) -> float:
 
 
 def format_spans(spans: list[Span]) -> str:
-    """[(65.0, 130.2)] -> "00:01:05–00:02:11"; start rounded down, end up, so no kept audio is hidden."""
-    return ", ".join(f"{clock(math.floor(start))}–{clock(math.ceil(end))}" for start, end in spans)
+    """[(65.0, 130.2)] -> "00:01:05–00:02:11"; start rounded down, end up, so no kept audio is hidden.
+
+    Spans are more than `SPAN_MERGE_GAP_S` apart, but rounding outward can make neighbours look touching
+    (an end at 130.2 s and a start at 131.3 s both print as 00:02:11); such a boundary prints in tenths of a
+    second instead (`00:02:10.2–…, 00:02:11.3–…`), so a gap never disappears from the text."""
+    texts = []
+    for i, (start, end) in enumerate(spans):
+        touches_previous = i > 0 and math.floor(start) <= math.ceil(spans[i - 1][1])
+        touches_next = i + 1 < len(spans) and math.ceil(end) >= math.floor(spans[i + 1][0])
+        first = clock_tenths(start) if touches_previous else clock(math.floor(start))
+        last = clock_tenths(end) if touches_next else clock(math.ceil(end))
+        texts.append(f"{first}–{last}")
+    return ", ".join(texts)

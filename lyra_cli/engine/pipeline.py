@@ -30,7 +30,7 @@ from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
 from lyra_cli.audio.windows import split_windows
 from lyra_cli.engine.adapters import Adapter, activate, route
 from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.events import AudioChunk, Done, Event, TextDelta, TokenLogprob, TopLogprob
+from lyra_cli.engine.events import AudioChunk, Done, Event, Prefilled, TextDelta, TokenLogprob, TopLogprob
 from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import END_STATE, SamplingConfig, StepLogprobs, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
@@ -262,9 +262,17 @@ class Engine:
                              on_prefill_progress=on_prefill_progress, cache=cache, reused_tokens=reused,
                              resume=resume, keep_first_block=self.reuse_prefix,
                              feed_end=voice is not None and voice.config.aligned)  # fmt: skip
+        def kept_tokens() -> int:
+            if not prefilled:
+                return inputs.n_tokens
+            # a resumed prefill's kept set covers the whole prompt, a plain one's only what it computed
+            return int(prefilled[0][0].kept_index.numel()) + (0 if resume is not None else reused)
+
         for step in steps:
             if first_token_s is None:
                 first_token_s = time.perf_counter() - start
+                prefill_s = prefilled[0][1] if prefilled else first_token_s
+                yield Prefilled(prompt_tokens=inputs.n_tokens, kept_tokens=kept_tokens(), prefill_s=prefill_s)
             if speaking is not None:
                 chunk = audio.chunk(speaking.push(step))
                 if chunk is not None:
@@ -292,10 +300,6 @@ class Engine:
         turn.answer = streamer.emitted.strip()
         first = first_token_s if first_token_s is not None else total
         result = prefilled[0][0] if prefilled else None
-        if result is None:
-            kept_tokens = inputs.n_tokens
-        else:  # a resumed prefill's kept set covers the whole prompt, a plain one's only what it computed
-            kept_tokens = int(result.kept_index.numel()) + (0 if resume is not None else reused)
         prefill_s = prefilled[0][1] if prefilled else total
         yield Done(
             text=turn.answer,
@@ -305,7 +309,7 @@ class Engine:
             stop_reason=stop,
             timings={"first_token_s": first, "prefill_s": prefill_s, "decode_s": total - first, "total_s": total,
                      **audio.timings(total)},  # fmt: skip
-            kept_tokens=kept_tokens,
+            kept_tokens=kept_tokens(),
             evidence=_evidence(inputs, result.kept_index) if result is not None and result.drops else [],
             reused_tokens=reused,
             units=speaking.all_units if speaking is not None else [],

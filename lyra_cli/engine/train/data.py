@@ -67,6 +67,7 @@ class Problem:
     IMAGE_WITHOUT_FILE = "`<image>` placeholder without an image or video"
     SPEECH_WITHOUT_FILE = "`<speech>` placeholder without a speech file"
     BAD_TGT_UNIT = "unparsable tgt_unit"
+    NO_TGT_UNIT = "no tgt_unit (stage 4 learns the speech units)"
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -170,6 +171,27 @@ def parse_records(
     if problems:
         log.warning("dropped %d of %d records: %s", len(problems), len(problems) + len(records), problems.summary())
     return records, problems
+
+
+def keep_with_units(records: list[TrainRecord], problems: ParseProblems, *, strict: bool = False,
+                    path: str | Path = "") -> list[TrainRecord]:  # fmt: skip
+    """Stage 4 learns each record's `tgt_unit`: a record without one is skipped and counted in `problems`
+    like any other unusable record (`strict`: the first one fails)."""
+    kept = []
+    for record in records:
+        if record.tgt_units is not None:
+            kept.append(record)
+        elif strict:
+            raise InputError(f"record {record.index} (id `{record.id}`) in `{path}`: {Problem.NO_TGT_UNIT}",
+                             "give every stage-4 record a `tgt_unit`, or train without --strict to skip them")  # fmt: skip
+        else:
+            problems.add(record.index, record.id, Problem.NO_TGT_UNIT)
+    return kept
+
+
+def short_speech_count(records: Sequence[TrainRecord]) -> int:
+    """Records without a `long_speech` recording: stage 3's adapter is for long speech (> 30 s)."""
+    return sum(record.long_speech is None for record in records)
 
 
 def parse_record(index: int, entry: Any, image_folder: Path, speech_folder: Path) -> TrainRecord:

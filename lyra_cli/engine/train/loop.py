@@ -46,6 +46,7 @@ from lyra_cli.engine.train.extract import ExtractedForward, forward_extracting
 from lyra_cli.engine.train.lcmr import lcmr_loss
 from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains, stage_extractor
 from lyra_cli.errors import CheckpointError, InputError, UsageError
+from lyra_cli.fileio import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -680,6 +681,8 @@ class Trainer:
         _set_rng_state(ranks[self.distributed.rank % len(ranks)])
         self.step_count = int(state["step"])
         self.position = int(state["position"])
+        if self.log_path is not None and self.distributed.is_main:
+            trim_log(self.log_path, self.step_count)
 
     def _check_tensors(self, saved: "SavedCheckpoint") -> None:
         path = saved.folder / TRAINABLE_FILE
@@ -710,3 +713,26 @@ class Trainer:
             raise CheckpointError(f"no checkpoint in `{root}` can be resumed; the newest: {first_damage.message}",
                                   _DAMAGED_HINT)  # fmt: skip
         return None
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the metrics of steps after `step` (and a line torn by a kill) from a JSONL log, in place.
+
+    A run killed after its last checkpoint logged steps that the resumed run computes and logs again; without
+    this, `metrics.jsonl` would hold those steps twice."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        log.info("metrics: %d line(s) after step %d dropped from `%s` (they are logged again)", dropped, step, path)
+        write_atomically(path, lambda temp: temp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
