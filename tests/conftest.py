@@ -41,3 +41,12 @@ def tiny_copy(tiny_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "tiny"
     shutil.copytree(tiny_dir, target)
     return target
+
+
+@pytest.fixture(autouse=True)
+def _console_not_quiet() -> None:
+    """A test that ran the CLI with `-q` leaves the console quiet (`lyra_cli.main.run` resets it only when a
+    run starts): tests that call a command's functions directly must not inherit that."""
+    from lyra_cli.console import set_quiet
+
+    set_quiet(False)

@@ -304,7 +304,7 @@ ROWS = [
     Row("train data not JSON", ("train", "stage1", "--data", "{d}/bad.json", "--out", "{d}/o"), 1, "not valid JSON"),
     Row("train data a dict", ("train", "stage2", "--data", "{d}/dict.json", "--out", "{d}/o"), 1, "not a list"),
     Row("train data not UTF-8", ("train", "stage3", "--data", "{d}/latin1.json", "--out", "{d}/o"), 1, "UTF-8"),
-    Row("train data empty", ("train", "stage1", "--data", "{d}/empty.json", "--out", "{d}/o", "-q"), 1, "no usable"),
+    Row("train data empty", ("train", "stage1", "--data", "{d}/empty.json", "--out", "{d}/o", "-q"), 1, "has no record stage1 can use"),
     Row("train setting of the wrong type", (*STAGE1, "--out", "{d}/o", "--set", "lora_r=abc"), 2, "must be a int"),
     Row("train unknown setting", (*STAGE1, "--out", "{d}/o", "--set", "nonsense=1"), 2, "unknown setting"),
     Row("train invalid setting", (*STAGE1, "--out", "{d}/o", "--set", "learning_rate=-1"), 2, "learning_rate"),

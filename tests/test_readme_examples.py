@@ -85,6 +85,9 @@ def _prepared_args(command: str, workdir: Path, real: Path) -> tuple[list[str], 
         if args[i] in MODEL_FLAGS:
             i += 2
             continue
+        if args[0] == "info" and i == 1 and not args[i].startswith("-"):  # `lyra info DIR`: DIR is the model
+            i += 1
+            continue
         if i > 0 and args[i - 1] not in OUTPUT_FLAGS:
             _create_input(args[i], args[i - 1], workdir, real)
         argv.append(args[i])

@@ -297,8 +297,11 @@ def test_info_memory_counts_every_loaded_parameter(tiny_dir: Path, capsys: pytes
     rows = {row["precision"]: row for row in memory["rows"]}
     assert memory["compute_dtype"] == "bf16" and rows["bf16"]["weights_bytes"] == 2 * params
     assert rows["4-bit"]["weights_bytes"] < rows["8-bit"]["weights_bytes"] < rows["bf16"]["weights_bytes"]
-    # KV cache: 2 (k, v) × 2 layers × 2 KV heads × 16-wide heads × 1000 tokens × 2 bytes
-    assert {row["kv_cache_bytes_per_1k_tokens"] for row in memory["rows"]} == {2 * 2 * 2 * 16 * 1000 * 2}
+    # KV cache: 2 (k, v) × layers × KV heads × head width × 1000 tokens × 2 bytes (bf16)
+    text = loaded.config.text
+    kv_per_1k = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 1000 * 2
+    assert (text.num_layers, text.num_kv_heads, text.head_dim) == (4, 2, 16)  # the tiny model: 512,000 bytes
+    assert {row["kv_cache_bytes_per_1k_tokens"] for row in memory["rows"]} == {kv_per_1k}
 
 
 def test_info_knows_the_adapter_folders_the_loader_reads() -> None:
