@@ -14,9 +14,8 @@ Offline, as fairseq's `CodeHiFiGANVocoder(..)({"code": units}, dur_prediction=Tr
 
 Streaming (`VocoderStream`). The authors vocode each chunk of 40 new units on its own
 (docs/authors-behaviour.md#streaming-and-vocoding): both the duration predictor and HiFi-GAN then see zero padding
-at every join, which changes the samples next to it
-(a click) and the durations of the units next to it. Both stages are stacks of convolutions, so every value
-depends on a bounded neighbourhood, derived from config.json:
+at every join, which changes the samples next to it (a click) and the durations of the units next to it. Both stages
+are stacks of convolutions, so every value depends on a bounded neighbourhood, derived from config.json:
 
     durations  unit i depends on units i ± `DurationPredictor.reach_units` (2: two kernel-3 convs)
     HiFi-GAN   the samples of frame f depend on frames f − `context_frames` … f + `lookahead_frames`
