@@ -112,7 +112,8 @@ def build_prompt(model: LyraTextModel, n_tokens: int) -> Prompt:
     embeds = torch.cat([text[:SYSTEM_TOKENS], speech * INIT_STD, text[SYSTEM_TOKENS:]])[None]
     layout = [(TokenKind.TEXT, SYSTEM_TOKENS), (TokenKind.SPEECH, n_speech), (TokenKind.TEXT, QUESTION_TOKENS)]
     kinds = torch.cat([torch.full((n,), int(kind)) for kind, n in layout])
-    positions = torch.arange(n_tokens, device=weight.device).expand(3, 1, -1)  # speech counts like text (§2.5)
+    # speech counts like text (docs/authors-behaviour.md#m-rope-positions)
+    positions = torch.arange(n_tokens, device=weight.device).expand(3, 1, -1)
     return Prompt(embeds, positions, kinds)
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.release_shapes --size mini --out DIR      # 9.7 GB (3 min on a busy 2-core VM)
     python -m benchmarks.release_shapes --size base --out DIR      # 22.5 GB (4.5 min there)
 
-Writes the authors' layout (official-lyra.md §1.3–1.5, §5, §6), with the exact key names, shapes and
+Writes the authors' layout (docs/release-format.md#folder-layout), with the exact key names, shapes and
 dtype (bf16) of the release:
 
     DIR/work_dirs/Lyra_Mini_3B/   config.json generation_config.json tokenizer files
@@ -15,7 +15,8 @@ dtype (bf16) of the release:
     DIR/model_zoo/audio/whisper-large-v3-turbo/ config.json preprocessor_config.json model.safetensors
     DIR/model_zoo/audio/vocoder/               g_00500000 + config.json (fairseq CodeHiFiGAN, km1000)
 
-The main shards hold LLM + ViT + Whisper encoder + speech projector, as in the release (§1.5); the tower
+The main shards hold LLM + ViT + Whisper encoder + speech projector, as in the release
+(docs/release-format.md#weight-shards-and-key-names); the tower
 folders hold the same random tensors (each tensor is drawn from a generator seeded by its key). Shards are
 split as transformers' `save_pretrained(max_shard_size="5GB")` splits them: keys in module order, a new
 shard when the next tensor would pass 5·10⁹ bytes. For Mini that gives the release's two shards (5.0 GB +
@@ -79,10 +80,11 @@ from lyra_cli.engine.vocoder import TINY_VOCODER_CONFIG, write_tiny_vocoder
 RELEASE_VOCAB = 151_936  # Qwen2-VL's embedding rows (the tokenizer has 151,646 tokens; rows are padded)
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
 SPEECH_ENCODER_HIDDEN = 1280  # whisper-large-v3(-turbo) d_model: the projector's input is 5 × 1280
-RELEASE_GENERATOR = "(2,4096,32,11008)"  # ctc_decoder_config (official-lyra.md §6.1)
-RELEASE_LORA = {Adapter.SPEECH: (64, 16.0), Adapter.LONG_SPEECH: (128, 256.0)}  # §5
-MAX_LENGTH = 8192  # tokenizer_model_max_length of the stage-2 scripts (§1.4)
-# The mHuBERT km1000 CodeHiFiGAN's config.json (official-lyra.md §6.3; tests/test_vocoder.py RELEASE_CONFIG).
+RELEASE_GENERATOR = "(2,4096,32,11008)"  # ctc_decoder_config (docs/release-format.md#config-keys)
+RELEASE_LORA = {Adapter.SPEECH: (64, 16.0), Adapter.LONG_SPEECH: (128, 256.0)}  # docs/release-format.md#adapters
+MAX_LENGTH = 8192  # tokenizer_model_max_length of the stage-2 scripts (docs/release-format.md#config-keys)
+# The mHuBERT km1000 CodeHiFiGAN's config.json (docs/release-format.md#unit-vocoder; tests/test_vocoder.py
+# RELEASE_CONFIG).
 RELEASE_VOCODER_CONFIG: dict[str, Any] = {
     "resblock": "1", "upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
     "upsample_initial_channel": 512, "resblock_kernel_sizes": [3, 7, 11],
@@ -224,7 +226,7 @@ def _numel(shape: Iterable[int]) -> int:
 
 
 def release_config(spec: ReleaseSpec, ids: dict[str, int]) -> dict[str, Any]:
-    """The main config.json: tiny's keys with the release's values (official-lyra.md §1.4)."""
+    """The main config.json: tiny's keys with the release's values (docs/release-format.md#config-keys)."""
     raw = tiny_config(spec.vocab_size, ids, spec.llm)
     raw.update({
         "tie_word_embeddings": spec.tie_embeddings, "vision_config": spec.vision, "mm_vision_tower": spec.vision_dir,
@@ -303,7 +305,8 @@ def _write_adapters(model_dir: Path, spec: ReleaseSpec, model: LyraForCausalLM, 
         write_safetensors(folder / "adapter_model.safetensors", lora_shapes(model.model.layers, rank),
                           lambda k, s: lora_init(k, s, gen))  # fmt: skip
         write_adapter_configs(folder, adapter, rank, alpha, {**config_dict, "model_type": "Lyra_Qwen2VL"})
-        # the release's non_lora_trainables.bin: a torch pickle of the projector's bf16 tensors (§1.5)
+        # the release's non_lora_trainables.bin: a torch pickle of the projector's bf16 tensors
+        # (docs/release-format.md#adapters)
         state = {f"model.model.mm_speech_projector.{k}": random_tensor(f"{folder_name}/{k}", s, seed)
                  for k, s in projector.items()}  # fmt: skip
         torch.save(state, folder / PROJECTOR_FILE)

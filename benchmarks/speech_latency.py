@@ -3,8 +3,8 @@
 Both orders run the same model, prompt and greedy decoding, side by side in one process:
   streamed  — `Engine.respond(..., voice=...)`: units are produced per token and vocoded every
               `--chunk-units` units while the text is still being generated;
-  at end    — the authors' CLI order (official-lyra.md §6.2): generate the whole answer keeping each
-              step's state, run the speech generator on all states, then vocode all units at once.
+  at end    — the authors' CLI order (docs/authors-behaviour.md#streaming-and-vocoding): generate the
+              whole answer keeping each step's state, run the speech generator on all states, then vocode all units at once.
 Answers are forced to exactly N tokens (end tokens ignored) so the lengths are comparable.
 
     python benchmarks/speech_latency.py                       # tiny model, 20/100/300 tokens

@@ -1,4 +1,4 @@
-"""Adapter routing per request and across turns (official-lyra.md §5)."""
+"""Adapter routing per request and across turns (docs/authors-behaviour.md#adapter-switch)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The latent multi-modality extractor (official-lyra.md §3) against a brute-force eager reference.
+"""The latent multi-modality extractor (docs/authors-behaviour.md#latent-multi-modality-extractor) against a
+brute-force eager reference.
 
 Contracts: `--extract` parsing and the authors' drop layers and keep counts; the query set; ratio 1 changes
 nothing; the kept set equals a full-attention-matrix computation of the authors' score; after pruning,
@@ -52,7 +53,8 @@ WEIGHT_STD = 0.15  # large enough that attention is peaked and the top-k has no 
 
 
 def build_prompt(pieces: list[tuple[str, object]]) -> tuple[Tensor, Tensor, int]:
-    """-> positions (3, 1, T), kinds (T,), next position; the running-maximum rule of §2.5."""
+    """-> positions (3, 1, T), kinds (T,), next position; the running-maximum rule of
+    docs/authors-behaviour.md#m-rope-positions."""
     positions, kinds, next_pos = [], [], 0
     for kind, size in pieces:
         if kind == "image":

@@ -1,8 +1,8 @@
 """Our decoder (`engine.llm`) against transformers' Qwen2VLTextModel on the same random weights.
 
 Contracts: identical state-dict keys; identical logits for prefill and cached decode steps under the three
-position layouts Lyra produces (text, image grid, speech block; official-lyra.md §2.5); chunked prefill equals
-one-shot prefill; `KVCache.select` and growth keep the right rows.
+position layouts Lyra produces (text, image grid, speech block; docs/authors-behaviour.md#m-rope-positions); chunked
+prefill equals one-shot prefill; `KVCache.select` and growth keep the right rows.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def models(request: pytest.FixtureRequest) -> tuple[LyraTextModel, Qwen2VLTextMo
     return ours, theirs, lm_head
 
 
-# ---------------------------------------------------------------------------------- positions (§2.5)
+# ---------------------------------------------------------------------------------- positions
+# (docs/authors-behaviour.md#m-rope-positions)
 
 
 def text_positions(n: int, start: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Prompt rendering, splicing and 3-D M-RoPE positions (official-lyra.md §2.3–2.5)."""
+"""Prompt rendering, splicing and 3-D M-RoPE positions (docs/authors-behaviour.md#m-rope-positions)."""
 
 from __future__ import annotations
 

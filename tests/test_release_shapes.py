@@ -36,7 +36,8 @@ def _bytes(shapes: dict) -> int:
 
 
 def test_mini_shards_match_the_release_listing() -> None:
-    # official-lyra.md §1.5: model-00001-of-00002 (5 GB) + model-00002-of-00002 (728 MB), no lm_head (tied)
+    # docs/release-format.md#folder-layout: model-00001-of-00002 (5 GB) + model-00002-of-00002 (728 MB),
+    # no lm_head (tied)
     spec = SPECS["mini"]
     model = meta_model(spec, release_config(spec, IDS))
     shapes = main_shapes(model, spec.tie_embeddings)
@@ -52,7 +53,8 @@ def test_mini_shards_match_the_release_listing() -> None:
 
 
 def test_base_adapter_and_projector_sizes_match_the_release() -> None:
-    # §1.5: Base speech_lora adapter_model.safetensors 323 MB (r = 64), non_lora_trainables.bin 40.9 MB
+    # docs/release-format.md#adapters: Base speech_lora adapter_model.safetensors 323 MB (r = 64),
+    # non_lora_trainables.bin 40.9 MB
     spec = SPECS["base"]
     model = meta_model(spec, release_config(spec, IDS))
     rank, _ = spec.lora[next(iter(spec.lora))]

@@ -1,4 +1,4 @@
-"""The CTC speech generator (official-lyra.md §6.1–6.2).
+"""The CTC speech generator (docs/authors-behaviour.md#speech-generator).
 
 Contracts: greedy CTC collapse (repeats first, then blanks) is the same chunk by chunk as on the whole
 sequence; the layers equal a transformers `Qwen2DecoderLayer` stack with plain 1-D RoPE and a causal mask;

@@ -1,4 +1,5 @@
-"""Training records → labelled prompts (official-lyra.md §9.2–9.3), through the inference prompt code."""
+"""Training records → labelled prompts (docs/authors-behaviour.md#training-data,
+docs/authors-behaviour.md#label-masking), through the inference prompt code."""
 
 from __future__ import annotations
 

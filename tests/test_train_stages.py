@@ -1,5 +1,6 @@
-"""Training stages (official-lyra.md §9.1): exact trainable sets, the §5 adapter layout, and that an
-exported adapter is what the loader (and so `lyra chat --model`) picks up."""
+"""Training stages (docs/authors-behaviour.md#training-stages): exact trainable sets, the adapter layout
+(docs/release-format.md#adapters), and that an exported adapter is what the loader (and so `lyra chat --model`)
+picks up."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Image/video loading, Qwen2-VL patches, the ViT call and M-RoPE positions (official-lyra.md §2.5–2.6)."""
+"""Image/video loading, Qwen2-VL patches, the ViT call and M-RoPE positions
+(docs/authors-behaviour.md#image-and-video-rules)."""
 
 from __future__ import annotations
 

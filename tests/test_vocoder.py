@@ -1,4 +1,5 @@
-"""Unit vocoder (official-lyra.md §6.3): fairseq's checkpoint format, offline output, stream == offline."""
+"""Unit vocoder (docs/release-format.md#unit-vocoder): fairseq's checkpoint format, offline output,
+stream == offline."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from lyra_cli.errors import CheckpointError, InputError
 
 N_UNITS = 150
 HOP = 320  # 20 ms at 16 kHz: one unit frame
-# The released km1000_lj vocoder's config.json (official-lyra.md §6.3), less its training-only keys.
+# The released km1000_lj vocoder's config.json (docs/release-format.md#unit-vocoder), less its training-only keys.
 RELEASE_CONFIG = {
     "resblock": "1",
     "upsample_rates": [5, 4, 4, 2, 2],
@@ -309,7 +310,8 @@ def test_missing_context_clicks(vocoder: UnitVocoder, units: list[int]) -> None:
     offline = vocoder(units).numpy()
     blind = np.concatenate(_stream(vocoder, units, 7, context_frames=0, lookahead_frames=0))
     assert np.abs(blind - offline).max() > 100 * STREAM_TOLERANCE
-    # The authors' Gradio client: vocode each 40 new units alone and concatenate (§6.2).
+    # The authors' Gradio client: vocode each 40 new units alone and concatenate
+    # (docs/authors-behaviour.md#streaming-and-vocoding).
     alone = vocoder(units[:40]).numpy()
     assert np.abs(alone[-HOP:] - offline[len(alone) - HOP : len(alone)]).max() > 100 * STREAM_TOLERANCE
 

@@ -1,6 +1,6 @@
 """Multi-modality LoRA: one PEFT adapter per speech regime, each with its own speech projector.
 
-Routing (official-lyra.md §5, issue #8 of the authors): text / image / video run on the plain LLM;
+Routing (docs/authors-behaviour.md#adapter-switch, issue #8 of the authors): text / image / video run on the plain LLM;
 speech that fits one 30 s window uses `speech`; longer speech uses `long_speech`. Unlike the
 authors' CLI, the choice is made again for every turn (their adapters stay disabled after round
 one) and the projectors are never overwritten: each adapter keeps its own module.

@@ -1,4 +1,4 @@
-"""Read a model folder in the Lyra release layout (official-lyra.md §1.4–1.5, §5).
+"""Read a model folder in the Lyra release layout (docs/release-format.md#folder-layout).
 
     config.json  generation_config.json  tokenizer files
     model.safetensors.index.json + model-0000k-of-0000n.safetensors   (or one model.safetensors)

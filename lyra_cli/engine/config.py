@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# model_type values of the three official classes; all share one layout (official-lyra.md §1.2).
+# model_type values of the three official classes; all share one layout (docs/release-format.md#model-classes).
 LYRA_MODEL_TYPES = ("Lyra_Qwen2VL", "Lyra_Qwen2VL_Extractor", "Lyra_Qwen2VL_SpeechGenerator")
 DEFAULT_MROPE_SECTION = (16, 24, 24)
 # The extractor is off in every released config: one "block" longer than the model.
@@ -86,7 +86,8 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class ExtractorConfig:
-    """Latent multi-modality extractor (official-lyra.md §3): off when `keep_rate >= 1`."""
+    """Latent multi-modality extractor (docs/authors-behaviour.md#latent-multi-modality-extractor): off when
+    `keep_rate >= 1`."""
 
     compress_gap: int = EXTRACTOR_OFF_GAP
     keep_rate: float = 1.0

@@ -1,4 +1,5 @@
-"""The latent multi-modality extractor (LMME, official-lyra.md §3): which image and speech tokens survive.
+"""The latent multi-modality extractor (LMME, docs/authors-behaviour.md#latent-multi-modality-extractor): which image
+and speech tokens survive.
 
 After every block of `compress_gap` decoder layers (never after the last layer), each multimodal (image or
 speech) token is scored by the attention the text-query tokens pay it at that block's last layer: the

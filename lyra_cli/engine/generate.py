@@ -1,7 +1,7 @@
 """Our decoding loop: prefill once, then one token at a time on the KV cache.
 
 `stream_steps` yields every generated token with the final-norm hidden state that predicted it (the
-speech generator consumes those, official-lyra.md §6.1); `TextStreamer` turns ids into text deltas
+speech generator consumes those, docs/authors-behaviour.md#speech-generator); `TextStreamer` turns ids into text deltas
 that never split a UTF-8 character.
 """
 
@@ -79,7 +79,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL-style penalty on the tokens in `seen`.
 
     Only generated tokens count: the authors generate from `inputs_embeds` with an empty `input_ids`
-    (official-lyra.md §2.5), so their penalty never sees the prompt."""
+    (docs/authors-behaviour.md#m-rope-positions), so their penalty never sees the prompt."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     scores = logits.gather(-1, seen)
@@ -172,7 +172,7 @@ def stream_steps(
     reused: `resume` is that block's state (see `prefill`), and `keep_first_block` asks the prefill to
     return this prompt's for the next one. With `feed_end`, the end token is fed too and one last
     step (token -1) carries the state it produces: the state *of* the end token, which the speech
-    generator sees in training (official-lyra.md §6.1)."""
+    generator sees in training (docs/authors-behaviour.md#speech-generator)."""
     backbone = model.model
     if cache is None:
         cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0

@@ -1,8 +1,9 @@
 """The Qwen2-VL language model (text decoder) with our own decoder loop and KV cache.
 
 Reads top to bottom: RMSNorm -> MRoPE (3-D rotary positions) -> Attention (GQA, SDPA) -> MLP ->
-DecoderLayer -> KVCache -> LyraTextModel. Module names match the checkpoint keys (official-lyra.md §1.5)
-and transformers' `Qwen2VLTextModel`, so a state dict loads into either with `strict=True`.
+DecoderLayer -> KVCache -> LyraTextModel. Module names match the checkpoint keys
+(docs/release-format.md#weight-shards-and-key-names) and transformers' `Qwen2VLTextModel`, so a state dict loads
+into either with `strict=True`.
 
 We own this loop (DESIGN.md decision 2) because the latent multi-modality extractor needs per-layer control
 of the token set and of the KV cache: each layer's cache may hold a different number of tokens.
@@ -368,7 +369,8 @@ class LyraTextModel(nn.Module):
         """inputs_embeds (B, T, H), position_ids (3, B, T) -> final-normed hidden states (B, T, H).
 
         With a cache, the T tokens come after those already cached (prefill in one go or in chunks, or
-        a decode step with T == 1); their positions are the caller's (3-D M-RoPE, official-lyra.md §2.5).
+        a decode step with T == 1); their positions are the caller's (3-D M-RoPE,
+        docs/authors-behaviour.md#m-rope-positions).
         n_out: the last layer computes only the last n_out rows, (B, n_out, H) (a prefill reads one).
         """
         x = inputs_embeds

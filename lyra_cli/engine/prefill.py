@@ -8,8 +8,8 @@ kept for every live token (T×H). At the end of a block that is followed by a dr
 the multimodal tokens with the query tokens' queries at that layer against all of its cached keys, and
 only the survivors (hidden states, original positions, kinds) enter the next block. The dropping layer's
 own cache keeps every token; deeper layers only ever see the survivors, as in the authors' code
-(official-lyra.md §3). Decoding afterwards is an ordinary `model(embeds, positions, cache)` step at the
-original-numbering position: each layer attends over its own cache length.
+(docs/authors-behaviour.md#latent-multi-modality-extractor). Decoding afterwards is an ordinary `model(embeds,
+positions, cache)` step at the original-numbering position: each layer attends over its own cache length.
 
 Shapes: T prompt tokens, T' live tokens of a block, H hidden, C chunk tokens, Q query tokens.
 """

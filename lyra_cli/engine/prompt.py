@@ -1,8 +1,9 @@
-"""Chat template, placeholder splicing and 3-D M-RoPE positions (official-lyra.md §2.3–2.5).
+"""Chat template, placeholder splicing and 3-D M-RoPE positions (docs/authors-behaviour.md#prompt-template,
+docs/authors-behaviour.md#tokenisation, docs/authors-behaviour.md#m-rope-positions).
 
 A conversation renders to a flat list of segments: text strings and media items. Text strings are
-tokenised one by one (so BPE never merges across a placeholder, §2.4), media items contribute their
-encoded tokens, and positions follow the official rule: text and speech advance one per token,
+tokenised one by one (so BPE never merges across a placeholder, docs/authors-behaviour.md#tokenisation), media items
+contribute their encoded tokens, and positions follow the official rule: text and speech advance one per token,
 an image or video occupies a (t, h, w) grid starting at the running position, and whatever follows
 starts at the grid's maximum + 1. Any number and order of images, videos and speech clips is allowed
 (the authors' code takes at most one image followed by one speech clip).

@@ -51,8 +51,9 @@ def encode_windows(
 ) -> torch.Tensor:
     """Audio windows (each ≤ 30 s of 16 kHz samples) → encoder frames (N, 1500, E), in batches of windows.
 
-    The frames are kept before projection: each adapter has its own projector (official-lyra.md §5),
-    so a conversation can re-project the same clip when the adapter changes without re-encoding.
+    The frames are kept before projection: each adapter has its own projector
+    (docs/authors-behaviour.md#adapter-switch), so a conversation can re-project the same clip when the adapter
+    changes without re-encoding.
     """
     param = next(tower.parameters())
     chunks = []

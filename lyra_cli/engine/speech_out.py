@@ -1,4 +1,4 @@
-"""Speech output: the CTC speech generator and its incremental unit stream (official-lyra.md §6.1–6.2).
+"""Speech output: the CTC speech generator and its incremental unit stream (docs/authors-behaviour.md#speech-generator).
 
     LLM final-norm hidden states (n, H)        the states that predicted each generated token
     -> input_proj                  (n, D)
@@ -33,7 +33,8 @@ from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-# Inherited unchanged from the Qwen2-VL LLM config by the authors' deepcopy (official-lyra.md §6.1).
+# Inherited unchanged from the Qwen2-VL LLM config by the authors' deepcopy
+# (docs/authors-behaviour.md#speech-generator).
 GENERATOR_RMS_EPS = 1e-6
 # `previous` label meaning "nothing came before": no real label is negative.
 NO_PREVIOUS = -1
@@ -165,7 +166,7 @@ def _generator_source(model_dir: Path) -> ckpt.WeightSource:
     """`speech_generator.*` keys: from the dedicated file first, then from the main shards if they map any.
 
     The dedicated file's keys are taken with or without the `speech_generator.` prefix (the release file's
-    naming is unverified, official-lyra.md §1.5); the file name already says what they belong to.
+    naming is unverified, docs/release-format.md#speech-generator-file); the file name already says what they belong to.
     """
     source = ckpt.WeightSource()
     dedicated = model_dir / ckpt.SPEECH_GENERATOR_FILE
@@ -220,7 +221,7 @@ TINY_CALIBRATION_STATES = 48
 
 
 def tiny_generator_config() -> dict[str, Any]:
-    """The config.json keys that declare the tiny speech generator (official-lyra.md §1.4)."""
+    """The config.json keys that declare the tiny speech generator (docs/release-format.md#config-keys)."""
     layers, dims, heads, inter = TINY_GENERATOR_SHAPE
     return {
         "speech_generator_type": "ctc",

@@ -96,7 +96,7 @@ def _whisper_config() -> dict[str, Any]:
 
 
 def tiny_config(vocab_size: int, tokenizer_ids: dict[str, int], size: TinySize = TinySize()) -> dict[str, Any]:
-    """config.json with the keys the release uses (official-lyra.md §1.4), at tiny sizes."""
+    """config.json with the keys the release uses (docs/release-format.md#config-keys), at tiny sizes."""
     return {
         "architectures": ["Lyra2SQwen2VLForCausalLM"],
         "model_type": "Lyra_Qwen2VL_SpeechGenerator",
@@ -245,7 +245,8 @@ def _write_towers(out: Path, hidden: int) -> None:
 
 
 def generation_config(ids: dict[str, int]) -> dict[str, Any]:
-    # The values the Qwen2-VL instruct release ships (official-lyra.md §8): sampling with top_k 1 = greedy.
+    # The values the Qwen2-VL instruct release ships (docs/release-format.md#generation-config):
+    # sampling with top_k 1 = greedy.
     return {
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"], "do_sample": True, "temperature": 0.1, "top_k": 1, "top_p": 0.001,

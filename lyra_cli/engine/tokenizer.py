@@ -1,8 +1,8 @@
 """The Qwen2 tokenizer: loading a checkpoint's, building a tiny one for tests, chunk encoding, stop ids.
 
-Lyra adds no tokens to Qwen2-VL's vocabulary (official-lyra.md §1.6): `<image>` and `<speech>` are
-removed by string splitting, and every text chunk between them is tokenised on its own (§2.4), so
-BPE merges never cross a placeholder. Qwen prepends no BOS.
+Lyra adds no tokens to Qwen2-VL's vocabulary (docs/release-format.md#tokenizer-and-special-ids): `<image>` and
+`<speech>` are removed by string splitting, and every text chunk between them is tokenised on its own
+(docs/authors-behaviour.md#tokenisation), so BPE merges never cross a placeholder. Qwen prepends no BOS.
 
 `build_tiny_tokenizer` trains a small byte-level BPE of the same kind (Qwen2's split regex, NFC,
 ByteLevel, no BOS) on an embedded English corpus and appends the 14 Qwen2-VL special tokens after the
@@ -233,7 +233,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def encode_chunk(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of one text chunk, no special tokens added (§2.4: each chunk is encoded on its own).
+    """Token ids of one text chunk, no special tokens added (each chunk is encoded on its own,
+    docs/authors-behaviour.md#tokenisation).
 
     Special-token strings inside the chunk (`<|im_start|>` …) still map to their single ids.
     """

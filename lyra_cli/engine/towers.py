@@ -2,7 +2,7 @@
 
 `config.json` names the towers by paths (`mm_vision_tower`, `mm_speech_tower`), and the authors' CLI
 names the vocoder `model_zoo/audio/vocoder`. The authors' code opens these relative to the *working
-directory* (official-lyra.md §1.3–1.4, §6.3); their README puts the model in `work_dirs/<name>/` and the
+directory* (docs/release-format.md#tower-folders); their README puts the model in `work_dirs/<name>/` and the
 towers in `model_zoo/` at the root. A relative path is therefore looked up, in order:
 
 1. the command-line flag (`--vision-tower`, `--speech-tower`, `--vocoder`), which replaces the path;

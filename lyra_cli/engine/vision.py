@@ -1,6 +1,7 @@
 """Images and videos → Qwen2-VL ViT patches → visual tokens, and their 3-D M-RoPE positions.
 
-The rules follow the official Lyra code (official-lyra.md §2.5–2.6):
+The rules follow the official Lyra code (docs/authors-behaviour.md#image-and-video-rules,
+docs/authors-behaviour.md#m-rope-positions):
 
 - image: max side > R → max side R (NEAREST); a side < 28 → 28 (NEAREST); aspect > 200:1 → 180:1;
   then Qwen2-VL's image processor (smart_resize to multiples of 28 within min/max pixels, CLIP
@@ -45,7 +46,7 @@ TEMPORAL_PATCH_SIZE = 2  # frames per temporal patch (an image is repeated to fi
 IMAGE_FACTOR = PATCH_SIZE * MERGE_SIZE  # 28: processed sides are multiples of this
 CHANNELS = 3
 
-# --- image rules of `preprocess_image_qwen2vl` (§2.6) ---------------------------------------------
+# --- image rules of `preprocess_image_qwen2vl` (docs/authors-behaviour.md#image-and-video-rules) ---
 CLI_MAX_SIDE = 2880
 EVAL_MAX_SIDE = 1920
 TRAIN_MAX_SIDE = 2560
@@ -69,7 +70,8 @@ MAX_VIDEO_FRAME_PIXELS = 7680 * 4320
 # EOFError from truncated frames, MemoryError from sizes a corrupt header claims).
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error, IndexError, TypeError)
 
-# --- video rules: Lyra CLI's arguments to qwen-vl-utils (§2.6) and qwen-vl-utils 0.0.8's defaults ---
+# --- video rules: Lyra CLI's arguments to qwen-vl-utils (docs/authors-behaviour.md#image-and-video-rules) and
+# qwen-vl-utils 0.0.8's defaults ---
 VIDEO_TOTAL_PIXELS = IMAGE_FACTOR * IMAGE_FACTOR * 2048 * 32  # CLI budget for all frames together
 TRAIN_VIDEO_TOTAL_PIXELS = 8192 * IMAGE_FACTOR * IMAGE_FACTOR  # training's budget
 VIDEO_MIN_PIXELS = IMAGE_FACTOR * IMAGE_FACTOR * 4  # per frame
@@ -523,7 +525,8 @@ def encode_visual(tower: nn.Module, visual: VisualInput) -> torch.Tensor:
 
 
 def image_positions(grid_thw_row: Sequence[int] | torch.Tensor, start: int) -> torch.Tensor:
-    """(3, n_tokens) int64 M-RoPE (t, h, w) positions of one visual item, offset by `start` (§2.5).
+    """(3, n_tokens) int64 M-RoPE (t, h, w) positions of one visual item, offset by `start`
+    (docs/authors-behaviour.md#m-rope-positions).
 
     After the 2×2 merge the grid is (t, h/2, w/2); tokens run t-major, then rows, then columns.
     Video frames get consecutive t indices (no temporal scaling, as the official code).

@@ -1,6 +1,6 @@
 """Unit vocoder: fairseq's CodeHiFiGAN (unit HiFi-GAN with a duration predictor) as our own torch module.
 
-The release ships it as a fairseq download (official-lyra.md §6.3), read here without fairseq:
+The release ships it as a fairseq download (docs/release-format.md#unit-vocoder), read here without fairseq:
 
     vocoder/config.json   HiFi-GAN hyper-parameters, `dur_predictor_params`, `sampling_rate` (+ training keys)
     vocoder/g_00500000    torch.save({"generator": state_dict}); every HiFi-GAN conv is weight-normed, so its
@@ -12,10 +12,10 @@ Offline, as fairseq's `CodeHiFiGANVocoder(..)({"code": units}, dur_prediction=Tr
                ─► HiFi-GAN: conv_pre, 5 × (leaky ReLU, transposed conv, mean of residual blocks), conv_post, tanh
                ─► samples (T · 320,) in [-1, 1] at 16 kHz: one frame is one 20 ms unit step
 
-Streaming (`VocoderStream`). The authors vocode each chunk of 40 new units on its own (§6.2): both the
-duration predictor and HiFi-GAN then see zero padding at every join, which changes the samples next to it
-(a click) and the durations of the units next to it. Both stages are stacks of convolutions, so every value
-depends on a bounded neighbourhood, derived from config.json:
+Streaming (`VocoderStream`). The authors vocode each chunk of 40 new units on its own
+(docs/authors-behaviour.md#streaming-and-vocoding): both the duration predictor and HiFi-GAN then see zero padding
+at every join, which changes the samples next to it (a click) and the durations of the units next to it. Both stages
+are stacks of convolutions, so every value depends on a bounded neighbourhood, derived from config.json:
 
     durations  unit i depends on units i ± `DurationPredictor.reach_units` (2: two kernel-3 convs)
     HiFi-GAN   the samples of frame f depend on frames f − `context_frames` … f + `lookahead_frames`
@@ -69,17 +69,19 @@ LRELU_SLOPE = 0.1  # HiFi-GAN's slope inside the generator
 FINAL_LRELU_SLOPE = 0.01
 EDGE_KERNEL = 7  # conv_pre and conv_post: kernel 7, "same" padding 3
 DEFAULT_MODEL_IN_DIM = 80  # fairseq's default when config.json lacks model_in_dim (HiFi-GAN's mel bins)
-DEFAULT_SAMPLE_RATE_HZ = 16_000  # every fairseq unit vocoder, and Lyra's output audio (§6.3)
+# every fairseq unit vocoder, and Lyra's output audio (docs/release-format.md#unit-vocoder)
+DEFAULT_SAMPLE_RATE_HZ = 16_000
 # fairseq's duration predictor pads its second conv by 1 whatever the kernel, so only kernel 3 keeps one
 # duration per unit.
 DURATION_KERNEL = 3
 # Residual-block kinds: how many dilations each uses (fairseq always builds "1"; HiFi-GAN also has "2").
 RESBLOCK_DILATIONS = {"1": 3, "2": 2}
 
-DEFAULT_CHUNK_UNITS = 40  # the authors' Gradio chunk (official-lyra.md §6.2), 0.8 s of 20 ms units at least
+# the authors' Gradio chunk (docs/authors-behaviour.md#streaming-and-vocoding), 0.8 s of 20 ms units at least
+DEFAULT_CHUNK_UNITS = 40
 STREAM_TOLERANCE = 1e-5  # max |stream − offline| in fp32 that the tests demand (measured ≤ 3e-6)
 
-_CONFIG_HINT = "use the config.json that came with the vocoder checkpoint (official-lyra.md §6.3)"
+_CONFIG_HINT = "use the config.json that came with the vocoder checkpoint (fairseq's unit HiFi-GAN, mHuBERT km1000)"
 _MATCH_HINT = "config.json and the g_* checkpoint must come from the same vocoder download"
 _NOT_GENERATOR_HINT = "is this a HiFi-GAN generator checkpoint (g_*)?"
 _MAX_KEYS_SHOWN = 5
@@ -536,7 +538,7 @@ def find_checkpoint(folder: Path) -> Path:
     if not found:
         raise CheckpointError(
             f"no vocoder checkpoint (`{CHECKPOINT_FILE}` or `{CHECKPOINT_GLOB}`) in `{folder}`",
-            "download the unit HiFi-GAN vocoder named in official-lyra.md §6.3 into that folder",
+            "download fairseq's mHuBERT km1000 unit HiFi-GAN vocoder (`g_00500000` + `config.json`) into that folder",
         )
     names = ", ".join(f"`{p.name}`" for p in found)
     raise CheckpointError(f"several vocoder checkpoints in `{folder}`: {names}", "keep only the one to use")

@@ -1,4 +1,4 @@
-"""Tiny benchmark folders in the authors' layout (official-lyra.md §10.1), built from ../shared/data/real.
+"""Tiny benchmark folders in the authors' layout (docs/authors-behaviour.md#evaluation), built from ../shared/data/real.
 
 Each suite gets 3–5 records: real photos with their real spoken questions, Pillow-drawn documents and
 charts, and on purpose one broken record per kind of damage (missing image, missing or unreadable audio,

@@ -1,4 +1,4 @@
-"""The paper's benchmarks (official-lyra.md §10): where each suite's files lie, how a record reads,
+"""The paper's benchmarks (docs/authors-behaviour.md#evaluation): where each suite's files lie, how a record reads,
 which prompt asks it in speech mode (S+I) and in text mode (T+I), and which metric scores it.
 
 Every suite reads the authors' layout under `data/Lyra_Eval/` as their scripts do
@@ -320,8 +320,8 @@ def image_then_question(item: EvalItem) -> list[Piece]:
 
 def textvqa_speech(item: EvalItem) -> list[Piece]:
     """TextVQA speech mode: `<image>\\n` + the record's `text`, whose `<speech>` is the spoken question
-    (official-lyra.md §2.3). Our renderer puts one newline after a speech clip followed by text, so one
-    leading newline of the text after `<speech>` is dropped here to keep the official string. Without a
+    (docs/authors-behaviour.md#prompt-template). Our renderer puts one newline after a speech clip followed by text,
+    so one leading newline of the text after `<speech>` is dropped here to keep the official string. Without a
     placeholder, the speech goes first and the text follows it [our choice: the file's text is UNVERIFIED]."""
     text = item.speech_prompt or SPEECH_PLACEHOLDER
     before, found, after = text.partition(SPEECH_PLACEHOLDER)

@@ -1,12 +1,13 @@
-"""Training data: the official record schemas (official-lyra.md §9.2) → labelled prompts (§9.3).
+"""Training data: the official record schemas (docs/authors-behaviour.md#training-data) → labelled prompts
+(docs/authors-behaviour.md#label-masking).
 
 A record is parsed and checked once (`parse_records`): every problem is counted by reason with the record's
 index and id, and the record is dropped; nothing is ever swapped for another sample. A kept record becomes
 a `TrainExample` through the *inference* prompt code (`render_user`, `build_inputs`, `encode_chunk`), so
 training and serving cannot drift apart. Only the answer is laid out differently from `render`: it is its
 own text chunk, `{answer}<|im_end|>`, followed by a masked `\\n` chunk, so label boundaries fall exactly
-on token boundaries (§9.3: the answer tokens and `<|im_end|>` are supervised, everything else is
-IGNORE_INDEX).
+on token boundaries (docs/authors-behaviour.md#label-masking: the answer tokens and `<|im_end|>` are supervised,
+everything else is IGNORE_INDEX).
 
     records, problems = parse_records(path, image_folder=root, speech_folder=root)
     example = build_example(records[0], tokenizer, encode_media)
@@ -281,8 +282,9 @@ MediaEncoder = Callable[[str, Path], Part]  # (kind: image|video|speech|long_spe
 
 
 def user_parts(text: str, visuals: Sequence[Part], speeches: Sequence[Part]) -> list[Part]:
-    """One human turn as prompt parts, the authors' way (§2.3, `preprocess_multimodal`): every `<image>`
-    goes to the front (the rest of the text stripped), then the text with each `<speech>` where it stands.
+    """One human turn as prompt parts, the authors' way (docs/authors-behaviour.md#prompt-template,
+    `preprocess_multimodal`): every `<image>` goes to the front (the rest of the text stripped), then the text with
+    each `<speech>` where it stands.
     `render_user` puts back the `\\n` between a clip and the text after it, so one is dropped here."""
     n_visual = text.count(IMAGE_PLACEHOLDER)
     parts: list[Part] = list(visuals[:n_visual])

@@ -3,7 +3,7 @@
 - stage 2/3: an adapter folder (`speech_lora/` or `long_speech_lora/`) holding a PEFT adapter
   (`adapter_config.json`, `adapter_model.safetensors` with `base_model.model.model.layers.{i}.….lora_A.weight`
   keys), `non_lora_trainables.bin` (the speech projector, keys `model.model.mm_speech_projector.*`, bf16)
-  and a `config.json` snapshot (official-lyra.md §5, §1.5);
+  and a `config.json` snapshot (docs/release-format.md#adapters);
 - stage 1: `mm_speech_projector.bin` (keys `model.mm_speech_projector.*`), the authors' stage-1 output;
 - stage 4: `speech_generator.safetensors` (keys `speech_generator.*`).
 

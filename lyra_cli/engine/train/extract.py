@@ -1,4 +1,5 @@
-"""The latent multi-modality extractor in a training forward (official-lyra.md §3, paper §3.2).
+"""The latent multi-modality extractor in a training forward
+(docs/authors-behaviour.md#latent-multi-modality-extractor, paper §3.2).
 
 `prefill.prefill` drops tokens while filling an inference KV cache; training has no cache and needs
 gradients, so this is the same rule on a plain layer-by-layer forward:

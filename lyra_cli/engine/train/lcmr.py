@@ -1,4 +1,5 @@
-"""The latent cross-modality regularizer (LCMR, official-lyra.md §4): soft-DTW of speech against transcript.
+"""The latent cross-modality regularizer (LCMR, docs/authors-behaviour.md#latent-cross-modality-regularizer):
+soft-DTW of speech against transcript.
 
 In training stage 2 the authors add `weight · loss_align` to the LM loss. For each sample with a transcript,
 the speech tokens after the projector, S (N, H), are aligned with the LLM input embeddings of the transcript

@@ -1,4 +1,4 @@
-"""The training loop: one example's loss per stage (official-lyra.md §9.1, §4, §6.1), and a single-process
+"""The training loop: one example's loss per stage (docs/authors-behaviour.md#training-stages), and a single-process
 `Trainer` with AdamW, warm-up + cosine schedule, gradient accumulation, JSONL logging and atomic,
 exactly-resumable checkpoints.
 
@@ -101,8 +101,8 @@ def _shifted_ce(model: nn.Module, hidden: Tensor, labels: Tensor, kept_index: Te
 
 
 def generator_ctc_loss(generator: nn.Module, hidden: Tensor, units: list[int]) -> Tensor:
-    """The official stage-4 CTC (§6.1): hidden (n, H) states at the supervised positions, upsampled ×25
-    (or to len(units) when longer), `ctc_loss(sum, blank, zero_infinity) / len(units)`."""
+    """The official stage-4 CTC (docs/authors-behaviour.md#speech-generator): hidden (n, H) states at the supervised
+    positions, upsampled ×25 (or to len(units) when longer), `ctc_loss(sum, blank, zero_infinity) / len(units)`."""
     n = hidden.shape[0]
     factor = generator.config.upsample_factor
     up_len = max(n * factor, len(units))
@@ -175,7 +175,8 @@ def _has_lcmr(example: TrainExample, stage: StageConfig) -> bool:
 def batch_weights(batch: list[TrainExample], stage: StageConfig) -> list[TermWeights]:
     """Per-example weights that make a micro-batch processed one example at a time give the loss of the
     padded batch the authors' trainer builds: CE averaged over all the batch's supervised targets, LCMR over
-    its examples with a transcript, CTC summed and divided by all the batch's target units (§6.1)."""
+    its examples with a transcript, CTC summed and divided by all the batch's target units
+    (docs/authors-behaviour.md#speech-generator)."""
     n_targets = sum(ce_targets(e) for e in batch)
     n_lcmr = sum(_has_lcmr(e, stage) for e in batch)
     n_units = sum(len(e.tgt_units or ()) for e in batch)

@@ -3,7 +3,7 @@
 The result is a release-layout folder without adapter folders, whose decoder weights are
 W + scaling · B·A for every LoRA target and whose `model.mm_speech_projector.*` are the adapter's own
 projector: what the authors' stage 4 starts from ("stage-2 model with speech_lora merged",
-official-lyra.md §9.1), and a model that answers speech without PEFT installed.
+docs/authors-behaviour.md#training-stages), and a model that answers speech without PEFT installed.
 
 The merge streams shard by shard (one shard in memory at a time, the LoRA deltas computed in fp32 and
 rounded once), writes into a staging folder beside `out` and renames it into place at the end: an

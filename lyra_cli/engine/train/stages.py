@@ -1,4 +1,4 @@
-"""The four training stages of Lyra (official-lyra.md §9.1) and what each one trains.
+"""The four training stages of Lyra (docs/authors-behaviour.md#training-stages) and what each one trains.
 
 A stage is a frozen `StageConfig` holding every hyper-parameter of the authors' script as its default;
 `resolve_stage` applies user overrides (from flags or a JSON/YAML file) and `prepare_for_stage` freezes
@@ -36,7 +36,7 @@ from lyra_cli.errors import InputError, MissingDependencyError, UsageError
 
 log = logging.getLogger(__name__)
 
-# Common to every script (official-lyra.md §9.1).
+# Common to every script (docs/authors-behaviour.md#training-stages).
 WARMUP_RATIO = 0.03
 WEIGHT_DECAY = 0.0
 LR_SCHEDULE = "cosine"

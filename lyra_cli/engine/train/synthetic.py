@@ -1,4 +1,4 @@
-"""A small training set in the official schema (official-lyra.md §9.2), for tests and smoke runs.
+"""A small training set in the official schema (docs/authors-behaviour.md#training-data), for tests and smoke runs.
 
 Images are drawn (a coloured shape on a plain ground, the question asks for its colour); speech comes
 from the real recordings beside the checkout (`../shared/data/real`): `jfk.flac` with its known transcript
