@@ -23,7 +23,7 @@ from lyra_cli.engine.train.loop import (
     train_step_terms,
 )
 from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage, stage_extractor
-from lyra_cli.engine.train.synthetic import write_synthetic_set
+from helpers.synthetic import write_synthetic_set
 from lyra_cli.errors import UsageError
 
 CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))
