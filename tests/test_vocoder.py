@@ -275,8 +275,10 @@ def _stream(vocoder: UnitVocoder, units: list[int], chunk_units: int, **kwargs: 
     return outputs
 
 
-@pytest.mark.parametrize("chunk_units", [1, 7, 40, N_UNITS])
+@pytest.mark.parametrize("chunk_units", [pytest.param(1, marks=pytest.mark.slow), 2, 7, 40, N_UNITS])
 def test_stream_equals_offline(vocoder: UnitVocoder, units: list[int], chunk_units: int) -> None:
+    """Chunks of 2 units stand for the smallest in the default run; `slow` adds chunks of 1 (a vocoder call
+    per unit, the extreme of the same arithmetic)."""
     offline = vocoder(units).numpy()
     outputs = _stream(vocoder, units, chunk_units)
     streamed = np.concatenate(outputs)
