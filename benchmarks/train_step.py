@@ -52,7 +52,7 @@ from lyra_cli.engine.train.data import (
 )
 from lyra_cli.engine.train.loop import Trainer
 from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage
-from lyra_cli.engine.train.synthetic import JFK_TRANSCRIPT, QUESTION_CLIPS
+from tests.helpers.synthetic import JFK_TRANSCRIPT, QUESTION_CLIPS  # test data, not shipped: run from the repo root
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO.parent / "shared" / "data" / "real"

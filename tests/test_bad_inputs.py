@@ -366,7 +366,7 @@ def test_the_table_is_large_and_spans_every_command() -> None:
 
 @pytest.fixture(scope="module")
 def synth(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lyra_cli.engine.train.synthetic import write_synthetic_set
+    from helpers.synthetic import write_synthetic_set
 
     folder = tmp_path_factory.mktemp("synth")
     write_synthetic_set(folder, real, n_records=2, seed=1)

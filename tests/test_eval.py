@@ -355,9 +355,15 @@ def test_eval_help_imports_no_torch() -> None:
     assert "textvqa-s" in result.stdout and "--score-only" in result.stdout and "TORCH False 0" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_real_kill_then_resume_equals_one_uninterrupted_run(data: Path, tmp_path: Path, tiny_dir: Path,  # noqa: ARG001
                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    """SIGKILL the process as soon as its first prediction is on disk, then resume in a new run."""
+    """SIGKILL the process as soon as its first prediction is on disk, then resume in a new run.
+
+    Slow (long answers in a separate process): the default run keeps the in-process stop after two items
+    (`test_kill_and_resume_equals_one_uninterrupted_run`) and the line torn by a kill
+    (`test_a_line_torn_by_a_kill_is_cut_off_and_redone`); this one adds a real SIGKILL at an arbitrary moment.
+    """
     import os
     import signal
     import subprocess

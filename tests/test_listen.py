@@ -50,7 +50,7 @@ def test_input_file_turns_are_answered_and_replies_written(two_turns: Path, tiny
 
 def test_barge_in_abandons_the_answer(tiny_dir: Path, real: Path, tmp_path: Path) -> None:
     """Speaking while Lyra answers: playback stops, the answer is dropped, nothing is written."""
-    from lyra_cli.audio.playback import MemorySink
+    from helpers.sinks import MemorySink
     from lyra_cli.commands.listen import Listener, TurnJob
     from lyra_cli.commands.speech_io import SpeechOutputs
     from lyra_cli.engine.generate import SamplingConfig

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers.signals import sigint_default
+from helpers.sinks import MemorySink
 from helpers.virtual_audio import needs_portaudio
 from helpers.virtual_audio import virtual_mic_env as _virtual_mic_env
 import pytest
@@ -33,7 +34,7 @@ import soundfile
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 from lyra_cli.audio.mic import TRAILING_SILENCE_S, FileSource
-from lyra_cli.audio.playback import MemorySink, float_to_pcm16
+from lyra_cli.audio.playback import float_to_pcm16
 from lyra_cli.audio.vad import (
     FRAME_S,
     FRAME_SAMPLES,

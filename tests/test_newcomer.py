@@ -26,7 +26,7 @@ from lyra_cli.engine.pipeline import Engine, read_media
 from lyra_cli.engine.prompt import Conversation, TextPart
 from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.engine.train.loop import trim_log
-from lyra_cli.engine.train.synthetic import write_synthetic_set
+from helpers.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 ONE_HOUR_S = 3600

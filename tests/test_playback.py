@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from helpers.sinks import MemorySink, NullSink
 from helpers.virtual_audio import needs_portaudio, portaudio_missing
 
 from lyra_cli.audio import playback
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 from lyra_cli.audio.playback import (
     DeviceInfo,
-    MemorySink,
-    NullSink,
     PlaybackBuffer,
     WavWriter,
     float_to_pcm16,

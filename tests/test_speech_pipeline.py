@@ -36,8 +36,10 @@ def _speak(engine: Engine, voice, n_tokens: int = 60):  # noqa: ANN001
     return events[-1], audio, events
 
 
-@pytest.mark.parametrize("chunk_units", [1, 7, 40])
+@pytest.mark.parametrize("chunk_units", [pytest.param(1, marks=pytest.mark.slow), 7, 40])
 def test_streamed_answer_equals_vocoding_at_the_end(engine: Engine, chunk_units: int) -> None:
+    """Chunks of 7 units stand for small chunks in the default run; `slow` adds chunks of 1 (a vocoder call
+    per unit, the extreme of the same arithmetic; tests/test_vocoder.py keeps chunks of 1 by default)."""
     voice = load_voice(engine.loaded, None, VoiceConfig(chunk_units=chunk_units))
     done, audio, events = _speak(engine, voice)
     assert isinstance(done, Done) and len(done.units) > 40

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lyra_cli.engine.train.synthetic import write_synthetic_set
+from helpers.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 

@@ -27,7 +27,7 @@ from lyra_cli.engine.train.data import (
     parse_units,
     user_parts,
 )
-from lyra_cli.engine.train.synthetic import write_synthetic_set
+from helpers.synthetic import write_synthetic_set
 from lyra_cli.errors import InputError
 
 HIDDEN = 4

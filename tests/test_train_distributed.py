@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lyra_cli.engine.train.synthetic import write_synthetic_set
+from helpers.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 REPO = Path(__file__).resolve().parents[1]

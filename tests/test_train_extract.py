@@ -18,7 +18,7 @@ from lyra_cli.engine.prompt import TokenKind
 from lyra_cli.engine.train.data import IGNORE_INDEX
 from lyra_cli.engine.train.extract import forward_extracting
 from lyra_cli.engine.train.loop import _shifted_ce
-from lyra_cli.engine.train.synthetic import write_synthetic_set
+from helpers.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 CONFIG = TextModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,

@@ -212,16 +212,6 @@ class MicSource:
                 block = resampler.resample_chunk(block)
             yield from framer.push(block)
 
-    def discard_pending(self) -> None:
-        """Drop audio captured but not yet read (e.g. while our own answer played, echo included)."""
-        while True:
-            try:
-                if self._queue.get_nowait() is None:
-                    self._queue.put_nowait(None)  # keep the end marker for the iterator
-                    return
-            except queue.Empty:
-                return
-
     def close(self) -> None:
         """Stop capturing now (buffered input is dropped) and end iteration. Idempotent, safe from any thread."""
         if self._closed:

@@ -74,22 +74,6 @@ class AudioSink(Protocol):
         ...
 
 
-class NullSink:
-    """`--speak` off: audio goes nowhere, nothing is ever playing."""
-
-    playing = False
-    played_s = 0.0
-
-    def write(self, samples: np.ndarray) -> None:
-        """Discard the samples: nothing is listening."""
-
-    def stop(self) -> None:
-        """Nothing plays, so nothing to stop."""
-
-    def close(self, wait: bool = True) -> None:
-        """Nothing to release."""
-
-
 class PlaybackBuffer:
     """The thread-safe FIFO between the producer (`write`) and a device (`fill`, from its callback).
 
@@ -160,53 +144,6 @@ class PlaybackBuffer:
     def wait_drained(self, timeout_s: float | None = None) -> bool:
         """Block until the queue is empty (True) or `timeout_s` passed (False)."""
         return self._drained.wait(timeout_s)
-
-
-class MemorySink:
-    """A sink whose "device" is the caller: `pull(n)` plays n samples, `audio` is everything played.
-
-    For tests and tools: the same queue as `SpeakerSink`, so `stop` drops exactly what a speaker would not
-    have played. `close(wait=True)` plays out what is left, as a speaker does.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = PlaybackBuffer()
-        self._played: list[np.ndarray] = []
-        self.closed = False
-
-    @property
-    def playing(self) -> bool:
-        return self._buffer.playing
-
-    @property
-    def played_s(self) -> float:
-        return self._buffer.played_s
-
-    @property
-    def audio(self) -> np.ndarray:
-        """Everything played so far, (n_samples,) float32 (silence from underflow not included)."""
-        return np.concatenate(self._played) if self._played else np.zeros(0, np.float32)
-
-    def write(self, samples: np.ndarray) -> None:
-        if self.closed:
-            raise RuntimeError("write to a closed MemorySink")
-        self._buffer.write(samples)
-
-    def pull(self, n_samples: int) -> np.ndarray:
-        """What a device asking for `n_samples` gets: queued audio, then zeros."""
-        out = np.empty(n_samples, np.float32)
-        n = self._buffer.fill(out)
-        self._played.append(out[:n].copy())
-        return out
-
-    def stop(self) -> None:
-        self._buffer.stop()
-
-    def close(self, wait: bool = True) -> None:
-        if wait and not self.closed:
-            self.pull(round(self._buffer.queued_s * SAMPLE_RATE_HZ))
-        self._buffer.stop()
-        self.closed = True
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from lyra_cli.engine.vision import IMAGE_MEAN, IMAGE_STD, MIN_PIXELS
 from lyra_cli.fileio import CACHE_DIR_ENV, cache_root
 from lyra_cli.outputs import check_cache_dir
 
-TINY_NAME = "tiny"
 # Bump when the tiny layout changes, so cached copies are rebuilt.
 TINY_FORMAT_VERSION = 4
 DEFAULT_SEED = 0

@@ -16,8 +16,9 @@ import argparse
 import sys
 
 from lyra_cli.audio.mic import AudioSource, FileSource, MicSource
-from lyra_cli.audio.playback import AudioSink, NullSink, SpeakerSink, WavWriter
+from lyra_cli.audio.playback import AudioSink, SpeakerSink, WavWriter
 from lyra_cli.audio.vad import TurnDetector, TurnEnded
+from sinks import NullSink  # run as a script: this folder is sys.path[0]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report for a command stopped by Ctrl-C
 

@@ -1,4 +1,4 @@
-"""A small training set in the official schema (docs/authors-behaviour.md#training-data), for tests and smoke runs.
+"""A small training set in the official schema (docs/authors-behaviour.md#training-data), for tests (and benchmarks/train_step.py).
 
 Images are drawn (a coloured shape on a plain ground, the question asks for its colour); speech comes
 from the real recordings beside the checkout (`../shared/data/real`): `jfk.flac` with its known transcript
@@ -31,7 +31,6 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
 SHAPES = ("square", "circle", "triangle")
 IMAGE_SIZE = (112, 112)
 LONG_SPEECH_SECONDS = WINDOW_SECONDS + 3  # just past one window: the long-speech adapter's case
-N_BAD = 6
 DATA_FILE = "train.json"
 
 
