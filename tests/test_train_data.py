@@ -184,3 +184,15 @@ def test_dataset_order_is_seeded_and_resumable(synthetic: Path) -> None:
     other = [r.id for _, r in TrainDataset(records, make, seed=2).iter_from(0, stop=30)]
     assert again == first[17:] and other != first
     assert sorted(first[:12]) == sorted(r.id for r in records) and first[:12] != first[12:24]
+
+
+def test_training_images_are_capped_at_the_authors_training_side(tmp_path: Path) -> None:
+    """Training caps an image's long side at 2560 (requests at 2880, eval at 1920), as the authors' loader."""
+    from PIL import Image
+
+    from lyra_cli.engine.train.data import read_training_media
+    from lyra_cli.engine.vision import TRAIN_MAX_SIDE
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 300), "white").save(path)
+    assert read_training_media("image", path).image.size == (TRAIN_MAX_SIDE, 256)

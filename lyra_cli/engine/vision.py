@@ -49,6 +49,7 @@ CHANNELS = 3
 # --- image rules of `preprocess_image_qwen2vl` (docs/authors-behaviour.md#image-and-video-rules) ---
 CLI_MAX_SIDE = 2880
 EVAL_MAX_SIDE = 1920
+TRAIN_MAX_SIDE = 2560  # the authors' training loader caps images here (CLI 2880, eval 1920)
 MIN_SIDE = IMAGE_FACTOR  # sides below one merged patch are upscaled to it
 MAX_ASPECT = 200  # smart_resize refuses longer/shorter ratios …
 CLAMPED_ASPECT = 180  # … so Lyra squeezes such images to 180:1 first

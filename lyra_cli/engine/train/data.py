@@ -416,12 +416,22 @@ def _memo(fn: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
 def engine_media_encoder(engine: Any) -> MediaEncoder:
     """Encode training media exactly as `Engine.encode` does for a request (`long_speech` is a speech file
     split into 30 s windows; a `speech` longer than 30 s is windowed too, where the authors truncate it)."""
-    from lyra_cli.engine.pipeline import read_media
 
     def encode(kind: str, path: Path) -> Part:
-        return engine.encode(read_media("speech" if kind == "long_speech" else kind, path))
+        return engine.encode(read_training_media(kind, path))
 
     return encode
+
+
+def read_training_media(kind: str, path: Path) -> Any:
+    """Decode one record's file as the authors' training loader does: images capped at `TRAIN_MAX_SIDE`
+    (requests use the CLI's 2880), `long_speech` read as speech (windowed by the encoder)."""
+    from lyra_cli.engine.pipeline import DecodedImage, read_media
+    from lyra_cli.engine.vision import TRAIN_MAX_SIDE, load_image
+
+    if kind == "image":
+        return DecodedImage(load_image(path, max_side=TRAIN_MAX_SIDE), str(path))
+    return read_media("speech" if kind == "long_speech" else kind, path)
 
 
 # -- iteration ----------------------------------------------------------------------------------
