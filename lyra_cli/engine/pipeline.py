@@ -6,6 +6,7 @@
     parts = [engine.encode(m) for m in media] + [TextPart("...")]
     for event in engine.respond(conv, parts, sampling):
         ...   # TextDelta ... Done
+    done = engine.generate(conv, parts)        # the same turn, only its `Done` (or see each event: on_event)
 
 `respond` appends the turn (with its answer) to the conversation, so the next call continues it.
 Each turn re-renders the whole conversation: media are encoded once and kept, but the adapter is
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class Engine:
         self.model = loaded.model
         self.reuse_prefix = reuse_prefix
         self._prefix: PrefixCache | None = None
+        self.voice: Voice | None = None  # `generate` speaks with it unless told otherwise (`lyra_cli.engine.load`)
 
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime, overrides: TowerOverrides | None = None) -> "Engine":
@@ -226,6 +228,32 @@ class Engine:
         finally:
             if turn.answer is None:  # interrupted: the turn never happened
                 conversation.turns.remove(turn)
+
+    def generate(
+        self,
+        conversation: Conversation,
+        parts: Sequence[Part],
+        sampling: SamplingConfig | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        **options: object,
+    ) -> Done:
+        """`respond` run to its end: the turn's `Done`, every event before it handed to `on_event` as it comes.
+
+        `sampling` None: the model's generation_config; `voice` defaults to `self.voice`; other `options`
+        are `respond`'s. An exception (from the engine or `on_event`) closes the turn at once, so an
+        unfinished turn leaves the conversation then, not at garbage collection."""
+        options.setdefault("voice", self.voice)
+        events = self.respond(conversation, parts, sampling or self.loaded.sampling_defaults, **options)  # type: ignore[arg-type]
+        try:
+            for event in events:
+                if isinstance(event, Done):
+                    return event
+                if on_event is not None:
+                    on_event(event)
+        finally:
+            events.close()
+        raise AssertionError("respond ended without Done")  # respond always ends with Done
 
     def _answer(
         self,
