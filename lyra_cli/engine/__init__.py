@@ -80,11 +80,11 @@ def load(
     from lyra_cli.engine.towers import TowerOverrides
     from lyra_cli.engine.voice import VoiceConfig, load_voice
 
-    model_dir = resolve_model(model)
+    runtime = resolve_runtime(RuntimeRequest(device, dtype, quantization, device_map, max_memory))
     vision_tower, speech_tower, vocoder = (Path(p) if p is not None else None for p in (vision_tower, speech_tower, vocoder))
     overrides = TowerOverrides(vision=vision_tower, speech=speech_tower, vocoder=vocoder)
     overrides.check()
-    runtime = resolve_runtime(RuntimeRequest(device, dtype, quantization, device_map, max_memory))
+    model_dir = resolve_model(model)  # settings first: `tiny` may take a while to build the first time
     engine = Engine.load(model_dir, runtime, overrides)
     if voice:
         config = voice if isinstance(voice, VoiceConfig) else VoiceConfig()

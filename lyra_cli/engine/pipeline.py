@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +154,12 @@ class Engine:
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime, overrides: TowerOverrides | None = None) -> "Engine":
         return cls(load_model(model_dir, runtime, overrides))
+
+    def sampling(self, **overrides: object) -> SamplingConfig:
+        """The model's generation_config defaults with `overrides` on top (None keeps a default), validated."""
+        config = replace(self.loaded.sampling_defaults, **{k: v for k, v in overrides.items() if v is not None})
+        config.validate()
+        return config
 
     # -- media --------------------------------------------------------------------------------
 
