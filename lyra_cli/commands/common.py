@@ -72,13 +72,11 @@ OfficialAudioOption = typer.Option(
 )  # fmt: skip
 
 
-# Engine settings whose flag is not `--` + the name with dashes.
-FLAG_OF_SETTING = {"quantization": "--load-8bit/--load-4bit", "model": "--model"}
-
-
 def flag_for(setting: str) -> str:
-    """The command-line flag of an engine setting named in an error (`device` → `--device`)."""
-    return FLAG_OF_SETTING.get(setting, "--" + setting.replace("_", "-"))
+    """The command-line flag of an engine setting named in an error: `max_memory` → `--max-memory`.
+
+    Every setting the engine names (errors.setting) has the flag of its name, dashed."""
+    return "--" + setting.replace("_", "-")
 
 
 def announce_front_end(front_end: "AudioFrontEnd", quiet: bool) -> None:
