@@ -20,7 +20,8 @@ _SETTING = re.compile(f"{_OPEN}([a-z_]+){_CLOSE}")
 
 
 def setting(name: str) -> str:
-    """`name` (a keyword of `lyra_cli.engine.load` or a config field) as it appears in an error message."""
+    """`name` (what the caller sets: a keyword of `lyra_cli.engine.load`, a sampling field, an input kind such
+    as `speech`) as an error message names it; the command line shows its flag."""
     return f"{_OPEN}{name}{_CLOSE}"
 
 

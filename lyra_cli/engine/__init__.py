@@ -81,7 +81,7 @@ def load(
     from lyra_cli.engine.voice import VoiceConfig, load_voice
 
     runtime = resolve_runtime(RuntimeRequest(device, dtype, quantization, device_map, max_memory))
-    vision_tower, speech_tower, vocoder = (Path(p) if p is not None else None for p in (vision_tower, speech_tower, vocoder))
+    vision_tower, speech_tower, vocoder = (_path(p) for p in (vision_tower, speech_tower, vocoder))
     overrides = TowerOverrides(vision=vision_tower, speech=speech_tower, vocoder=vocoder)
     overrides.check()
     model_dir = resolve_model(model)  # settings first: `tiny` may take a while to build the first time
@@ -90,3 +90,7 @@ def load(
         config = voice if isinstance(voice, VoiceConfig) else VoiceConfig()
         engine.voice = load_voice(engine.loaded, vocoder, config)
     return engine
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return Path(value) if value is not None else None

@@ -44,7 +44,7 @@ from lyra_cli.engine.speech import encode_windows, project_frames
 from lyra_cli.engine.tokenizer import encode_chunk
 from lyra_cli.engine.vision import encode_visual, load_image, load_video_frames
 from lyra_cli.engine.voice import Voice
-from lyra_cli.errors import InputError
+from lyra_cli.errors import InputError, setting
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class Engine:
     def _vision(self):  # noqa: ANN202
         tower = self.model.model.vision_tower
         if tower is None or self.loaded.visual is None:
-            raise InputError("this model has no vision tower", "drop --image/--video for this model")
+            raise InputError("this model has no vision tower",
+                             f"drop {setting('image')}/{setting('video')} for this model")  # fmt: skip
         return tower.vision_tower, self.loaded.visual
 
     def encode(self, media: Media) -> Part:
@@ -174,7 +175,7 @@ class Engine:
         if isinstance(media, DecodedSpeech):
             tower = self.model.model.speech_tower
             if tower is None:
-                raise InputError("this model has no speech tower", "drop --speech for this model")
+                raise InputError("this model has no speech tower", f"drop {setting('speech')} for this model")
             frames = encode_windows(tower.speech_tower, split_windows(media.wav))
             return SpeechPart(frames.shape[0], media.duration_s, media.source, frames=frames)
         tower, processor = self._vision()
@@ -223,7 +224,8 @@ class Engine:
         block during prefill; `chunk_tokens` bounds prefill activations for long prompts.
         `on_prefill_progress(done, total)` follows the prefill chunk by chunk, in token-layers."""
         if not parts:
-            raise InputError("nothing to answer: the turn has no text, image, video or speech", "give --text or media")
+            raise InputError("nothing to answer: the turn has no text, image, video or speech",
+                             f"give {setting('text')} or media")  # fmt: skip
         turn = Turn(list(parts))
         conversation.turns.append(turn)
         try:

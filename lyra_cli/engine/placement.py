@@ -112,7 +112,8 @@ def auto_budgets(max_memory: dict[str, int] | None) -> list[tuple[torch.device, 
         visible = torch.cuda.device_count()
         for name in gpus:
             if int(name.split(":")[1]) >= visible:
-                raise RuntimeSetupError(f"{MAX_MEMORY} names {name}, but {visible} GPU(s) are visible", "name 0…n-1 or cpu")
+                raise RuntimeSetupError(f"{MAX_MEMORY} names {name}, but {visible} GPU(s) are visible",
+                                        "name 0…n-1 or cpu")  # fmt: skip
         names = gpus + (["cpu"] if "cpu" in max_memory else [])
         return [(torch.device(name), max_memory[name]) for name in names]
     budgets = []

@@ -25,7 +25,7 @@ QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 DEVICE_MAPS: tuple[str, ...] = ("none", "auto")
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Settings named in errors (the command line shows them as flags: `--device`).
-DEVICE, DEVICE_MAP = setting("device"), setting("device_map")
+DEVICE, DEVICE_MAP, MAX_MEMORY = setting("device"), setting("device_map"), setting("max_memory")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class RuntimeRequest:
                              f"use {DEVICE} auto or cuda, or drop {DEVICE_MAP}")  # fmt: skip
         if self.max_memory is not None:
             if self.device_map != "auto":
-                raise UsageError(f"{setting('max_memory')} only applies with {DEVICE_MAP} auto", f"add {DEVICE_MAP} auto")
+                raise UsageError(f"{MAX_MEMORY} only applies with {DEVICE_MAP} auto", f"add {DEVICE_MAP} auto")
             from lyra_cli.engine.placement import parse_max_memory
 
             parse_max_memory(self.max_memory)
@@ -99,7 +99,8 @@ def _resolve_device(name: str) -> tuple[torch.device, str]:
             return torch.device("mps"), "mps: Apple GPU available, no CUDA"
         return torch.device("cpu"), "cpu: no CUDA or MPS device found"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeSetupError(f"`{DEVICE} cuda` was asked for but no CUDA GPU is visible", f"use {DEVICE} cpu or auto")
+        raise RuntimeSetupError(f"`{DEVICE} cuda` was asked for but no CUDA GPU is visible",
+                                f"use {DEVICE} cpu or auto")  # fmt: skip
     if name == "mps" and not _mps_available():
         raise RuntimeSetupError(f"`{DEVICE} mps` was asked for but MPS is not available", f"use {DEVICE} cpu or auto")
     return torch.device(name), f"{name}: requested"
