@@ -252,7 +252,8 @@ class Engine:
         are `respond`'s. An exception (from the engine or `on_event`) closes the turn at once, so an
         unfinished turn leaves the conversation then, not at garbage collection."""
         options.setdefault("voice", self.voice)
-        events = self.respond(conversation, parts, sampling or self.loaded.sampling_defaults, **options)  # type: ignore[arg-type]
+        sampling = self.loaded.sampling_defaults if sampling is None else sampling
+        events = self.respond(conversation, parts, sampling, **options)  # type: ignore[arg-type]
         try:
             for event in events:
                 if isinstance(event, Done):
