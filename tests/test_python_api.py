@@ -114,3 +114,12 @@ def test_missing_cuda_is_a_setting_error_without_flags(monkeypatch: pytest.Monke
     assert no_gpu.value.setting == "device" and no_gpu.value.hint == "use device cpu or auto"
     assert no_gpu.value.render(flag_for) == ("`--device cuda` was asked for but no CUDA GPU is visible",
                                              "use --device cpu or auto")  # fmt: skip
+
+
+def test_an_empty_turn_names_the_text_input(engine: api.Engine) -> None:
+    from lyra_cli.errors import InputError
+
+    with pytest.raises(InputError) as empty:
+        engine.generate(api.Conversation(), [])
+    assert empty.value.setting == "text" and empty.value.hint == "give text or media"
+    assert empty.value.render(flag_for)[1] == "give --text or media"
