@@ -62,7 +62,7 @@ def _peak_rss_mb() -> float:
 def run_one(recording: Path, extract: str | None, model: str = "tiny", device: str = "cpu") -> dict:
     """In a fresh process: load, first question (cold cache), second question (warm)."""
     from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
-    from lyra_cli.commands.common import model_dir_for
+    from lyra_cli.engine.models import resolve_model
     from lyra_cli.engine.extractor import parse_extract
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder, prompt_tokens
@@ -70,7 +70,7 @@ def run_one(recording: Path, extract: str | None, model: str = "tiny", device: s
     from lyra_cli.engine.prompt import Conversation, TextPart
     from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 
-    engine = Engine.load(model_dir_for(model), resolve_runtime(RuntimeRequest(device=device)))
+    engine = Engine.load(resolve_model(model), resolve_runtime(RuntimeRequest(device=device)))
     max_positions = engine.loaded.config.text.max_position_embeddings
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
     encoder = RecordingEncoder(engine, LongSpeechSettings(), SpeechTokenCache(default_cache_dir()))

@@ -86,9 +86,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speech_latency.json")
     args = parser.parse_args()
 
-    from lyra_cli.commands.common import model_dir_for
+    from lyra_cli.engine.models import resolve_model
 
-    engine = Engine.load(model_dir_for(args.model), resolve_runtime(RuntimeRequest(device=args.device, dtype=args.dtype)))
+    engine = Engine.load(resolve_model(args.model), resolve_runtime(RuntimeRequest(device=args.device, dtype=args.dtype)))
     engine.loaded.end_ids = set()  # exact answer lengths
     voice = load_voice(engine.loaded, None, VoiceConfig(chunk_units=args.chunk_units))
     streamed(engine, voice, 10)  # warm-up of the decoding path

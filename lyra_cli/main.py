@@ -117,7 +117,8 @@ def run(argv: list[str] | None = None) -> int:
             raise
         from lyra_cli.console import error
 
-        error(exc.message, exc.hint or f"see `{_command_path(args)} --help`")
+        message, hint = exc.render(common.flag_for)  # the engine names settings, the user typed flags
+        error(message, hint or f"see `{_command_path(args)} --help`")
         return exc.exit_code
     except EXITS as exc:
         code = exc.exit_code  # type: ignore[attr-defined]

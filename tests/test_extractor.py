@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lyra_cli.commands.common import flag_for
 from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
 from lyra_cli.engine.extractor import (
     MIN_KEEP_TOKENS,
@@ -109,7 +110,8 @@ def test_an_extract_that_can_drop_nothing_is_refused(spec: str) -> None:
     """One block never drops (no drop after the last layer), and a ratio of 1 keeps every token."""
     with pytest.raises(UsageError, match="drops nothing") as error:
         parse_extract(spec, num_layers=28)
-    assert "leave --extract out" in (error.value.hint or "")
+    assert error.value.setting == "extract" and "leave extract out" in (error.value.hint or "")  # a library's words
+    assert "leave --extract out" in (error.value.render(flag_for)[1] or "")  # the command line's
 
 
 @pytest.mark.parametrize("layers, spec", [(28, "4x0.7"), (4, "4x0.7"), (3, "3x0.7"), (2, "2x0.7"), (1, None)])

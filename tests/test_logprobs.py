@@ -157,8 +157,9 @@ def test_logprobs_range(value: int | None, ok: bool) -> None:
     if ok:
         config.validate()
     else:
-        with pytest.raises(UsageError, match="--logprobs"):
+        with pytest.raises(UsageError, match="bad logprobs value") as error:
             config.validate()
+        assert error.value.setting == "logprobs"  # `lyra` shows it as --logprobs (test_bad_logprobs_is_a_usage_error_before_any_model)
 
 
 # ---------------------------------------------------------------------------------------------------

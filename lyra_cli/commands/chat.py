@@ -19,6 +19,7 @@ import typer
 
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.commands import common, speech_io
+from lyra_cli.engine.models import resolve_model
 from lyra_cli.errors import UsageError
 from lyra_cli.inputs import require_input_file
 
@@ -120,7 +121,7 @@ def chat(
     front_end = AudioFrontEnd.choose(official_audio)
     decoded = [(item, read_media(item.kind, item.value, front_end)) if item.kind != "text" else (item, None)
                for item in items]  # fmt: skip
-    model_dir = common.model_dir_for(model)
+    model_dir = resolve_model(model)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     extractor = common.extractor_for(extract, model_dir)
     outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out, overwrite=overwrite)  # checks the device
@@ -141,9 +142,9 @@ def chat(
 
 
 def _conversation(system: str | None) -> "Conversation":
-    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
+    from lyra_cli.engine.prompt import Conversation
 
-    return Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT)
+    return Conversation() if system is None else Conversation(system=system)
 
 
 def _load(model: str, model_dir: Path, request, quiet: bool,  # noqa: ANN001
@@ -185,27 +186,25 @@ class TurnSettings:
 def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig",
             turn: TurnSettings) -> "Done":  # fmt: skip
     from lyra_cli.console import info, logprob_table, write_answer
-    from lyra_cli.engine.events import AudioChunk, Done, TextDelta
+    from lyra_cli.engine.events import AudioChunk, TextDelta
 
-    done = None
     outputs = turn.outputs if turn.voice is not None else None
     if outputs is not None:
         outputs.begin_turn()
-    events = engine.respond(conversation, parts, sampling, extractor=turn.extractor, voice=turn.voice)
-    try:
-        for event in events:
-            if isinstance(event, TextDelta) and not turn.json_out:
-                write_answer(event.text)
-            elif isinstance(event, AudioChunk) and outputs is not None:
-                outputs.write(event.samples)
-            elif isinstance(event, Done):
-                done = event
+
+    def render(event: object) -> None:
+        if isinstance(event, TextDelta) and not turn.json_out:
+            write_answer(event.text)
+        elif isinstance(event, AudioChunk) and outputs is not None:
+            outputs.write(event.samples)
+
+    try:  # an interrupted turn leaves the conversation at once (generate closes it)
+        done = engine.generate(conversation, parts, sampling, on_event=render, extractor=turn.extractor,
+                               voice=turn.voice)  # fmt: skip
     except BaseException:
-        events.close()  # now, not at garbage collection: the unfinished turn leaves the conversation
         if outputs is not None:
             outputs.abort_turn()  # nothing half-written
         raise
-    assert done is not None  # respond always ends with Done
     if _extractor_on(turn.extractor) and done.kept_tokens == done.prompt_tokens and not turn.quiet:
         info(common.NOTHING_DROPPED)
     if outputs is not None:
@@ -303,7 +302,7 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
                 parts, queued = [*queued, TextPart(line)], []
                 _answer(engine, conversation, parts, sampling, turn)
         except LyraError as exc:  # a bad file or command ends the line, not the session
-            error(exc.message, exc.hint)
+            error(*exc.render(common.flag_for))
         except KeyboardInterrupt:  # stops this answer; the turn is not in the history (respond drops it)
             now = time.monotonic()
             if stopped_at is not None and now - stopped_at < DOUBLE_INTERRUPT_S:

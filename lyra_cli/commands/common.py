@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from lyra_cli.errors import CheckpointError, UsageError
+from lyra_cli.engine.models import TINY  # light: no torch
+from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from lyra_cli.audio.frontend import AudioFrontEnd
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from lyra_cli.engine.runtime import RuntimeRequest
     from lyra_cli.engine.towers import TowerOverrides
 
-TINY = "tiny"
 # Said when --extract (or the config's extractor) had nothing to drop in a prompt: the authors keep ≥ 32 tokens.
 NOTHING_DROPPED = ("the extractor dropped nothing: this prompt has too few image/speech tokens "
                    "(it always keeps at least 32)")  # fmt: skip
@@ -72,28 +72,19 @@ OfficialAudioOption = typer.Option(
 )  # fmt: skip
 
 
+def flag_for(setting: str) -> str:
+    """The command-line flag of an engine setting named in an error: `max_memory` → `--max-memory`.
+
+    Every setting the engine names (errors.setting) has the flag of its name, dashed."""
+    return "--" + setting.replace("_", "-")
+
+
 def announce_front_end(front_end: "AudioFrontEnd", quiet: bool) -> None:
     """Say in the header when the authors' front end is on: the tokens differ from a default run's."""
     from lyra_cli.console import info
 
     if front_end.is_official and not quiet:
         info(f"audio front end: {front_end.describe()}")
-
-
-def model_dir_for(spec: str) -> Path:
-    """`tiny` → the cached tiny checkpoint (built on first use); a path → that folder, checked."""
-    if spec == TINY:
-        from lyra_cli.engine.tiny import tiny_model_dir
-
-        return tiny_model_dir()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"model folder `{spec}` does not exist", "give a Lyra release folder, or --model tiny")
-    if not path.is_dir():
-        raise CheckpointError(f"`{spec}` is a file, not a model folder", "give the folder holding config.json")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"`{spec}` has no config.json", "give the folder of a Lyra release (e.g. Lyra_Base_9B)")
-    return path
 
 
 def tower_overrides(vision: Path | None, speech: Path | None, vocoder: Path | None = None) -> "TowerOverrides":

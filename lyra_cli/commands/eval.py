@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.commands import common
+from lyra_cli.engine.models import resolve_model
 from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES, TEXT_MODE
 from lyra_cli.errors import UsageError
 from lyra_cli.fileio import write_atomically
@@ -262,7 +263,7 @@ def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
 
     request = common.runtime_request(req.device, req.dtype, req.load_8bit, req.load_4bit, req.device_map, req.max_memory)
     common.check_sampling_flags(req.sampling_flags)
-    model_dir = common.model_dir_for(req.model)
+    model_dir = resolve_model(req.model)
     extractor = common.extractor_for(req.extract, model_dir)
     sampling = eval_sampling(model_dir, suite.max_new_tokens, req.sampling_flags)
     return model_dir, resolve_runtime(request), extractor, sampling
@@ -567,7 +568,7 @@ def needle(
     fact = load_audio(needle_file)
     require_speech(fact, needle_file)
     _check_needle_fits(spec, fact)
-    model_dir = common.model_dir_for(model)
+    model_dir = resolve_model(model)
     towers = common.tower_overrides(vision_tower, speech_tower)
     extractor = common.extractor_for(extract, model_dir)
     _check_positions(model_dir, spec, extractor)

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from lyra_cli.commands import common
+from lyra_cli.engine.models import resolve_model
 from lyra_cli.errors import UsageError
 
 INFO_DEVICES = ("auto", "cuda", "cpu", "mps")
@@ -42,7 +43,7 @@ def info(
         raise UsageError(f"two model folders given: `{folder}` and --model `{model}`", "give one of them")
     compute = _compute_dtype(device, dtype)
     model_spec = folder if folder is not None else model
-    described = describe(common.model_dir_for(model_spec), common.tower_overrides(vision_tower, speech_tower, vocoder),
+    described = describe(resolve_model(model_spec), common.tower_overrides(vision_tower, speech_tower, vocoder),
                          device, compute)  # fmt: skip
     write_answer(json.dumps(described, indent=2) + "\n" if json_out else render(described))
 

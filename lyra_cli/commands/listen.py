@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from lyra_cli.commands import common, speech_io
+from lyra_cli.engine.models import resolve_model
 from lyra_cli.errors import UsageError
 from lyra_cli.inputs import require_input_file
 
@@ -266,10 +267,10 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
               max_turns: int | None, overrides, input_file: Path | None = None) -> Listener:  # noqa: ANN001  # fmt: skip
     from lyra_cli.console import info, write_answer
     from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
+    from lyra_cli.engine.prompt import Conversation
     from lyra_cli.engine.runtime import resolve_runtime
 
-    engine = Engine.load(common.model_dir_for(model), resolve_runtime(request), overrides)
+    engine = Engine.load(resolve_model(model), resolve_runtime(request), overrides)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
     voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, ctc_aligned) if outputs.enabled else None
     note = (lambda _: None) if quiet else info
@@ -289,7 +290,7 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
     return Listener(engine=engine, sampling=sampling, voice=voice, outputs=outputs,
                     render_text=(lambda _: None) if json_out else write_answer, render_done=render_done, note=note,
                     realtime=realtime, max_turns=max_turns,
-                    conversation=Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT))  # fmt: skip
+                    conversation=Conversation() if system is None else Conversation(system=system))  # fmt: skip
 
 
 def turn_record(job: TurnJob, done: "Done") -> dict:

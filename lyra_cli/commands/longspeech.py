@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from lyra_cli.commands import common
+from lyra_cli.engine.models import resolve_model
 from lyra_cli.errors import InputError, LyraError, UsageError
 from lyra_cli.inputs import require_input_file
 
@@ -107,7 +108,7 @@ def longspeech(
         from lyra_cli.outputs import check_cache_dir
 
         check_cache_dir(default_cache_dir(), env=CACHE_DIR_ENV, can_do_without="--no-cache")
-    model_dir = common.model_dir_for(model)
+    model_dir = resolve_model(model)
     overrides = common.tower_overrides(vision_tower, speech_tower)
     config = load_config(model_dir)
     extractor = common.extractor_for(extract, model_dir)
@@ -213,25 +214,26 @@ def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_toke
          show_evidence, label: str | None = None) -> None:  # fmt: skip
     """One question: `label` (`Q2`) heads the answer on stdout when several questions share it."""
     from lyra_cli.console import PrefillProgress, info, logprob_table, write_answer
-    from lyra_cli.engine.events import Done, Prefilled, TextDelta
-    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation, TextPart
+    from lyra_cli.engine.events import Prefilled, TextDelta
+    from lyra_cli.engine.prompt import Conversation, TextPart
 
-    conversation = Conversation(system=system if system is not None else DEFAULT_SYSTEM_PROMPT)
-    done, prefilled = None, None
+    conversation = Conversation() if system is None else Conversation(system=system)
+    prefilled = None
     if label is not None and not json_out:
         write_answer(f"{label}: {question}\n")
+
+    def render(event: object) -> None:
+        nonlocal prefilled
+        if isinstance(event, Prefilled):
+            prefilled = event
+            if not quiet:  # before the answer streams, where it belongs in the terminal's order
+                info(prefill_line(event, extractor))
+        elif isinstance(event, TextDelta) and not json_out:
+            write_answer(event.text)
+
     with PrefillProgress(enabled=not quiet) as bar:
-        for event in engine.respond(conversation, [part, TextPart(question)], sampling, extractor=extractor,
-                                    chunk_tokens=chunk_tokens, on_prefill_progress=bar.update):  # fmt: skip
-            if isinstance(event, Prefilled):
-                prefilled = event
-                if not quiet:  # before the answer streams, where it belongs in the terminal's order
-                    info(prefill_line(event, extractor))
-            elif isinstance(event, TextDelta) and not json_out:
-                write_answer(event.text)
-            elif isinstance(event, Done):
-                done = event
-    assert done is not None
+        done = engine.generate(conversation, [part, TextPart(question)], sampling, on_event=render,
+                               extractor=extractor, chunk_tokens=chunk_tokens, on_prefill_progress=bar.update)  # fmt: skip
     if prefilled is None and not quiet:  # no token was generated: the summary still comes
         info(prefill_line(Prefilled(done.prompt_tokens, done.kept_tokens, done.timings.get("prefill_s", 0.0)),
                           extractor))  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from lyra_cli.commands import common
+from lyra_cli.engine.models import resolve_model
 from lyra_cli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as engine.train.loop.PRECISIONS, without importing torch for --help
@@ -196,7 +197,7 @@ def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any, towers
     from lyra_cli.engine.speech_out import load_speech_generator
     from lyra_cli.engine.train.stages import Trains, prepare_for_stage
 
-    engine = Engine.load(common.model_dir_for(model), runtime, towers)
+    engine = Engine.load(resolve_model(model), runtime, towers)
     loaded = engine.loaded
     generator = None
     if stage.trains is Trains.SPEECH_GENERATOR:
@@ -244,7 +245,7 @@ def _check_extract(stage: Any, model: str) -> None:
         from lyra_cli.engine.config import load_config
         from lyra_cli.engine.extractor import parse_extract
 
-        parse_extract(stage.extract, load_config(common.model_dir_for(model)).text.num_layers)
+        parse_extract(stage.extract, load_config(resolve_model(model)).text.num_layers)
 
 
 def _compute(autocast: Any, dtype: Any) -> str:
@@ -361,7 +362,7 @@ def merge(
         raise UsageError(f"unknown adapter `{adapter}`", f"choose one of: {', '.join(sorted(ADAPTER_NAMES))}")
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise UsageError(f"unknown --save-dtype `{save_dtype}`", f"choose one of: {', '.join(SAVE_DTYPES)}")
-    model_dir = common.model_dir_for(model)
+    model_dir = resolve_model(model)
     check_output_dir(out, flag="--out", size_bytes=_folder_bytes(model_dir))  # the merge is about its base's size
     progress = None if quiet else (lambda done, total: info(f"merged shard {done}/{total}"))
     report = merge_adapter(model_dir, Adapter(adapter), out, adapter_dir=adapter_folder,

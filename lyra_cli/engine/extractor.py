@@ -26,7 +26,7 @@ from torch import Tensor
 from lyra_cli.audio.features import TOKEN_SECONDS
 from lyra_cli.engine.config import ExtractorConfig
 from lyra_cli.engine.prompt import TokenKind
-from lyra_cli.errors import UsageError
+from lyra_cli.errors import UsageError, setting
 from lyra_cli.timefmt import clock, clock_tenths
 
 # The authors never keep fewer multimodal tokens than this per drop (and do not drop below it at all).
@@ -41,7 +41,8 @@ SUGGESTED_BLOCKS = 4
 SUGGESTED_RATIO = 0.7
 
 EXTRACT_SPEC = re.compile(r"^\s*(\d+)\s*[xX×]\s*([0-9]*\.?[0-9]+)\s*$")
-EXTRACT_HINT = "use --extract BLOCKSxRATIO, e.g. `4x0.7`: 4 blocks of layers, keep 70% of image/speech tokens per block"
+EXTRACT = setting("extract")
+EXTRACT_HINT = f"use {EXTRACT} BLOCKSxRATIO, e.g. `4x0.7`: 4 blocks of layers, keep 70% of image/speech tokens per block"
 
 Span = tuple[float, float]  # (start_s, end_s) of a recording
 
@@ -58,21 +59,21 @@ def parse_extract(spec: str, num_layers: int) -> ExtractorConfig:
     """
     match = EXTRACT_SPEC.match(spec)
     if match is None:
-        raise UsageError(f"cannot read --extract `{spec}`", EXTRACT_HINT)
+        raise UsageError(f"cannot read {EXTRACT} `{spec}`", EXTRACT_HINT)
     blocks, keep_rate = int(match.group(1)), float(match.group(2))
     if not 1 <= blocks <= num_layers:
-        raise UsageError(f"--extract `{spec}` asks for `{blocks}` blocks of a {num_layers}-layer model",
+        raise UsageError(f"{EXTRACT} `{spec}` asks for `{blocks}` blocks of a {num_layers}-layer model",
                          f"BLOCKS must be between 2 and {num_layers}; {EXTRACT_HINT}")  # fmt: skip
     if not 0 < keep_rate <= 1:
-        raise UsageError(f"--extract `{spec}` keeps a ratio of `{keep_rate}`",
+        raise UsageError(f"{EXTRACT} `{spec}` keeps a ratio of `{keep_rate}`",
                          f"RATIO must be in (0, 1); {EXTRACT_HINT}")  # fmt: skip
     # Settings that can never drop a token are refused rather than run as a silent no-op.
     if blocks == 1:
-        raise UsageError(f"--extract `{spec}` drops nothing: one block has no drop (never after the last layer)",
-                         f"BLOCKS must be between 2 and {num_layers}; leave --extract out to keep every token")  # fmt: skip
+        raise UsageError(f"{EXTRACT} `{spec}` drops nothing: one block has no drop (never after the last layer)",
+                         f"BLOCKS must be between 2 and {num_layers}; leave {EXTRACT} out to keep every token")  # fmt: skip
     if keep_rate == 1:
-        raise UsageError(f"--extract `{spec}` drops nothing: a ratio of 1 keeps every image/speech token",
-                         f"RATIO must be below 1, e.g. `{suggested_extract(num_layers)}`; leave --extract out to keep "
+        raise UsageError(f"{EXTRACT} `{spec}` drops nothing: a ratio of 1 keeps every image/speech token",
+                         f"RATIO must be below 1, e.g. `{suggested_extract(num_layers)}`; leave {EXTRACT} out to keep "
                          "every token")  # fmt: skip
     return ExtractorConfig(compress_gap=num_layers // blocks, keep_rate=keep_rate)
 

@@ -18,7 +18,7 @@ from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, prefill
 from lyra_cli.engine.prompt import PromptInputs
-from lyra_cli.errors import UsageError
+from lyra_cli.errors import UsageError, setting
 
 DEFAULT_MAX_NEW_TOKENS = 512
 MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's `top_logprobs`
@@ -41,17 +41,17 @@ class SamplingConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.temperature >= 0, "--temperature", "must be ≥ 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "--top-p", "must be in (0, 1]"),
-            (self.top_k >= 0, "--top-k", "must be ≥ 0 (0 = off)"),
-            (self.repetition_penalty > 0, "--repetition-penalty", "must be > 0 (1 = off)"),
-            (self.max_new_tokens >= 1, "--max-new-tokens", "must be ≥ 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "--logprobs",
+            (self.temperature >= 0, "temperature", "must be ≥ 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be ≥ 0 (0 = off)"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"must be 0..{MAX_LOGPROBS} (alternatives per token; 0 = the chosen token's only)"),
         ]
-        for ok, flag, rule in checks:
+        for ok, name, rule in checks:
             if not ok:
-                raise UsageError(f"bad {flag} value `{getattr(self, flag[2:].replace('-', '_'))}`", f"{flag} {rule}")
+                raise UsageError(f"bad {setting(name)} value `{getattr(self, name)}`", f"{setting(name)} {rule}")
 
     @property
     def greedy(self) -> bool:

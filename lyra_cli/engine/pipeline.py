@@ -6,6 +6,7 @@
     parts = [engine.encode(m) for m in media] + [TextPart("...")]
     for event in engine.respond(conv, parts, sampling):
         ...   # TextDelta ... Done
+    done = engine.generate(conv, parts)        # the same turn, only its `Done` (or see each event: on_event)
 
 `respond` appends the turn (with its answer) to the conversation, so the next call continues it.
 Each turn re-renders the whole conversation: media are encoded once and kept, but the adapter is
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from lyra_cli.engine.speech import encode_windows, project_frames
 from lyra_cli.engine.tokenizer import encode_chunk
 from lyra_cli.engine.vision import encode_visual, load_image, load_video_frames
 from lyra_cli.engine.voice import Voice
-from lyra_cli.errors import InputError
+from lyra_cli.errors import InputError, setting
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +149,25 @@ class Engine:
         self.model = loaded.model
         self.reuse_prefix = reuse_prefix
         self._prefix: PrefixCache | None = None
+        self.voice: Voice | None = None  # `generate` speaks with it unless told otherwise (`lyra_cli.engine.load`)
 
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime, overrides: TowerOverrides | None = None) -> "Engine":
         return cls(load_model(model_dir, runtime, overrides))
+
+    def sampling(self, **overrides: object) -> SamplingConfig:
+        """The model's generation_config defaults with `overrides` on top (None keeps a default), validated."""
+        config = replace(self.loaded.sampling_defaults, **{k: v for k, v in overrides.items() if v is not None})
+        config.validate()
+        return config
 
     # -- media --------------------------------------------------------------------------------
 
     def _vision(self):  # noqa: ANN202
         tower = self.model.model.vision_tower
         if tower is None or self.loaded.visual is None:
-            raise InputError("this model has no vision tower", "drop --image/--video for this model")
+            raise InputError("this model has no vision tower",
+                             f"drop {setting('image')}/{setting('video')} for this model")  # fmt: skip
         return tower.vision_tower, self.loaded.visual
 
     def encode(self, media: Media) -> Part:
@@ -166,7 +175,7 @@ class Engine:
         if isinstance(media, DecodedSpeech):
             tower = self.model.model.speech_tower
             if tower is None:
-                raise InputError("this model has no speech tower", "drop --speech for this model")
+                raise InputError("this model has no speech tower", f"drop {setting('speech')} for this model")
             frames = encode_windows(tower.speech_tower, split_windows(media.wav))
             return SpeechPart(frames.shape[0], media.duration_s, media.source, frames=frames)
         tower, processor = self._vision()
@@ -215,7 +224,8 @@ class Engine:
         block during prefill; `chunk_tokens` bounds prefill activations for long prompts.
         `on_prefill_progress(done, total)` follows the prefill chunk by chunk, in token-layers."""
         if not parts:
-            raise InputError("nothing to answer: the turn has no text, image, video or speech", "give --text or media")
+            raise InputError("nothing to answer: the turn has no text, image, video or speech",
+                             f"give {setting('text')} or media")  # fmt: skip
         turn = Turn(list(parts))
         conversation.turns.append(turn)
         try:
@@ -226,6 +236,33 @@ class Engine:
         finally:
             if turn.answer is None:  # interrupted: the turn never happened
                 conversation.turns.remove(turn)
+
+    def generate(
+        self,
+        conversation: Conversation,
+        parts: Sequence[Part],
+        sampling: SamplingConfig | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        **options: object,
+    ) -> Done:
+        """`respond` run to its end: the turn's `Done`, every event before it handed to `on_event` as it comes.
+
+        `sampling` None: the model's generation_config; `voice` defaults to `self.voice`; other `options`
+        are `respond`'s. An exception (from the engine or `on_event`) closes the turn at once, so an
+        unfinished turn leaves the conversation then, not at garbage collection."""
+        options.setdefault("voice", self.voice)
+        sampling = self.loaded.sampling_defaults if sampling is None else sampling
+        events = self.respond(conversation, parts, sampling, **options)  # type: ignore[arg-type]
+        try:
+            for event in events:
+                if isinstance(event, Done):
+                    return event
+                if on_event is not None:
+                    on_event(event)
+        finally:
+            events.close()
+        raise AssertionError("respond ended without Done")  # respond always ends with Done
 
     def _answer(
         self,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lyra_cli.errors import RuntimeSetupError, UsageError
+from lyra_cli.errors import RuntimeSetupError, UsageError, setting
 
 LAYERS_PREFIX = "model.layers"
 TAIL_MODULES = ("model.norm", "lm_head")
@@ -30,6 +30,7 @@ CPU_RESERVE_BYTES = 2 << 30  # left to the OS and the rest of the process
 # Bytes per parameter of a decoder linear weight once quantized (4-bit: two per byte, plus a blockwise
 # absmax per 64 weights, itself 8-bit with double quantization).
 QUANTIZED_BYTES_PER_PARAM = {"8bit": 1.0, "4bit": 0.5 + 1 / 64}
+MAX_MEMORY = setting("max_memory")  # named in errors; `--max-memory` on the command line
 SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
 
 
@@ -82,10 +83,10 @@ def parse_max_memory(spec: str) -> dict[str, int]:
         name, sep, size = part.partition("=")
         name = name.strip().lower()
         if not sep or not (name == "cpu" or name.isdigit()):
-            raise UsageError(f"cannot read --max-memory part `{part}`", "e.g. --max-memory 0=20GiB,1=20GiB,cpu=64GiB")
+            raise UsageError(f"cannot read {MAX_MEMORY} part `{part}`", f"e.g. {MAX_MEMORY} 0=20GiB,1=20GiB,cpu=64GiB")
         budgets["cpu" if name == "cpu" else f"cuda:{int(name)}"] = _parse_size(size.strip(), part)
     if not budgets:
-        raise UsageError("--max-memory is empty", "e.g. --max-memory 0=20GiB,cpu=64GiB")
+        raise UsageError(f"{MAX_MEMORY} is empty", f"e.g. {MAX_MEMORY} 0=20GiB,cpu=64GiB")
     return budgets
 
 
@@ -98,7 +99,7 @@ def _parse_size(text: str, part: str) -> int:
                 return int(float(number) * SIZE_UNITS[unit])
             except ValueError:
                 break
-    raise UsageError(f"cannot read the size in --max-memory `{part}`", "sizes look like 20GiB, 512MiB or 8GB")
+    raise UsageError(f"cannot read the size in {MAX_MEMORY} `{part}`", "sizes look like 20GiB, 512MiB or 8GB")
 
 
 def auto_budgets(max_memory: dict[str, int] | None) -> list[tuple[torch.device, int]]:
@@ -111,7 +112,8 @@ def auto_budgets(max_memory: dict[str, int] | None) -> list[tuple[torch.device, 
         visible = torch.cuda.device_count()
         for name in gpus:
             if int(name.split(":")[1]) >= visible:
-                raise RuntimeSetupError(f"--max-memory names {name}, but {visible} GPU(s) are visible", "name 0…n-1 or cpu")
+                raise RuntimeSetupError(f"{MAX_MEMORY} names {name}, but {visible} GPU(s) are visible",
+                                        "name 0…n-1 or cpu")  # fmt: skip
         names = gpus + (["cpu"] if "cpu" in max_memory else [])
         return [(torch.device(name), max_memory[name]) for name in names]
     budgets = []
@@ -167,7 +169,7 @@ def plan_placement(
     so the activations cross each boundary once. A tied `lm_head` is the embedding matrix, so it stays on
     the first device. RuntimeSetupError when the devices together are too small."""
     if not budgets:
-        raise RuntimeSetupError("no device to place the model on", "check --max-memory")
+        raise RuntimeSetupError("no device to place the model on", f"check {MAX_MEMORY}")
     units = ["", *(f"{LAYERS_PREFIX}.{i}" for i in range(n_layers)), *TAIL_MODULES]
     left = [budget for _, budget in budgets]
     current, modules = 0, {}
@@ -181,7 +183,7 @@ def plan_placement(
             raise RuntimeSetupError(
                 f"the model needs {needed / 2**30:.1f} GiB but the devices offer {offered / 2**30:.1f} GiB "
                 f"(`{unit or 'embeddings and towers'}` does not fit on {budgets[current][0]})",
-                "use --load-4bit or --load-8bit, or raise --max-memory",
+                f"use --load-4bit or --load-8bit, or raise {MAX_MEMORY}",
             )
         left[current] -= size
         if unit:

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from lyra_cli.errors import RuntimeSetupError, UsageError
+from lyra_cli.errors import RuntimeSetupError, UsageError, setting
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 DEVICE_MAPS: tuple[str, ...] = ("none", "auto")
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Settings named in errors (the command line shows them as flags: `--device`).
+DEVICE, DEVICE_MAP, MAX_MEMORY = setting("device"), setting("device_map"), setting("max_memory")
 
 
 @dataclass(frozen=True)
@@ -37,16 +39,16 @@ class RuntimeRequest:
     max_memory: str | None = None  # `0=20GiB,cpu=64GiB`: per-device weight budgets for the device map
 
     def validate(self) -> None:
-        _check_choice("--device", self.device, DEVICES)
-        _check_choice("--dtype", self.dtype, ("auto", *DTYPES))
+        _check_choice(setting("device"), self.device, DEVICES)
+        _check_choice(setting("dtype"), self.dtype, ("auto", *DTYPES))
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
-        _check_choice("--device-map", self.device_map, DEVICE_MAPS)
+        _check_choice(setting("device_map"), self.device_map, DEVICE_MAPS)
         if self.device_map == "auto" and self.device not in ("auto", "cuda"):
-            raise UsageError(f"--device-map auto spreads over GPUs; it cannot go with --device {self.device}",
-                             "use --device auto or cuda, or drop --device-map")  # fmt: skip
+            raise UsageError(f"{DEVICE_MAP} auto spreads over GPUs; it cannot go with {DEVICE} {self.device}",
+                             f"use {DEVICE} auto or cuda, or drop {DEVICE_MAP}")  # fmt: skip
         if self.max_memory is not None:
             if self.device_map != "auto":
-                raise UsageError("--max-memory only applies with --device-map auto", "add --device-map auto")
+                raise UsageError(f"{MAX_MEMORY} only applies with {DEVICE_MAP} auto", f"add {DEVICE_MAP} auto")
             from lyra_cli.engine.placement import parse_max_memory
 
             parse_max_memory(self.max_memory)
@@ -97,9 +99,10 @@ def _resolve_device(name: str) -> tuple[torch.device, str]:
             return torch.device("mps"), "mps: Apple GPU available, no CUDA"
         return torch.device("cpu"), "cpu: no CUDA or MPS device found"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeSetupError("`--device cuda` was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+        raise RuntimeSetupError(f"`{DEVICE} cuda` was asked for but no CUDA GPU is visible",
+                                f"use {DEVICE} cpu or auto")  # fmt: skip
     if name == "mps" and not _mps_available():
-        raise RuntimeSetupError("`--device mps` was asked for but MPS is not available", "use --device cpu or auto")
+        raise RuntimeSetupError(f"`{DEVICE} mps` was asked for but MPS is not available", f"use {DEVICE} cpu or auto")
     return torch.device(name), f"{name}: requested"
 
 
@@ -127,7 +130,7 @@ def resolve_runtime(request: RuntimeRequest) -> Runtime:
     reasons = [f"device {device_reason}", f"dtype {dtype_reason}"]
     if request.quantization != "none":
         if device.type == "mps":
-            raise RuntimeSetupError("8/4-bit loading is not supported on MPS", "use --device cpu or a CUDA GPU")
+            raise RuntimeSetupError("8/4-bit loading is not supported on MPS", f"use {DEVICE} cpu or a CUDA GPU")
         reasons.append(f"quantization {request.quantization}: requested (bitsandbytes)")
     max_memory = None
     if request.device_map == "auto":

@@ -188,16 +188,9 @@ def _cell(engine: Any, haystack: Sequence[np.ndarray], needle: np.ndarray, spec:
 
 
 def _ask(engine: Any, part: Any, question: str, sampling: Any, extractor: Any) -> Any:
-    from lyra_cli.engine.events import Done
-    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation, TextPart
+    from lyra_cli.engine.prompt import Conversation, TextPart
 
-    done = None
-    for event in engine.respond(Conversation(system=DEFAULT_SYSTEM_PROMPT), [part, TextPart(question)], sampling,
-                                extractor=extractor):  # fmt: skip
-        if isinstance(event, Done):
-            done = event
-    assert done is not None  # respond always ends with Done
-    return done
+    return engine.generate(Conversation(), [part, TextPart(question)], sampling, extractor=extractor)
 
 
 # ---------------------------------------------------------------------------------------------------

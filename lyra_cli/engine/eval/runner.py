@@ -273,7 +273,7 @@ def answer_item(engine: Any, suite: Suite, item: EvalItem, mode: str, sampling: 
     if isinstance(media, Skip):
         return _skipped(media)
     parts = [engine.encode(m) if not isinstance(m, str) else _text_part(m) for m in media]
-    done = _generate(engine, parts, sampling, extractor)
+    done = engine.generate(_conversation(), parts, sampling, extractor=extractor)
     reference = {"reference": item.answers[0]} if suite.primary.kind == "corpus" and item.answers else {}
     return {
         "prediction": done.text, "question": item.question, "answers": list(item.answers), **reference,
@@ -313,18 +313,11 @@ def _text_part(text: str) -> Any:
     return TextPart(text)
 
 
-def _generate(engine: Any, parts: list[Any], sampling: Any, extractor: Any) -> Any:
-    """One fresh conversation (default system prompt, as the eval scripts) → the `Done` event."""
-    from lyra_cli.engine.events import Done
-    from lyra_cli.engine.prompt import DEFAULT_SYSTEM_PROMPT, Conversation
+def _conversation() -> Any:
+    """Each item in a fresh conversation with the default system prompt, as the eval scripts ask."""
+    from lyra_cli.engine.prompt import Conversation
 
-    conversation = Conversation(system=DEFAULT_SYSTEM_PROMPT)
-    done = None
-    for event in engine.respond(conversation, parts, sampling, extractor=extractor):
-        if isinstance(event, Done):
-            done = event
-    assert done is not None  # respond always ends with Done
-    return done
+    return Conversation()
 
 
 # ---------------------------------------------------------------------------------------------------
