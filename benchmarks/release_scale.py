@@ -1,18 +1,19 @@
 """Lyra at release size (random weights): load, memory, first token, tokens/s, long-speech audio stage.
 
 Uses the release-shaped checkpoint of `benchmarks/release_shapes.py` (written under --root on first use).
-For each precision (bf16, 8-bit, 4-bit: bitsandbytes, the decoder's linear layers only) a fresh process,
-started in --root (the authors' working directory, where `model_zoo/...` resolves):
+For each precision (bf16, 8-bit, 4-bit: bitsandbytes, the decoder's linear layers only; compute bf16) a fresh
+process, started in --root (the authors' working directory, where `model_zoo/...` resolves):
   1. loads the model (wall time, imports excluded, and the process's peak resident memory after loading);
   2. answers an image + speech question (../shared/data/real extreme_ironing.jpg + .mp3): media encoding,
      first token (from the start of media encoding) and decode tokens/s over --new-tokens forced tokens;
   3. with --voice: the same question spoken (speech generator + vocoder): time to the first audio;
   4. the audio stage of a --minutes recording (tiled from the real clips, as benchmarks/longspeech.py does):
      streamed decode + Whisper encode + projection, no cache, as `lyra longspeech` runs it; × real time;
-  5. reports the process's peak resident memory (ru_maxrss of the child; CUDA: max_memory_allocated).
-The memory predicted from the safetensors headers (`predict_memory`: weights at their loaded width, the
-decoder's linear weights at 8 or 4 bits, both adapters, plus the KV cache of the prompt) is printed beside
-the measurement. `lyra info` is to print the same prediction; compare its figure once it does.
+  5. reports the process's peak resident memory (ru_maxrss of the child; CUDA: max_memory_allocated), and
+     the resident set after loading, after the question and at the end split into anonymous and file pages.
+The predicted memory is `lyra info DIR --json --device DEVICE --dtype bf16`'s table, run as a command from
+--root: the weights at each precision plus the KV cache of 1k tokens. Loaded parts it leaves out (each
+adapter's own speech projector; the speech generator, loaded only with --voice) are recorded beside it.
 
     python -m benchmarks.release_scale --root /tmp/lyra-release                    # Mini, bf16 + 8-bit + 4-bit
     python -m benchmarks.release_scale --root /tmp/lyra-release --precisions bf16 --quick
@@ -41,12 +42,8 @@ REAL = REPO.parent / "shared" / "data" / "real"
 IMAGE = REAL / "extreme_ironing.jpg"
 QUESTION = REAL / "extreme_ironing.mp3"
 PRECISIONS = {"bf16": "none", "8bit": "8bit", "4bit": "4bit"}
-# Bytes per stored weight of the decoder's linear layers: 8-bit keeps one fp32 scale per output row;
-# NF4 one 8-bit absmax per 64 weights plus, double-quantized, one fp32 per 256 of those.
-BYTES_PER_WEIGHT = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-ROW_SCALE_BYTES = {"none": 0, "8bit": 4, "4bit": 0}
-BF16_BYTES = 2
-KV_TOKENS = 1000
+COMPUTE_DTYPE = "bf16"  # every precision computes in bf16 (the release's dtype), on CPU as on a GPU
+INFO_ROWS = {"bf16": COMPUTE_DTYPE, "8bit": "8-bit", "4bit": "4-bit"}  # `lyra info`'s row for each precision
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -54,46 +51,40 @@ MIB = 1 << 20
 # ------------------------------------------------------------------------------------------ prediction
 
 
-def _header_shapes(path: Path) -> dict[str, list[int]]:
-    """Key → shape from a safetensors header, without reading any tensor."""
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+def lyra_info_memory(root: Path, model_dir: Path, device: str) -> dict[str, Any]:
+    """`lyra info DIR --json` run from `root` (as a user would), with the benchmark's compute dtype: its
+    memory table, its parameter count and where it found the towers. The same command, not a copy of it."""
+    cmd = [sys.executable, "-m", "lyra_cli.main", "info", str(model_dir), "--json", "--device", device,
+           "--dtype", COMPUTE_DTYPE]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=_child_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed: {proc.stderr.strip()}")
+    described = json.loads(proc.stdout)
+    return {"command": "lyra " + " ".join(cmd[3:]), "parameters_loaded": described["weights"]["parameters_loaded"],
+            "rows": {row["precision"]: row for row in described["memory"]["rows"]},
+            "sources": {k: (v or {}).get("path") for k, v in described["sources"].items()}}  # fmt: skip
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def predicted_gib(info: dict[str, Any], precision: str) -> dict[str, float]:
+    """`lyra info`'s row for `precision`: weights, and weights + the KV cache of 1k tokens."""
+    row = info["rows"][INFO_ROWS[precision]]
+    weights = row["weights_bytes"]
+    return {"weights_gib": weights / GIB, "kv_per_1k_tokens_mib": row["kv_cache_bytes_per_1k_tokens"] / MIB,
+            "total_gib": (weights + row["kv_cache_bytes_per_1k_tokens"]) / GIB}  # fmt: skip
 
 
-def predict_memory(model_dir: Path, quantization: str, kv_tokens: int = KV_TOKENS) -> dict[str, float]:
-    """Bytes the loaded model should hold: weights (bf16, the decoder's linear weights at `quantization` as
-    the loader's QUANTIZED_SCOPE rule says), both adapters' LoRA and projectors, and the KV cache of
-    `kv_tokens` tokens. The speech generator and vocoder load only with a voice and are counted apart."""
-    from lyra_cli.engine.loader import _is_quantized_key
+def not_in_lyra_info(model_dir: Path) -> dict[str, float]:
+    """Loaded parts `lyra info`'s table leaves out, by file size (bf16 on disk, bf16 loaded): each adapter's
+    own speech projector (`non_lora_trainables.bin`), and the speech generator (loaded only with a voice)."""
+    from lyra_cli.engine.adapters import ADAPTER_DIRS, PROJECTOR_FILE
+    from lyra_cli.engine.checkpoint import SPEECH_GENERATOR_FILE
 
-    config = json.loads((model_dir / "config.json").read_text())
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
-    weights = 0.0
-    for name in sorted(set(index["weight_map"].values())):
-        for key, shape in _header_shapes(model_dir / name).items():
-            if _is_quantized_key(key) and key.endswith(".weight"):
-                weights += _numel(shape) * BYTES_PER_WEIGHT[quantization] + shape[0] * ROW_SCALE_BYTES[quantization]
-            else:
-                weights += _numel(shape) * BF16_BYTES
-    adapters = 0.0
-    for folder in ("speech_lora", "long_speech_lora"):
-        adapters += sum(_numel(s) for s in _header_shapes(model_dir / folder / "adapter_model.safetensors").values()) * BF16_BYTES
-        adapters += (model_dir / folder / "non_lora_trainables.bin").stat().st_size  # bf16 pickle: ≈ its bytes
-    generator = sum(_numel(s) for s in _header_shapes(model_dir / "speech_generator.safetensors").values()) * BF16_BYTES
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * BF16_BYTES
-    return {"weights_gib": weights / GIB, "adapters_gib": adapters / GIB, "generator_gib": generator / GIB,
-            "kv_per_1k_tokens_mib": kv_per_token * 1000 / MIB,
-            "total_gib": (weights + adapters + kv_per_token * kv_tokens) / GIB}  # fmt: skip
+    folders = ADAPTER_DIRS.values()
+    projectors = sum((model_dir / folder / PROJECTOR_FILE).stat().st_size
+                     for folder in folders if (model_dir / folder / PROJECTOR_FILE).is_file())  # fmt: skip
+    generator = model_dir / SPEECH_GENERATOR_FILE
+    return {"adapter_projectors_gib": projectors / GIB,
+            "speech_generator_gib": generator.stat().st_size / GIB if generator.is_file() else 0.0}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ one process
@@ -103,9 +94,16 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+def _rss_mib() -> dict[str, float]:
+    """The resident set now, split as Linux reports it: anonymous pages (what the process allocated) and
+    file pages (the safetensors files it maps: counted while mapped, yet clean, so the kernel can drop them)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                parts[name] = int(value.split()[0]) / 1024  # kB
+    return {"total": parts["VmRSS"], "anon": parts["RssAnon"], "file": parts["RssFile"]}
 
 
 def run_one(model_dir: Path, precision: str, device: str, recording: Path | None, new_tokens: int,
@@ -149,6 +147,8 @@ def run_one(model_dir: Path, precision: str, device: str, recording: Path | None
     ask_start = time.perf_counter()
     result["question"] = ask()
     result["question"]["wall_s"] = time.perf_counter() - ask_start
+    result["peak_rss_after_question_mib"] = _peak_rss_mib()
+    result["rss_after_question_mib"] = _rss_mib()
     if voice:
         from lyra_cli.engine.voice import VoiceConfig, load_voice
 
@@ -164,6 +164,7 @@ def run_one(model_dir: Path, precision: str, device: str, recording: Path | None
         result["audio_stage"] = {"duration_s": part.duration_s, "windows": part.n_windows, "seconds": seconds,
                                  "x_real_time": part.duration_s / seconds}  # fmt: skip
     result["peak_rss_mib"] = _peak_rss_mib()
+    result["rss_at_end_mib"] = _rss_mib()
     if cuda:
         result["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
     return result
@@ -172,46 +173,43 @@ def run_one(model_dir: Path, precision: str, device: str, recording: Path | None
 # ------------------------------------------------------------------------------------------ driver
 
 
-def ensure_zoo_visible(root: Path, model_dir: Path) -> None:
-    """Loaders that resolve `model_zoo/...` only against the model folder (lyra before tower paths were also
-    resolved against the working directory) find the towers and vocoder through a link beside the weights."""
-    link = model_dir / "model_zoo"
-    if not link.exists():
-        link.symlink_to(os.path.relpath(root / "model_zoo", model_dir))
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def measure(root: Path, model_dir: Path, precision: str, args: argparse.Namespace, recording: Path | None) -> dict:
+def measure(root: Path, model_dir: Path, precision: str, args: argparse.Namespace, recording: Path | None,
+            info: dict[str, Any]) -> dict:  # fmt: skip
     cmd = [sys.executable, "-m", "benchmarks.release_scale", "--child", str(model_dir), "--precisions", precision,
            "--device", args.device, "--new-tokens", str(args.new_tokens)]  # fmt: skip
     cmd += ["--recording", str(recording)] if recording is not None else []
     cmd += ["--voice"] if args.voice else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     load_before = os.getloadavg()
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env=_child_env(), capture_output=True, text=True)
     row: dict[str, Any] = {"precision": precision, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
         row["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
         return row
     row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    row["predicted"] = predict_memory(model_dir, PRECISIONS[precision])
+    row["predicted_by_lyra_info"] = predicted_gib(info, precision)
     return row
 
 
 def print_table(rows: list[dict]) -> None:
-    print("precision | load s | peak RSS after load GiB | predicted GiB (weights+adapters+1k KV) | first token s | "
-          "tok/s | first audio s | audio stage ×RT | peak GiB (CUDA allocated on a GPU, else RSS)")  # fmt: skip
+    print("precision | load s | peak RSS after load GiB | lyra info GiB (weights+1k KV) | first token s | tok/s | "
+          "first audio s | audio stage ×RT | peak GiB (CUDA allocated on a GPU, else RSS) | RSS anon/file at end GiB")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"{r['precision']} | failed: {r['error']}")
             continue
-        q, a = r["question"], r.get("audio_stage")
+        q, a, end = r["question"], r.get("audio_stage"), r["rss_at_end_mib"]
         first_audio = (r.get("spoken_question") or {}).get("first_audio_s")
         peak_mib = r.get("cuda_peak_allocated_mib", r["peak_rss_mib"])
         print(" | ".join([r["precision"], f"{r['load_s']:.1f}", f"{r['peak_rss_after_load_mib'] / 1024:.2f}",
-                          f"{r['predicted']['total_gib']:.2f}", f"{q['first_token_s']:.2f}", f"{q['tokens_per_s']:.2f}",
-                          f"{first_audio:.2f}" if first_audio is not None else "-",
-                          f"{a['x_real_time']:.2f}" if a else "-", f"{peak_mib / 1024:.2f}"]))  # fmt: skip
+                          f"{r['predicted_by_lyra_info']['total_gib']:.2f}", f"{q['first_token_s']:.2f}",
+                          f"{q['tokens_per_s']:.2f}", f"{first_audio:.2f}" if first_audio is not None else "-",
+                          f"{a['x_real_time']:.2f}" if a else "-", f"{peak_mib / 1024:.2f}",
+                          f"{end['anon'] / 1024:.2f}/{end['file'] / 1024:.2f}"]))  # fmt: skip
 
 
 def main() -> None:
@@ -243,11 +241,12 @@ def main() -> None:
     start = time.perf_counter()
     model_dir = write_release(root, args.size)
     write_s = time.perf_counter() - start
-    ensure_zoo_visible(root, model_dir)
+    info = lyra_info_memory(root, model_dir, args.device)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "device": args.device}  # fmt: skip
     report = {"machine": machine, "size": args.size, "model_dir": str(model_dir), "write_or_check_s": write_s,
-              "new_tokens": args.new_tokens, "minutes": args.minutes, "command": " ".join(sys.argv), "rows": []}  # fmt: skip
+              "new_tokens": args.new_tokens, "minutes": args.minutes, "command": " ".join(sys.argv), "lyra_info": info,
+              "not_in_lyra_info": not_in_lyra_info(model_dir), "rows": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lyra-release-scale-") as tmp:
         recording = None
@@ -255,7 +254,7 @@ def main() -> None:
             recording = Path(tmp) / f"recording_{args.minutes:g}min.flac"
             build_recording(recording, args.minutes)
         for precision in args.precisions:
-            report["rows"].append(measure(root, model_dir, precision, args, recording))
+            report["rows"].append(measure(root, model_dir, precision, args, recording, info))
             args.out.write_text(json.dumps(report, indent=2) + "\n")  # after each row: a long run keeps its rows
     print_table(report["rows"])
     print(f"wrote {args.out}")

@@ -49,6 +49,6 @@ def test_cpu_smoke_runs_every_stage(tmp_path: Path) -> None:
     for row in mini.values():
         assert row["load_s"] > 0 and row["question"]["tokens_per_s"] > 0
         assert row["spoken_question"]["first_audio_s"] is not None
-        assert row["audio_stage"]["x_real_time"] > 0 and row["predicted"]["total_gib"] > 0
+        assert row["audio_stage"]["x_real_time"] > 0 and row["predicted_by_lyra_info"]["total_gib"] > 0
     assert stages["longspeech_60"]["result"]["rows"][0]["first"]["windows"] == 2
     assert stages["decoder"]["result"] and stages["extractor"]["result"]

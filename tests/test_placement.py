@@ -14,7 +14,8 @@ import torch
 
 from lyra_cli.engine import checkpoint as ckpt
 from lyra_cli.engine.config import load_config
-from lyra_cli.engine.loader import _is_quantized_key, _staging_device_for, load_model
+from lyra_cli.engine.footprint import in_quantized_linear
+from lyra_cli.engine.loader import _staging_device_for, load_model
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.placement import (
     Placement,
@@ -134,7 +135,7 @@ def test_quantized_linears_are_staged_on_the_cpu() -> None:
     assert device_for("model.layers.1.input_layernorm.weight") == GPU1
     assert device_for("model.embed_tokens.weight") == GPU0
     assert _staging_device_for(Runtime(GPU0, torch.bfloat16, "none"), placement)("model.layers.1.mlp.up_proj.weight") == GPU1
-    assert not _is_quantized_key("model.vision_tower.vision_tower.blocks.0.attn.proj.weight")
+    assert not in_quantized_linear("model.vision_tower.vision_tower.blocks.0.attn.proj.weight")
 
 
 def test_device_map_auto_without_a_gpu_keeps_everything_on_the_cpu(tiny_dir: Path) -> None:

@@ -10,11 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lyra_cli.engine.footprint import NF4_BYTES, NF4_OVERHEAD_BYTES, is_quantized_weight
+from lyra_cli.engine.towers import safetensors_header
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the benchmarks live beside the package, not in it
     sys.path.insert(0, str(REPO))
 
-from benchmarks.release_scale import ensure_zoo_visible, predict_memory  # noqa: E402
+from benchmarks.release_scale import lyra_info_memory, predicted_gib  # noqa: E402
 from benchmarks.release_shapes import (  # noqa: E402
     RELEASE_VOCAB,
     SPECS,
@@ -105,7 +108,7 @@ def test_smoke_release_loads_and_answers_an_image_and_speech_question(smoke_root
     from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
 
     model_dir = smoke_root / "work_dirs" / SPECS["smoke"].name
-    ensure_zoo_visible(smoke_root, model_dir)
+    assert not (model_dir / "model_zoo").exists()  # the towers resolve from the model folder's parents
     engine = Engine.load(model_dir, resolve_runtime(RuntimeRequest(device="cpu")))
     assert engine.loaded.unused_keys == []
     engine.loaded.end_ids = set()
@@ -115,10 +118,33 @@ def test_smoke_release_loads_and_answers_an_image_and_speech_question(smoke_root
     assert done.new_tokens == 3 and done.adapter == "speech"
 
 
-def test_predicted_memory_counts_the_files_and_shrinks_with_quantization(smoke_root: Path) -> None:
+def _parameters(path: Path) -> dict[str, int]:
+    return {key: _numel(entry["shape"]) for key, entry in safetensors_header(path).items()}
+
+
+def test_lyra_info_predicts_the_stored_weights_at_each_precision(smoke_root: Path) -> None:
+    """The benchmark's prediction is `lyra info --json` run from the root: bf16 is 2 bytes per stored
+    parameter (shards + LoRA), 8-bit 1 byte per decoder linear weight + a 4-byte scale per row, 4-bit NF4."""
     model_dir = smoke_root / "work_dirs" / SPECS["smoke"].name
-    stored = json.loads((model_dir / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    bf16 = predict_memory(model_dir, "none")
-    assert bf16["weights_gib"] * (1 << 30) == pytest.approx(stored)  # all bf16: the shards' tensor bytes
-    assert predict_memory(model_dir, "8bit")["weights_gib"] < bf16["weights_gib"]
-    assert predict_memory(model_dir, "4bit")["weights_gib"] < predict_memory(model_dir, "8bit")["weights_gib"]
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shards: dict[str, int] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        shards |= _parameters(model_dir / name)
+    assert 2 * sum(shards.values()) == index["metadata"]["total_size"]  # all bf16
+    lora = sum(sum(_parameters(model_dir / f / "adapter_model.safetensors").values())
+               for f in ("speech_lora", "long_speech_lora"))  # fmt: skip
+    quantized = {k: n for k, n in shards.items() if is_quantized_weight(k)}
+    rows = sum(safetensors_header(model_dir / index["weight_map"][k])[k]["shape"][0] for k in quantized)
+    rest = sum(shards.values()) + lora - sum(quantized.values())
+
+    info = lyra_info_memory(smoke_root, model_dir, "cpu")
+    assert info["sources"]["vision_tower"] == str(smoke_root / SPECS["smoke"].vision_dir)
+    assert info["parameters_loaded"] == sum(shards.values()) + lora
+    weights = {precision: row["weights_bytes"] for precision, row in info["rows"].items()}
+    assert weights["bf16"] == 2 * (sum(shards.values()) + lora)
+    assert weights["8-bit"] == 2 * rest + sum(quantized.values()) + 4 * rows
+    assert weights["4-bit"] == round(2 * rest + sum(quantized.values()) * (NF4_BYTES + NF4_OVERHEAD_BYTES))
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    kv = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 1000 * 2  # K and V, bf16
+    assert predicted_gib(info, "4bit")["total_gib"] * (1 << 30) == weights["4-bit"] + kv

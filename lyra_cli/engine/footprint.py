@@ -22,7 +22,9 @@ from lyra_cli.engine.towers import (
     tower_folder_tensors,
 )
 
-QUANTIZED_SCOPE = "model.layers."  # loader.QUANTIZED_SCOPE: only the decoder's linears are quantized
+# Kept in full precision when quantizing: everything but the decoder's linear layers (norms, embeddings,
+# lm_head, towers and projectors are small or precision-sensitive). The loader stages and quantizes by this rule.
+QUANTIZED_SCOPE = "model.layers."
 COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # The compute dtype each device gets with `--dtype auto` (runtime.py): bf16 on a GPU, fp16 on MPS, fp32 on CPU.
 DEVICE_DTYPES = {"cuda": "bf16", "mps": "fp16", "cpu": "fp32"}
@@ -46,8 +48,14 @@ def numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+def in_quantized_linear(key: str) -> bool:
+    """`model.layers.{i}.self_attn.q_proj.weight` and the like: a parameter (weight or bias) of a decoder linear."""
+    return key.startswith(QUANTIZED_SCOPE) and key.rpartition(".")[0].endswith("_proj")
+
+
 def is_quantized_weight(key: str) -> bool:
-    return key.startswith(QUANTIZED_SCOPE) and key.endswith("_proj.weight")
+    """The weight of a decoder linear: stored at 8 or 4 bits when quantizing (its bias stays full precision)."""
+    return in_quantized_linear(key) and key.endswith(".weight")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from lyra_cli.engine import checkpoint as ckpt
 from lyra_cli.engine.adapters import AdapterBank, load_adapters
 from lyra_cli.engine.config import GENERATION_CONFIG_FILE, LyraConfig, load_config, read_json
+from lyra_cli.engine.footprint import QUANTIZED_SCOPE, in_quantized_linear
 from lyra_cli.engine.generate import SamplingConfig, sampling_from_generation_config
 from lyra_cli.engine.model import LyraForCausalLM
 from lyra_cli.engine.placement import Placement, auto_budgets, module_sizes, plan_placement
@@ -28,10 +29,6 @@ from lyra_cli.engine.vision import VisionPreprocessConfig, VisualProcessor
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-# Kept in full precision when quantizing: everything but the decoder's linear layers
-# (norms, embeddings, lm_head, towers and projectors are small or precision-sensitive).
-QUANTIZED_SCOPE = "model.layers"
 
 
 @dataclass
@@ -115,19 +112,14 @@ def _staging_device_for(runtime: Runtime, placement: Placement) -> Callable[[str
     if runtime.quantization == "none":
         return placement.device_for
     staging = torch.device("cpu")
-    return lambda key: staging if _is_quantized_key(key) else placement.device_for(key)
-
-
-def _is_quantized_key(key: str) -> bool:
-    """`model.layers.{i}.self_attn.q_proj.weight` and the like: the parameters of the decoder's linears."""
-    return key.startswith(f"{QUANTIZED_SCOPE}.") and key.rpartition(".")[0].endswith("_proj")
+    return lambda key: staging if in_quantized_linear(key) else placement.device_for(key)
 
 
 def _quantize(model: LyraForCausalLM, runtime: Runtime, placement: Placement) -> None:
     from lyra_cli.engine.quant import quantize_linears
 
     n = quantize_linears(model.model.layers, runtime.quantization, compute_dtype=runtime.dtype,  # type: ignore[arg-type]
-                         device_for=lambda name: placement.device_for(f"{QUANTIZED_SCOPE}.{name}"))  # fmt: skip
+                         device_for=lambda name: placement.device_for(f"{QUANTIZED_SCOPE}{name}"))  # fmt: skip
     log.info("quantized %d decoder linear layers to %s", n, runtime.quantization)
 
 
