@@ -450,11 +450,8 @@ def _check_predictions_path(path: Path) -> None:
         raise InputError(f"predictions file `{path}` is a folder", "give the .jsonl file a run wrote, not its folder")
     if not path.is_file():
         raise InputError(f"predictions file `{path}` does not exist", "give the .jsonl a run wrote")
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise InputError(f"cannot read `{path}`: {exc.strerror}", "check the file's permissions") from None
+    if not os.access(path, os.R_OK):
+        raise InputError(f"cannot read `{path}`: permission denied", "check the file's permissions")
 
 
 def _nothing_scored(suite: Suite, path: Path, summary: Summary) -> InputError:
