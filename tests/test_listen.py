@@ -51,12 +51,13 @@ def test_input_file_turns_are_answered_and_replies_written(two_turns: Path, tiny
 def test_barge_in_abandons_the_answer(tiny_dir: Path, real: Path, tmp_path: Path) -> None:
     """Speaking while Lyra answers: playback stops, the answer is dropped, nothing is written."""
     from helpers.sinks import MemorySink
-    from lyra_cli.commands.listen import Listener, TurnJob
-    from lyra_cli.commands.speech_io import SpeechOutputs
+    from lyra_cli.audio.outputs import SpeechOutputs
+    from lyra_cli.commands.listen import Listener
     from lyra_cli.engine.generate import SamplingConfig
     from lyra_cli.engine.pipeline import Engine
     from lyra_cli.engine.prompt import Conversation
     from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.session import TurnJob
     from lyra_cli.engine.voice import VoiceConfig, load_voice
 
     engine = Engine.load(tiny_dir, resolve_runtime(RuntimeRequest(device="cpu")))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from lyra_cli.audio.frontend import AudioFrontEnd
+from lyra_cli.audio.outputs import SpeechOutputs, check_speech_out
 from lyra_cli.commands import common, speech_io
 from lyra_cli.engine.models import resolve_model
 from lyra_cli.errors import UsageError
@@ -117,14 +118,14 @@ def chat(
 
     from lyra_cli.engine.pipeline import read_media
 
-    speech_io.check_speech_out(speech_out, overwrite=overwrite)
+    check_speech_out(speech_out, overwrite=overwrite)
     front_end = AudioFrontEnd.choose(official_audio)
     decoded = [(item, read_media(item.kind, item.value, front_end)) if item.kind != "text" else (item, None)
                for item in items]  # fmt: skip
     model_dir = resolve_model(model)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     extractor = common.extractor_for(extract, model_dir)
-    outputs = speech_io.SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out, overwrite=overwrite)  # checks the device
+    outputs = SpeechOutputs(speak=speak, device=output_device, speech_out=speech_out, overwrite=overwrite)  # checks the device
     try:
         engine, sampling = _load(model, model_dir, request, quiet, sampling_flags, overrides)
         common.announce_front_end(front_end, quiet)
@@ -177,7 +178,7 @@ class TurnSettings:
     json_out: bool = False
     extractor: "ExtractorConfig | None" = None
     voice: "Voice | None" = None
-    outputs: "speech_io.SpeechOutputs | None" = None
+    outputs: SpeechOutputs | None = None
     stats: bool = False
     front_end: AudioFrontEnd = AudioFrontEnd()  # how speech files are decoded (`--official-audio`)
     quiet: bool = False

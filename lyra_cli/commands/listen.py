@@ -1,144 +1,68 @@
 """`lyra listen`: a spoken conversation. Speak, Lyra answers in text and speech; speak over it to interrupt.
 
-The main thread reads the microphone (or `--input-file`) frame by frame and runs the voice-activity
-detector, so it hears the user at every moment; a worker thread answers each finished turn. When the
-user starts speaking while an answer is being generated or played (barge-in), playback stops at once,
-the answer is abandoned (dropped from the conversation, its wav never written) and the new turn is taken.
+The conversation loop (turns cut by the voice-activity detector, barge-in, cancellation) is the engine's
+`lyra_cli.engine.session.SpokenSession`; this command parses and checks the flags, opens the source and
+the outputs, and renders the session's events on the console.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
+from lyra_cli.audio.outputs import SpeechOutputs, check_speech_out
 from lyra_cli.commands import common, speech_io
 from lyra_cli.engine.models import resolve_model
+from lyra_cli.engine.session import (
+    Interrupted,
+    SessionConfig,
+    SessionEvent,
+    SpokenSession,
+    TurnAnswered,
+    TurnJob,
+)
 from lyra_cli.errors import UsageError
 from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from lyra_cli.engine.events import Done
+    from lyra_cli.engine.generate import SamplingConfig
+    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.prompt import Conversation
+    from lyra_cli.engine.voice import Voice
 
 
-@dataclass
-class TurnJob:
-    audio: "np.ndarray"
-    started_at: float  # perf_counter at the end of the user's speech
-    number: int
+class Listener(SpokenSession):
+    """`lyra listen`'s session: the engine's `SpokenSession` with its events rendered by the command.
 
+    `render_text(str)` gets the answer's text as it streams, `render_done(turn, done)` each finished answer,
+    `note(str)` what the user should know on stderr (an interrupted answer)."""
 
-@dataclass
-class Listener:
-    """The conversation loop. `render_text(str)` / `render_done(job, done)` / `note(str)` do the output."""
+    def __init__(
+        self, *, engine: Engine, sampling: SamplingConfig, voice: Voice | None, outputs: SpeechOutputs,
+        render_text: Callable[[str], None], render_done: Callable[[TurnJob, Done], None],
+        note: Callable[[str], None], realtime: bool, max_turns: int | None = None,
+        conversation: Conversation | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(engine, sampling, outputs, voice=voice, conversation=conversation,
+                         config=SessionConfig(realtime=realtime, max_turns=max_turns), on_event=self._render)  # fmt: skip
+        self.render_text = render_text
+        self.render_done = render_done
+        self.note = note
 
-    engine: Any
-    sampling: Any
-    voice: Any
-    outputs: speech_io.SpeechOutputs
-    render_text: Any
-    render_done: Any
-    note: Any
-    realtime: bool
-    max_turns: int | None = None
-    conversation: Any = None
-    turns_done: int = 0
-    interrupted: int = 0
-    _cancel: threading.Event = field(default_factory=threading.Event)
-    _worker: threading.Thread | None = None
-    _error: BaseException | None = None  # raised by the worker, re-raised on the main thread
+    def _render(self, event: SessionEvent) -> None:
+        from lyra_cli.engine.events import TextDelta
 
-    @property
-    def answering(self) -> bool:
-        return self._worker is not None and self._worker.is_alive()
-
-    def run(self, source: Any, detector: Any) -> None:
-        from lyra_cli.audio.vad import SpeechStarted, TurnEnded
-
-        number = 0
-        for frame in source:
-            for event in detector.feed(frame):
-                if isinstance(event, SpeechStarted) and (self.answering or self.outputs.playing):
-                    self.barge_in()
-                elif isinstance(event, TurnEnded):
-                    number += 1
-                    lag_s = detector.position_s - event.end_s if self.realtime else 0.0
-                    self.start_turn(TurnJob(event.audio, time.perf_counter() - lag_s, number))
-                    if not self.realtime:  # a file is read faster than speech: answer before reading on
-                        self.wait()
-            if self.max_turns is not None and self.turns_done >= self.max_turns:
-                break
-        for event in detector.flush():
-            if isinstance(event, TurnEnded) and (self.max_turns is None or self.turns_done < self.max_turns):
-                number += 1
-                self.start_turn(TurnJob(event.audio, time.perf_counter(), number))
-        self.wait()
-
-    def barge_in(self) -> None:
-        self.outputs.stop_playback()
-        if self.answering:
-            self._cancel.set()
-            self.wait()
-            self.interrupted += 1
+        if isinstance(event, TextDelta):
+            self.render_text(event.text)
+        elif isinstance(event, TurnAnswered):
+            self.render_done(event.turn, event.done)
+        elif isinstance(event, Interrupted):
             self.note("(interrupted)")
-
-    def start_turn(self, job: TurnJob) -> None:
-        self.wait()
-        self._cancel.clear()
-        self._worker = threading.Thread(target=self._answer, args=(job,), name=f"lyra-turn-{job.number}", daemon=True)
-        self._worker.start()
-
-    def wait(self) -> None:
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def stop(self) -> None:
-        """Ctrl-C: abandon the answer under way and silence the speaker."""
-        self._cancel.set()
-        self.outputs.stop_playback()
-        self.wait()
-
-    def _answer(self, job: TurnJob) -> None:
-        try:
-            self._answer_turn(job)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
-            self.outputs.abort_turn()
-            self._error = exc
-
-    def _answer_turn(self, job: TurnJob) -> None:
-        from lyra_cli.engine.events import AudioChunk, Done, TextDelta
-        from lyra_cli.engine.pipeline import DecodedSpeech
-
-        part = self.engine.encode(DecodedSpeech(job.audio, f"turn {job.number}"))
-        self.outputs.begin_turn()
-        events = self.engine.respond(self.conversation, [part], self.sampling, voice=self.voice,
-                                     started_at=job.started_at)  # fmt: skip
-        try:
-            for event in events:
-                if self._cancel.is_set():
-                    self.outputs.abort_turn()
-                    return  # closing the generator drops the unfinished turn from the conversation
-                if isinstance(event, TextDelta):
-                    self.render_text(event.text)
-                elif isinstance(event, AudioChunk):
-                    self.outputs.write(event.samples)
-                elif isinstance(event, Done):
-                    self.outputs.end_turn()
-                    self.turns_done += 1
-                    self.render_done(job, event)
-        finally:
-            events.close()
 
 
 def listen(
@@ -199,11 +123,11 @@ def listen(
     sampling_flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                           max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
-    speech_io.check_speech_out(speech_out, overwrite=overwrite)
+    check_speech_out(speech_out, overwrite=overwrite)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     # fails here, before weights, without a microphone
     source = _source(input_file, input_device, realtime, official_audio)
-    outputs = speech_io.SpeechOutputs(speak=speak if speak is not None else input_file is None,
+    outputs = SpeechOutputs(speak=speak if speak is not None else input_file is None,
                                       device=output_device, speech_out=speech_out, overwrite=overwrite)  # fmt: skip
     listener = None
     try:
@@ -219,7 +143,7 @@ def listen(
         raise
     finally:
         source.close()
-        outputs.close(wait=listener is not None and not listener._cancel.is_set())
+        outputs.close(wait=listener is not None and not listener.cancelled)
 
 
 def _vad_config(threshold: float, min_speech: float, end_silence: float, max_turn: float):  # noqa: ANN202
@@ -279,7 +203,7 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
             info(line)
         info(listening_line(input_file))
 
-    def render_done(job: TurnJob, done: "Done") -> None:
+    def render_done(job: TurnJob, done: Done) -> None:
         if json_out:
             write_answer(json.dumps(turn_record(job, done), ensure_ascii=False) + "\n")
         else:
@@ -293,11 +217,9 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
                     conversation=Conversation() if system is None else Conversation(system=system))  # fmt: skip
 
 
-def turn_record(job: TurnJob, done: "Done") -> dict:
-    from lyra_cli.audio.io import SAMPLE_RATE_HZ
-
+def turn_record(job: TurnJob, done: Done) -> dict:
     timings = {k: round(v, 4) for k, v in done.timings.items()}
-    return {"turn": job.number, "user_speech_s": round(len(job.audio) / SAMPLE_RATE_HZ, 3), "answer": done.text,
+    return {"turn": job.number, "user_speech_s": round(job.duration_s, 3), "answer": done.text,
             "adapter": done.adapter, "new_tokens": done.new_tokens, "speech_units": len(done.units),
             "latency": {"end_of_speech_to_first_token_s": timings.get("first_token_s"),
                         "end_of_speech_to_first_audio_s": timings.get("first_audio_s"),
