@@ -22,13 +22,12 @@ from lyra_cli.audio.cache import CacheKey, SpeechTokenCache, file_digest, model_
 from lyra_cli.audio.features import TOKENS_PER_WINDOW
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
-from lyra_cli.audio.windows import WINDOW_SECONDS, count_windows, iter_window_batches, iter_windows
-from lyra_cli.engine.adapters import Adapter
+from lyra_cli.audio.windows import WINDOW_SECONDS, count_windows, iter_windows
+from lyra_cli.engine.adapters import Adapter, route
 from lyra_cli.engine.events import Progress
 from lyra_cli.engine.prompt import SpeechPart
 from lyra_cli.engine.runtime import keep_large_buffers_off_the_heap
-from lyra_cli.engine.speech import DEFAULT_ENCODE_BATCH, encode_windows, project_frames
-from lyra_cli.errors import InputError
+from lyra_cli.engine.speech import DEFAULT_ENCODE_BATCH, encode_speech
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +105,11 @@ class RecordingEncoder:
         assert self.cache is not None
         for adapter in (Adapter.LONG_SPEECH, Adapter.SPEECH):
             hit = self.cache.get(self._key(digest, adapter))
-            if hit is not None:
+            n_windows = int(hit.meta["n_windows"]) if hit is not None else 0
+            if hit is not None and route([n_windows]) is adapter:  # the adapter the clip's windows route to
                 device = self.engine.model.model.embed_tokens.weight.device
-                meta = hit.meta
-                return SpeechPart(int(meta["n_windows"]), float(meta["duration_s"]), source,
-                                  tokens={adapter.value: hit.tokens.to(device)})  # fmt: skip
+                return SpeechPart(n_windows, float(hit.meta["duration_s"]), source, tokens=hit.tokens.to(device),
+                                  adapter=adapter)  # fmt: skip
         return None
 
     def encode(self, path: str | Path, on_progress: ProgressCallback | None = None) -> tuple[SpeechPart, bool]:
@@ -120,51 +119,40 @@ class RecordingEncoder:
             cached = self._lookup(digest, str(path))
             if cached is not None:
                 return cached, True
-        part, adapter = self._encode_stream(path, on_progress)
-        if self.cache is not None:
+        part = self._encode_stream(path, on_progress)
+        if self.cache is not None and part.adapter is not None and part.tokens is not None:
             meta = {"n_windows": part.n_windows, "duration_s": part.duration_s, "source": Path(path).name}
-            self.cache.put(self._key(digest, adapter), part.tokens[adapter.value], meta)
+            self.cache.put(self._key(digest, part.adapter), part.tokens, meta)
         return part, False
 
-    def _encode_stream(self, path: str | Path, on_progress: ProgressCallback | None) -> tuple[SpeechPart, Adapter]:
+    def _encode_stream(self, path: str | Path, on_progress: ProgressCallback | None) -> SpeechPart:
         stream = self.settings.front_end.open_stream(path)
         max_samples = None if self.settings.max_audio_s is None else int(self.settings.max_audio_s * SAMPLE_RATE_HZ)
         total_s = stream.duration_s
         if total_s is not None and self.settings.max_audio_s is not None:
             total_s = min(total_s, self.settings.max_audio_s)
         windows = iter_windows(_cut(iter(stream), max_samples), official_extra_window=self.settings.official_extra_window)
-        return self._encode_windows(windows, str(path), total_s, on_progress)
+        peak = _Peak()
 
-    def _encode_windows(
-        self, windows: Iterator[np.ndarray], source: str, total_s: float | None, on_progress: ProgressCallback | None
-    ) -> tuple[SpeechPart, Adapter]:
-        tower = self.engine.model.model.speech_tower.speech_tower
-        bank = self.engine.loaded.adapters
-        pending: torch.Tensor | None = None  # frames of the first window, until we know if there is a second
-        tokens: list[torch.Tensor] = []
-        n_windows, n_samples, peak = 0, 0, 0.0
-        adapter = Adapter.SPEECH
-        for batch in iter_window_batches(windows, self.settings.encode_batch):
-            peak = max(peak, max((float(np.abs(w).max()) for w in batch if len(w)), default=0.0))
-            frames = encode_windows(tower, batch, batch_size=len(batch))  # (b, 1500, E): one encoder call
-            n_windows += len(batch)
-            n_samples += sum(len(w) for w in batch)
-            if pending is not None or n_windows > 1:
-                adapter = Adapter.LONG_SPEECH
-                projector = bank.projector(adapter)
-                if pending is not None:
-                    tokens.append(project_frames(projector, pending))
-                    pending = None
-                tokens.append(project_frames(projector, frames))
-            else:
-                pending = frames
+        def progress(done_s: float) -> None:
             if on_progress is not None:
-                done_s = n_samples / SAMPLE_RATE_HZ
                 on_progress(Progress("encode", done_s, max(total_s or 0.0, done_s), "s"))
-        if n_windows == 0 or n_samples == 0:
-            raise InputError(f"`{source}` contains no audio samples (0-second audio)", "check the recording")
-        require_speech(np.array([peak], dtype=np.float32), source)
-        if pending is not None:  # a single window: the short-speech adapter and its projector
-            tokens.append(project_frames(bank.projector(adapter), pending))
-        part = SpeechPart(n_windows, n_samples / SAMPLE_RATE_HZ, source, tokens={adapter.value: torch.cat(tokens)})
-        return part, adapter
+
+        tower = self.engine.model.model.speech_tower.speech_tower
+        part = encode_speech(tower, self.engine.loaded.adapters, peak.track(windows), str(path),
+                             batch_size=self.settings.encode_batch, keep_frames=False, on_batch=progress)  # fmt: skip
+        require_speech(np.array([peak.value], dtype=np.float32), str(path))
+        return part
+
+
+class _Peak:
+    """The loudest sample of a window stream, tracked as it passes (the silence check runs after encoding)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def track(self, windows: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for window in windows:
+            if len(window):
+                self.value = max(self.value, float(np.abs(window).max()))
+            yield window

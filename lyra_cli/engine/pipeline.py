@@ -40,7 +40,7 @@ from lyra_cli.engine.llm import KVCache
 from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, can_resume
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
 from lyra_cli.engine.runtime import Runtime
-from lyra_cli.engine.speech import encode_windows, project_frames
+from lyra_cli.engine.speech import encode_speech, project_frames
 from lyra_cli.engine.tokenizer import encode_chunk
 from lyra_cli.engine.vision import encode_visual, load_image, load_video_frames
 from lyra_cli.engine.voice import Voice
@@ -176,8 +176,7 @@ class Engine:
             tower = self.model.model.speech_tower
             if tower is None:
                 raise InputError("this model has no speech tower", f"drop {setting('speech')} for this model")
-            frames = encode_windows(tower.speech_tower, split_windows(media.wav))
-            return SpeechPart(frames.shape[0], media.duration_s, media.source, frames=frames)
+            return encode_speech(tower.speech_tower, self.loaded.adapters, split_windows(media.wav), media.source)
         tower, processor = self._vision()
         if isinstance(media, DecodedImage):
             visual = processor.images([media.image])
@@ -392,12 +391,13 @@ class Engine:
 
 
 def speech_tokens(part: SpeechPart, adapter: Adapter, projector: torch.nn.Module) -> torch.Tensor:
-    """The clip's tokens for `adapter`: stored ones when the clip was projected already, else its frames."""
-    if adapter.value in part.tokens:
-        return part.tokens[adapter.value]
+    """The clip's tokens for `adapter`: its stored ones when that adapter projected them, else from its frames."""
+    if part.tokens is not None and part.adapter is adapter:
+        return part.tokens
     if part.frames is None:
+        encoded_for = part.adapter.value if part.adapter is not None else "no"
         raise InputError(
-            f"`{part.source}` was encoded for the {', '.join(part.tokens)} adapter only",
+            f"`{part.source}` was encoded for the {encoded_for} adapter only",
             "ask about a long recording in its own conversation (/reset first)",
         )
     return project_frames(projector, part.frames)

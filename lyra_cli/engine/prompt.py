@@ -17,6 +17,7 @@ from enum import IntEnum
 
 import torch
 
+from lyra_cli.engine.adapters import Adapter
 from lyra_cli.engine.vision import image_positions
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -51,19 +52,22 @@ class VisualPart:
 
 @dataclass(frozen=True, eq=False)
 class SpeechPart:
-    """An encoded speech clip.
+    """An encoded speech clip, in one shape whichever path encoded it (`lyra_cli.engine.speech.encode_speech`).
 
-    A short clip keeps its Whisper frames (n_windows, 1500, E) and is projected when the prompt is
-    built, by whichever adapter's projector the turn uses. A long recording keeps only its projected
-    tokens (n_windows·300, H) per adapter: frames for hours of audio would not fit in memory, and a
-    multi-window clip always routes to the long-speech adapter anyway.
+    `frames` (n_windows, 1500, E) are the Whisper frames of a clip held in memory: every turn projects
+    them with the projector of the adapter it routes to, and training projects them with autograd.
+    `tokens` (n_windows·300, H) were projected by `adapter`'s projector: a streamed recording keeps only
+    those, since frames for hours of audio would not fit in memory, and `adapters.route` sends a
+    multi-window clip to the long-speech adapter in every turn anyway. `pipeline.speech_tokens` is the one
+    place that turns a part into tokens for a turn's adapter.
     """
 
     n_windows: int
     duration_s: float
     source: str
     frames: torch.Tensor | None = None
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    adapter: Adapter | None = None  # whose projector made `tokens`
 
 
 Part = TextPart | VisualPart | SpeechPart

@@ -399,7 +399,7 @@ def media_tokens(part: VisualPart | SpeechPart) -> int:
         return part.tokens.shape[0]
     if part.frames is not None:
         return part.frames.shape[0] * TOKENS_PER_WINDOW
-    return next(iter(part.tokens.values())).shape[0]
+    return part.tokens.shape[0]
 
 
 def _memo(fn: Callable[[str], list[int]]) -> Callable[[str], list[int]]:

@@ -65,7 +65,7 @@ Projection = Callable[[SpeechPart], Tensor]
 # ---------------------------------------------------------------------------------------------- the loss
 
 
-def trainable_projection(projector: nn.Module, *, long_adapter: str = "long_speech") -> Projection:
+def trainable_projection(projector: nn.Module) -> Projection:
     """SpeechPart → (N·300, H) tokens through `projector`, with autograd (no inference_mode).
 
     A long recording keeps projected tokens only (no frames): those are returned as stored, so the
@@ -73,9 +73,9 @@ def trainable_projection(projector: nn.Module, *, long_adapter: str = "long_spee
 
     def project(part: SpeechPart) -> Tensor:
         if part.frames is None:
-            if not part.tokens:
+            if part.tokens is None:
                 raise InputError(f"`{part.source}` has neither frames nor tokens", "check the record's media file")
-            return part.tokens.get(long_adapter, next(iter(part.tokens.values()))).clone()
+            return part.tokens.clone()
         weight = next(projector.parameters())
         frames = part.frames.to(device=weight.device, dtype=weight.dtype).clone()  # not an inference tensor
         return projector(frames).flatten(0, 1)
