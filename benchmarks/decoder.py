@@ -30,7 +30,8 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfi
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
 from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.llm import KVCache, LyraTextModel
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import LyraTextModel
 
 HEAD_DIM = 64
 QUERY_HEADS_PER_KV_HEAD = 4

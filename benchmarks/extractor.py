@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
 from lyra_cli.engine.extractor import parse_extract
-from lyra_cli.engine.llm import INIT_STD, KVCache, LyraTextModel
-from lyra_cli.engine.prefill import PrefillResult, prefill
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import INIT_STD, LyraTextModel
+from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, prefill
 from lyra_cli.engine.prompt import TokenKind
 
 # name -> --extract spec (None: the baseline)
@@ -173,8 +174,8 @@ def run_once(
     with PeakMemory(args.device) as memory:
         sync(args.device)
         start = time.perf_counter()
-        result = prefill(model, prompt.embeds, prompt.positions, cache, kinds=prompt.kinds, extractor=extractor,
-                         chunk_tokens=args.chunk_tokens)  # fmt: skip
+        result = prefill(model, prompt.embeds, prompt.positions, PrefillPlan(cache, extractor=extractor,
+                         chunk_tokens=args.chunk_tokens), kinds=prompt.kinds)  # fmt: skip
         sync(args.device)
         prefill_s = time.perf_counter() - start
         hidden = result.last_hidden

@@ -30,8 +30,9 @@ from lyra_cli.engine.extractor import (
     speech_clips,
     suggested_extract,
 )
-from lyra_cli.engine.llm import KVCache, LyraTextModel
-from lyra_cli.engine.prefill import PrefillResult, prefill
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import LyraTextModel
+from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, prefill
 from lyra_cli.engine.prompt import TokenKind
 from lyra_cli.engine.vision import image_positions
 from lyra_cli.errors import UsageError
@@ -218,7 +219,7 @@ def test_ratio_one_changes_nothing(setup) -> None:
     runs = []
     for extractor in (None, ExtractorConfig(compress_gap=2, keep_rate=1.0)):
         cache = KVCache.empty(CONFIG)
-        result = prefill(model, embeds, positions, cache, kinds=kinds, extractor=extractor)
+        result = prefill(model, embeds, positions, PrefillPlan(cache, extractor=extractor), kinds=kinds)
         runs.append(decode(model, lm_head, cache, result, next_pos))
         assert result.drops == [] and result.kept_index.tolist() == list(range(kinds.shape[0]))
     assert torch.equal(runs[0], runs[1])
@@ -233,7 +234,7 @@ def test_drop_that_keeps_everything_matches_no_extractor(setup) -> None:
     runs = []
     for extractor in (None, EXTRACTOR):
         cache = KVCache.empty(CONFIG)
-        result = prefill(model, embeds, positions, cache, kinds=kinds, extractor=extractor)
+        result = prefill(model, embeds, positions, PrefillPlan(cache, extractor=extractor), kinds=kinds)
         runs.append(decode(model, lm_head, cache, result, next_pos))
     assert [(d.n_before, d.n_after) for d in result.drops] == [(kinds.shape[0], kinds.shape[0])] * 2
     assert (runs[0] - runs[1]).abs().max().item() <= 1e-6
@@ -247,7 +248,7 @@ def test_kept_set_and_decoding_match_brute_force(setup) -> None:
     _, kept_sets = reference_forward(model, embeds, positions, kinds, kept_sets=None)
 
     cache = KVCache.empty(CONFIG)
-    result = prefill(model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR)
+    result = prefill(model, embeds, positions, PrefillPlan(cache, extractor=EXTRACTOR), kinds=kinds)
     assert set(result.kept_index.tolist()) == kept_sets[-1]
     n_text = kinds.shape[0] - n_ctx
     first, second = keep_count(n_ctx, 0.7), keep_count(keep_count(n_ctx, 0.7), 0.7)
@@ -278,7 +279,7 @@ def test_prefill_after_an_earlier_turn_scores_against_every_key(setup) -> None:
     earlier = torch.randn(1, n_earlier, CONFIG.hidden_size, generator=torch.Generator().manual_seed(4))
     cache = KVCache.empty(CONFIG)
     model(earlier, torch.arange(n_earlier).expand(3, 1, -1), cache)
-    result = prefill(model, embeds, positions + n_earlier, cache, kinds=kinds, extractor=EXTRACTOR)
+    result = prefill(model, embeds, positions + n_earlier, PrefillPlan(cache, extractor=EXTRACTOR), kinds=kinds)
 
     whole_kinds = torch.cat([torch.full((n_earlier,), int(TokenKind.TEXT)), kinds])
     whole_positions = torch.cat([torch.arange(n_earlier).expand(3, 1, -1), positions + n_earlier], dim=2)

@@ -15,7 +15,8 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfi
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
 from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.llm import CACHE_BLOCK_TOKENS, KVCache, LyraTextModel
+from lyra_cli.engine.kvcache import CACHE_BLOCK_TOKENS, KVCache
+from lyra_cli.engine.llm import LyraTextModel
 
 CONFIG = TextModelConfig(
     vocab_size=300,

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
-from lyra_cli.engine.llm import CACHE_BLOCK_TOKENS, KVCache, LyraTextModel
-from lyra_cli.engine.prefill import PrefillResult, prefill
+from lyra_cli.engine.kvcache import CACHE_BLOCK_TOKENS, KVCache
+from lyra_cli.engine.llm import LyraTextModel
+from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, prefill
 from lyra_cli.engine.prompt import TokenKind
 
 CONFIG = TextModelConfig(
@@ -53,7 +54,7 @@ def run(setup, extractor: ExtractorConfig | None, chunk_tokens: int | None) -> t
     model, lm_head, embeds, positions, kinds = setup
     cache = KVCache.empty(CONFIG, capacity=N_TOKENS + N_DECODE_STEPS)
     with torch.no_grad():
-        result = prefill(model, embeds, positions, cache, kinds=kinds, extractor=extractor, chunk_tokens=chunk_tokens)
+        result = prefill(model, embeds, positions, PrefillPlan(cache, extractor=extractor, chunk_tokens=chunk_tokens), kinds=kinds)
         hidden, logits = result.last_hidden, [lm_head(result.last_hidden)[0]]
         for step in range(N_DECODE_STEPS):
             token = model.embed_tokens(logits[-1].argmax().view(1, 1))
@@ -66,7 +67,7 @@ def test_plain_prefill_is_exactly_the_model(setup) -> None:
     model, _, embeds, positions, kinds = setup
     with torch.no_grad():
         expected = model(embeds, positions, KVCache.empty(CONFIG), n_out=1)[:, -1]
-        result = prefill(model, embeds, positions, KVCache.empty(CONFIG), kinds=kinds)
+        result = prefill(model, embeds, positions, PrefillPlan(KVCache.empty(CONFIG)), kinds=kinds)
     assert torch.equal(result.last_hidden, expected)
     assert result.kept_index.tolist() == list(range(N_TOKENS)) and result.drops == []
 
@@ -120,8 +121,8 @@ def test_progress_counts_token_layers_to_the_total(setup, extractor, chunk_token
         calls.append((done, total))
 
     with torch.no_grad():
-        result = prefill(model, embeds, positions, KVCache.empty(CONFIG), kinds=kinds, extractor=extractor,
-                         chunk_tokens=chunk_tokens, on_progress=on_progress)  # fmt: skip
+        result = prefill(model, embeds, positions, PrefillPlan(KVCache.empty(CONFIG), extractor=extractor,
+                         chunk_tokens=chunk_tokens), kinds=kinds, on_progress=on_progress)  # fmt: skip
     dones, totals = [c[0] for c in calls], {c[1] for c in calls}
     # (live tokens, layers) per block: one block of every layer, or (EXTRACTOR) one block per layer
     blocks = [(N_TOKENS, 1)] + [(d.n_after, 1) for d in result.drops] if extractor else [(N_TOKENS, CONFIG.num_layers)]
@@ -134,7 +135,7 @@ def test_progress_counts_token_layers_to_the_total(setup, extractor, chunk_token
 def test_rejects_bad_chunk_size(setup) -> None:
     model, _, embeds, positions, _ = setup
     with pytest.raises(ValueError, match="chunk_tokens"):
-        prefill(model, embeds, positions, KVCache.empty(CONFIG), chunk_tokens=0)
+        prefill(model, embeds, positions, PrefillPlan(KVCache.empty(CONFIG), chunk_tokens=0))
 
 
 def test_prefill_after_an_earlier_turn(setup) -> None:
@@ -145,8 +146,8 @@ def test_prefill_after_an_earlier_turn(setup) -> None:
         cache = KVCache.empty(CONFIG)
         with torch.no_grad():
             model(embeds[:, :20], positions[..., :20], cache)  # an earlier turn
-            results.append(prefill(model, embeds, positions + 20, cache, kinds=kinds, extractor=EXTRACTOR,
-                                   chunk_tokens=chunk_tokens))  # fmt: skip
+            results.append(prefill(model, embeds, positions + 20, PrefillPlan(cache, extractor=EXTRACTOR,
+                                   chunk_tokens=chunk_tokens), kinds=kinds))  # fmt: skip
     assert torch.equal(results[0].kept_index, results[1].kept_index)
     assert (results[0].last_hidden - results[1].last_hidden).abs().max().item() <= CHUNKED_ATOL
 
@@ -157,7 +158,7 @@ def test_pruned_layers_reserve_only_their_tokens(setup) -> None:
     capacity = CACHE_BLOCK_TOKENS + 14  # layer 0 needs two storage blocks; after 33 dropped, one is enough
     cache = KVCache.empty(CONFIG, capacity=capacity)
     with torch.no_grad():
-        prefill(model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR)
+        prefill(model, embeds, positions, PrefillPlan(cache, extractor=EXTRACTOR), kinds=kinds)
     assert [cache._keys[i].shape[2] for i in range(CONFIG.num_layers)] == [2 * CACHE_BLOCK_TOKENS] + [
         CACHE_BLOCK_TOKENS] * 3  # fmt: skip
 
@@ -199,17 +200,18 @@ def test_follow_up_reusing_block_one_equals_a_fresh_prefill(setup, extractor: Ex
     n2 = embeds2.shape[1]
     with torch.no_grad():
         fresh_cache, fresh_calls = KVCache.empty(CONFIG), []
-        fresh = prefill(model, embeds2, positions2, fresh_cache, kinds=kinds2, extractor=extractor,
+        fresh = prefill(model, embeds2, positions2, PrefillPlan(fresh_cache, extractor=extractor), kinds=kinds2,
                         on_progress=lambda done, total: fresh_calls.append((done, total)))  # fmt: skip
         fresh_logits = _decode(setup, fresh_cache, fresh, n2)
 
         cache = KVCache.empty(CONFIG)
-        first = prefill(model, embeds, positions, cache, kinds=kinds, extractor=extractor, keep_first_block=True)
+        first = prefill(model, embeds, positions, PrefillPlan(cache, extractor=extractor, keep_first_block=True),
+                        kinds=kinds)
         assert first.first_block is not None and first.first_block.boundary.shape[1] == N_TOKENS
         cache.keep_first_block(first.first_block.n_layers, N_SHARED)
         calls: list[tuple[int, int]] = []
-        resumed = prefill(model, embeds2, positions2, cache, kinds=kinds2, extractor=extractor, chunk_tokens=chunk_tokens,
-                          resume=first.first_block, on_progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+        resumed = prefill(model, embeds2, positions2, PrefillPlan(cache, N_SHARED, first.first_block, extractor, chunk_tokens),
+                          kinds=kinds2, on_progress=lambda done, total: calls.append((done, total)))  # fmt: skip
         resumed_logits = _decode(setup, cache, resumed, n2)
     assert torch.equal(resumed.kept_index, fresh.kept_index) and resumed.drops == fresh.drops
     assert (resumed.last_hidden - fresh.last_hidden).abs().max().item() <= CHUNKED_ATOL
@@ -227,8 +229,9 @@ def test_resume_refuses_a_first_block_of_other_blocks(setup) -> None:
     embeds2, positions2, kinds2 = _follow_up(setup)
     cache = KVCache.empty(CONFIG)
     with torch.no_grad():
-        first = prefill(model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR, keep_first_block=True)
+        first = prefill(model, embeds, positions, PrefillPlan(cache, extractor=EXTRACTOR, keep_first_block=True),
+                        kinds=kinds)
         cache.keep_first_block(first.first_block.n_layers, N_SHARED)
         with pytest.raises(ValueError, match="first block"):
-            prefill(model, embeds2, positions2, cache, kinds=kinds2, extractor=ExtractorConfig(compress_gap=2, keep_rate=0.6),
-                    resume=first.first_block)  # fmt: skip
+            prefill(model, embeds2, positions2, PrefillPlan(cache, N_SHARED, first.first_block,
+                    ExtractorConfig(compress_gap=2, keep_rate=0.6)), kinds=kinds2)  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 
 from lyra_cli.audio.io import load_audio
 from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.llm import KVCache
+from lyra_cli.engine.kvcache import KVCache
 from lyra_cli.engine.loader import load_model
 from lyra_cli.engine.pipeline import DecodedSpeech, Engine
 from lyra_cli.engine.prompt import Conversation, TextPart

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.llm import INIT_STD, KVCache, LyraTextModel, RMSNorm
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import INIT_STD, LyraTextModel, RMSNorm
 from lyra_cli.engine.quant import describe_quantization, quantize_linears
 from lyra_cli.errors import MissingDependencyError
 

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
 from lyra_cli.engine.extractor import context_mask, query_mask
-from lyra_cli.engine.llm import KVCache, LyraTextModel
-from lyra_cli.engine.prefill import prefill
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import LyraTextModel
+from lyra_cli.engine.prefill import PrefillPlan, prefill
 from lyra_cli.engine.prompt import TokenKind
 from lyra_cli.engine.train.data import IGNORE_INDEX
 from lyra_cli.engine.train.extract import forward_extracting
@@ -79,7 +80,7 @@ def test_training_drops_the_tokens_inference_drops(setup) -> None:  # noqa: ANN0
     out = _forward(setup, EXTRACTOR)
     cache = KVCache.empty(CONFIG, capacity=N_TOKENS)
     with torch.no_grad():
-        reference = prefill(model.model, embeds, positions, cache, kinds=kinds, extractor=EXTRACTOR)
+        reference = prefill(model.model, embeds, positions, PrefillPlan(cache, extractor=EXTRACTOR), kinds=kinds)
     assert torch.equal(out.kept_index, reference.kept_index)
     assert out.drops == reference.drops and len(out.drops) == 3
     assert out.drops[-1].n_after < out.drops[0].n_before  # it really dropped

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.llm import KVCache
+from lyra_cli.engine.kvcache import KVCache
 from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, prefill
+from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, ProgressFn, prefill
 from lyra_cli.engine.prompt import PromptInputs
 from lyra_cli.errors import UsageError, setting
 
@@ -153,33 +152,23 @@ def stream_steps(
     *,
     cfg: SamplingConfig,
     end_ids: set[int],
-    extractor: ExtractorConfig | None = None,
-    chunk_tokens: int | None = None,
+    plan: PrefillPlan | None = None,
     on_prefilled: Callable[[PrefillResult], None] | None = None,
     on_prefill_progress: ProgressFn | None = None,
-    cache: KVCache | None = None,
-    reused_tokens: int = 0,
-    resume: FirstBlock | None = None,
-    keep_first_block: bool = False,
     feed_end: bool = False,
 ) -> Iterator[Step]:
-    """Prefill `inputs` (chunked, with the extractor when given), then yield tokens until an end id
-    (yielded with `is_end`) or `max_new_tokens`. Decoding runs on the caches the prefill left, which
-    the extractor may have shortened; new tokens keep the original position numbering.
+    """Prefill `inputs` as `plan` says (None: into a fresh cache, no extractor, no chunking), then yield
+    tokens until an end id (yielded with `is_end`) or `max_new_tokens`. Decoding runs on the caches the
+    prefill left, which the extractor may have shortened; new tokens keep the original position numbering.
 
-    `cache` holding the first `reused_tokens` of this very prompt (a previous prompt's prefix) skips
-    their prefill; only the rest is computed. With the extractor, only block 1 of those tokens can be
-    reused: `resume` is that block's state (see `prefill`), and `keep_first_block` asks the prefill to
-    return this prompt's for the next one. With `feed_end`, the end token is fed too and one last
-    step (token -1) carries the state it produces: the state *of* the end token, which the speech
-    generator sees in training (docs/authors-behaviour.md#speech-generator)."""
+    `on_prefilled(result)` is called once the prefill completed, before the first token. With `feed_end`,
+    the end token is fed too and one last step (token -1) carries the state it produces: the state *of*
+    the end token, which the speech generator sees in training (docs/authors-behaviour.md#speech-generator)."""
     backbone = model.model
-    if cache is None:
-        cache, reused_tokens = KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens), 0
-    rest = slice(0 if resume is not None else reused_tokens, None)  # resuming: block 1 sees the rest itself
-    result = prefill(backbone, inputs.embeds[:, rest], inputs.positions[:, :, rest], cache, kinds=inputs.kinds[rest],
-                     extractor=extractor, chunk_tokens=chunk_tokens, on_progress=on_prefill_progress,
-                     keep_first_block=keep_first_block, resume=resume)  # fmt: skip
+    if plan is None:
+        plan = PrefillPlan(KVCache.empty(model.config.text, capacity=inputs.n_tokens + cfg.max_new_tokens))
+    result = prefill(backbone, inputs.embeds, inputs.positions, plan, kinds=inputs.kinds,
+                     on_progress=on_prefill_progress)  # fmt: skip
     if on_prefilled is not None:
         on_prefilled(result)
     hidden = result.last_hidden  # (1, H)
@@ -196,7 +185,7 @@ def stream_steps(
         seen = torch.cat([seen, torch.tensor([token], device=seen.device)])
         position = torch.full((3, 1, 1), inputs.next_position + step, device=hidden.device, dtype=torch.long)
         embeds = backbone.embed_tokens(torch.tensor([[token]], device=hidden.device))
-        hidden = backbone(embeds, position, cache)[:, -1]
+        hidden = backbone(embeds, position, plan.cache)[:, -1]
         if is_end:
             yield Step(END_STATE, hidden[0], True)
             return

@@ -36,8 +36,8 @@ from lyra_cli.engine.extractor import evidence_spans, format_spans
 from lyra_cli.engine.generate import END_STATE, SamplingConfig, StepLogprobs, TextStreamer, stream_steps
 from lyra_cli.engine.loader import LoadedModel, load_model
 from lyra_cli.engine.towers import TowerOverrides
-from lyra_cli.engine.llm import KVCache
-from lyra_cli.engine.prefill import FirstBlock, PrefillResult, ProgressFn, can_resume
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.prefill import FirstBlock, PrefillPlan, PrefillResult, ProgressFn, can_resume
 from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
 from lyra_cli.engine.runtime import Runtime
 from lyra_cli.engine.speech import encode_speech, project_frames
@@ -129,7 +129,7 @@ class PrefixCache:
     adapter: Adapter
     cache: KVCache
     extractor: ExtractorConfig | None = None  # on: only block 1 of the cache is reusable ...
-    first_block: FirstBlock | None = None  # ... with this state, set once the prefill returned it
+    first_block: FirstBlock | None = None  # ... with this state, from its prefill's result
 
     def shared_tokens(self, inputs: PromptInputs, adapter: Adapter) -> int:
         """How many leading tokens of `inputs` this cache already holds (at most all but the last)."""
@@ -281,32 +281,24 @@ class Engine:
         n_new, stop = 0, "length"
         logprobs: list[TokenLogprob] = []  # stays empty unless `sampling.logprobs` is set
         sent = 0  # logprobs already carried by a delta
-        prefilled: list[tuple[PrefillResult, float]] = []
-
-        def on_prefilled(result: PrefillResult) -> None:
-            prefilled.append((result, time.perf_counter() - start))
-            if pending is not None:  # a complete prefill: the next prompt may build on it
-                pending.first_block = result.first_block
-                self._prefix = pending
-
-        cache, reused, resume, pending = self._reusable(inputs, adapter, extractor,
-                                                        inputs.n_tokens + sampling.max_new_tokens)  # fmt: skip
+        prefilled: list[tuple[PrefillResult, float]] = []  # the prefill's result, and when it completed
+        plan = self._plan(inputs, adapter, extractor, chunk_tokens, inputs.n_tokens + sampling.max_new_tokens)
         speaking = voice.start() if voice is not None else None
         audio = AudioClock(voice.sample_rate_hz if voice is not None else 1, start)
-        steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, extractor=extractor,
-                             chunk_tokens=chunk_tokens, on_prefilled=on_prefilled,
-                             on_prefill_progress=on_prefill_progress, cache=cache, reused_tokens=reused,
-                             resume=resume, keep_first_block=self.reuse_prefix,
+        steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, plan=plan,
+                             on_prefilled=lambda result: prefilled.append((result, time.perf_counter() - start)),
+                             on_prefill_progress=on_prefill_progress,
                              feed_end=voice is not None and voice.config.aligned)  # fmt: skip
         def kept_tokens() -> int:
             if not prefilled:
                 return inputs.n_tokens
             # a resumed prefill's kept set covers the whole prompt, a plain one's only what it computed
-            return int(prefilled[0][0].kept_index.numel()) + (0 if resume is not None else reused)
+            return int(prefilled[0][0].kept_index.numel()) + plan.computed_from
 
         for step in steps:
             if first_token_s is None:
                 first_token_s = time.perf_counter() - start
+                self._keep(inputs, adapter, plan, prefilled[0][0])  # the prefill completed: keep it for the next prompt
                 prefill_s = prefilled[0][1] if prefilled else first_token_s
                 yield Prefilled(prompt_tokens=inputs.n_tokens, kept_tokens=kept_tokens(), prefill_s=prefill_s)
             if speaking is not None:
@@ -347,7 +339,7 @@ class Engine:
                      **audio.timings(total)},  # fmt: skip
             kept_tokens=kept_tokens(),
             evidence=_evidence(inputs, result.kept_index) if result is not None and result.drops else [],
-            reused_tokens=reused,
+            reused_tokens=plan.reused_tokens,
             units=speaking.all_units if speaking is not None else [],
             logprobs=logprobs if sampling.logprobs is not None else None,
         )
@@ -362,22 +354,27 @@ class Engine:
         tokens kept (an alternative may be the end token)."""
         return self.loaded.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _reusable(
-        self, inputs: PromptInputs, adapter: Adapter, extractor: ExtractorConfig | None, capacity: int
-    ) -> tuple[KVCache, int, FirstBlock | None, PrefixCache | None]:
-        """The cache to prefill into, how many of this prompt's first tokens it already holds, the state of
-        block 1 to resume from (extractor on), and this prompt's entry to keep once its prefill completed.
+    def _plan(
+        self,
+        inputs: PromptInputs,
+        adapter: Adapter,
+        extractor: ExtractorConfig | None,
+        chunk_tokens: int | None,
+        capacity: int,
+    ) -> PrefillPlan:
+        """This turn's prefill: the cache to fill, how many of the prompt's first tokens it already holds,
+        the state of block 1 to resume from (extractor on), and whether to keep block 1 for the next prompt.
 
         The extractor's drops depend on the question, so with it only block 1 (the layers before the first
-        drop) of a shared beginning is reused; the deeper layers are rebuilt (`prefill(resume=...)`)."""
+        drop) of a shared beginning is reused; the deeper layers are rebuilt (`PrefillPlan.resume`)."""
         previous, self._prefix = self._prefix, None  # kept again only after this prompt's prefill completes
-        extractor = extractor if extractor is not None and extractor.enabled else None
+        enabled = extractor if extractor is not None and extractor.enabled else None  # a disabled one drops nothing
         reused, first = 0, None
-        if previous is not None and previous.extractor == extractor:
-            if extractor is None:
+        if previous is not None and previous.extractor == enabled:
+            if enabled is None:
                 reused = previous.shared_tokens(inputs, adapter)
             elif previous.first_block is not None and can_resume(
-                previous.first_block, inputs.kinds, extractor, self.model.config.text.num_layers
+                previous.first_block, inputs.kinds, enabled, self.model.config.text.num_layers
             ):
                 first = previous.first_block
                 reused = previous.shared_tokens(inputs, adapter)
@@ -386,8 +383,14 @@ class Engine:
             cache.keep_first_block(first.n_layers if first is not None else cache.num_layers, reused)
         else:
             cache, first = KVCache.empty(self.model.config.text, capacity=capacity), None
-        pending = PrefixCache(inputs.embeds, inputs.positions, adapter, cache, extractor) if self.reuse_prefix else None
-        return cache, reused, first, pending
+        return PrefillPlan(cache, reused, first, enabled, chunk_tokens, keep_first_block=self.reuse_prefix)
+
+    def _keep(self, inputs: PromptInputs, adapter: Adapter, plan: PrefillPlan, result: PrefillResult) -> None:
+        """Keep this prompt's cache for the next prompt that shares its beginning; only call once its
+        prefill completed (a cut-short prefill leaves a cache no prompt can build on)."""
+        if self.reuse_prefix:
+            self._prefix = PrefixCache(inputs.embeds, inputs.positions, adapter, plan.cache, plan.extractor,
+                                       result.first_block)  # fmt: skip
 
 
 def speech_tokens(part: SpeechPart, adapter: Adapter, projector: torch.nn.Module) -> torch.Tensor:

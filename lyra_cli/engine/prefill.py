@@ -31,7 +31,8 @@ from lyra_cli.engine.extractor import (
     query_mask,
     select_kept,
 )
-from lyra_cli.engine.llm import KVCache, LyraTextModel
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import LyraTextModel
 
 # on_progress(done, total), in token-layers: one token through one decoder layer. With the extractor the
 # deeper blocks hold fewer tokens, so this (not a token count) is what makes a progress bar move evenly.
@@ -66,7 +67,7 @@ class PrefillResult:
     last_hidden: Tensor  # (1, H) final-normed state of the last prompt token: predicts the first new token
     kept_index: Tensor  # (T_final,) prompt indices that survived every drop, ascending (CPU, long)
     drops: list[DropRecord]
-    first_block: FirstBlock | None = None  # with keep_first_block, after a drop into an empty cache
+    first_block: FirstBlock | None = None  # with `PrefillPlan.keep_first_block`, after block 1 of the whole prompt
 
 
 @dataclass
@@ -93,31 +94,53 @@ class LiveTokens:
         )
 
 
+@dataclass(frozen=True)
+class PrefillPlan:
+    """How one prompt is prefilled, decided once per turn: where it goes, what it reuses, what it keeps.
+
+    `cache` already holds this prompt's first `reused_tokens` (a previous prompt's prefix, see
+    `KVCache.truncate`/`keep_first_block`); only the rest is computed. With the extractor only block 1 of
+    those tokens can be reused: `resume` is that block's state from the earlier prompt, and the rest of
+    the prompt then runs through block 1 while the whole prompt continues past it. `keep_first_block`
+    asks for this prompt's block 1 (`PrefillResult.first_block`), for the next prompt to resume from."""
+
+    cache: KVCache
+    reused_tokens: int = 0
+    resume: FirstBlock | None = None
+    extractor: ExtractorConfig | None = None
+    chunk_tokens: int | None = None  # tokens one layer call processes at most (None: all at once)
+    keep_first_block: bool = False
+
+    @property
+    def computed_from(self) -> int:
+        """The first prompt token the prefill takes as input: resuming, block 1 sees the rest itself."""
+        return 0 if self.resume is not None else self.reused_tokens
+
+
 @torch.no_grad()
 def prefill(
     model: LyraTextModel,
     inputs_embeds: Tensor,
     position_ids: Tensor,
-    cache: KVCache,
+    plan: PrefillPlan,
     *,
     kinds: Tensor | None = None,
-    extractor: ExtractorConfig | None = None,
-    chunk_tokens: int | None = None,
     on_progress: ProgressFn | None = None,
-    keep_first_block: bool = False,
-    resume: FirstBlock | None = None,
 ) -> PrefillResult:
-    """Fill `cache` with the prompt inputs_embeds (1, T, H) at position_ids (3, 1, T).
+    """Fill `plan.cache` with the prompt inputs_embeds (1, T, H) at position_ids (3, 1, T), as `plan` says.
 
-    kinds (T,) TokenKind is needed by the extractor (which tokens are image/speech, which are queries).
-    chunk_tokens bounds the tokens one layer call processes (None: all at once). Without chunking and
-    without drops this is exactly `model(inputs_embeds, position_ids, cache, n_out=1)[:, -1]`. on_progress(done,
-    total) is called after every chunk, in token-layers (the total is known up front, drops included).
-    keep_first_block returns block 1's state (`FirstBlock`) for a later prompt with the same beginning;
-    `resume` is such a state: then the inputs are the whole new prompt, block 1's layers of `cache` hold
-    its first `cache.layer_length(0)` tokens (see `KVCache.keep_first_block`), and only the rest runs
-    through block 1. Inference only: runs without autograd.
+    The inputs are the whole prompt; its first `plan.reused_tokens` are in the cache already and are not
+    computed again. kinds (T,) TokenKind is needed by the extractor (which tokens are image/speech, which
+    are queries). Without chunking, drops or reuse this is exactly `model(inputs_embeds, position_ids, cache,
+    n_out=1)[:, -1]`. on_progress(done, total) is called after every chunk, in token-layers (the total is
+    known up front, drops included). With `plan.resume`, block 1's layers of the cache hold the prompt's
+    first `cache.layer_length(0)` tokens (see `KVCache.keep_first_block`), and only the rest runs through
+    block 1. Inference only: runs without autograd.
     """
+    rest = slice(plan.computed_from, None)
+    inputs_embeds, position_ids = inputs_embeds[:, rest], position_ids[:, :, rest]
+    kinds = kinds[rest] if kinds is not None else None
+    cache, extractor, chunk_tokens, resume = plan.cache, plan.extractor, plan.chunk_tokens, plan.resume
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     n_tokens, n_layers = inputs_embeds.shape[1], len(model.layers)
@@ -137,7 +160,7 @@ def prefill(
         fresh = cache.seq_length == 0  # block 1 then covers the whole prompt: worth keeping
         layers = range(*dropping_blocks[0])
         live.hidden, text_inputs = _run_block(model, layers, live, cache, chunk_tokens, progress, keep_all=True)
-        if keep_first_block and fresh:
+        if plan.keep_first_block and fresh:
             first_block = FirstBlock(len(layers), live.hidden, live.original_index[~live.is_context], text_inputs)
         live, drops = _drop_and_continue(model, live, text_inputs, cache, dropping_blocks, keep_rate, chunk_tokens,
                                          progress)  # fmt: skip

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from lyra_cli.engine import checkpoint as ckpt
 from lyra_cli.engine.config import LyraConfig, SpeechGeneratorConfig, TextModelConfig
-from lyra_cli.engine.llm import N_ROPE_AXES, DecoderLayer, KVCache, MRoPE
+from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.llm import N_ROPE_AXES, DecoderLayer, MRoPE
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
