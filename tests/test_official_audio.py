@@ -104,3 +104,12 @@ def test_listen_official_audio_decodes_the_input_file(real):
 def test_listen_official_audio_needs_an_input_file(capsys):
     code, _, err = lyra(capsys, "listen", "--official-audio")
     assert code == 2 and "--input-file" in err
+
+
+def test_predictions_written_before_the_front_end_was_recorded_count_as_the_default_one() -> None:
+    from lyra_cli.engine.eval.runner import recorded_settings
+
+    old = {"id": "1", "settings": {"model": "tiny", "seed": None}}
+    assert recorded_settings(old) == {"channel_mix": "mean", "resampler": "soxr", "model": "tiny", "seed": None}
+    official = {"settings": {"channel_mix": "first", "resampler": "sinc"}}
+    assert recorded_settings(official) == {"channel_mix": "first", "resampler": "sinc"}

@@ -177,12 +177,20 @@ class PredictionWriter:
         self.close()
 
 
+def recorded_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A prediction's run settings. Lines written before the audio front end was recorded were made with the
+    default one (channel mean, soxr), so they still resume and merge with a default run."""
+    from lyra_cli.audio.frontend import AudioFrontEnd
+
+    return {**AudioFrontEnd().key_settings(), **(record.get("settings") or {})}
+
+
 def check_resumable(existing: PredictionsFile, path: Path, suite: Suite, mode: str,
                     settings: Mapping[str, Any]) -> None:  # fmt: skip
     """Refuse to append to a file made by another suite, mode or set-up (the answers would mix)."""
     ours = {"suite": suite.name, "mode": mode, **settings}
     for record in existing.records:
-        theirs = {"suite": record.get("suite"), "mode": record.get("mode"), **(record.get("settings") or {})}
+        theirs = {"suite": record.get("suite"), "mode": record.get("mode"), **recorded_settings(record)}
         differences = [f"{key} `{theirs.get(key)}` ≠ `{ours.get(key)}`" for key in {**theirs, **ours}
                        if theirs.get(key) != ours.get(key)]  # fmt: skip
         if differences:
@@ -656,7 +664,7 @@ def _existing(path: Path) -> Path:
 
 
 def _check_same_run(records: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> None:
-    runs = {json.dumps([r.get("suite"), r.get("mode"), r.get("settings")], sort_keys=True) for r in records}
+    runs = {json.dumps([r.get("suite"), r.get("mode"), recorded_settings(r)], sort_keys=True) for r in records}
     if len(runs) > 1:
         raise UsageError(f"the files hold predictions of different runs: {' · '.join(sorted(runs))}",
                          f"merge only the shards of one run ({len(paths)} files given)")  # fmt: skip
