@@ -137,7 +137,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        from lyra_cli.engine.tiny import tiny_model_dir
+        from lyra_cli.engine.model.tiny import tiny_model_dir
 
         tiny = tiny_model_dir()  # found in (or built into) the usual cache
         os.environ["LYRA_CACHE_DIR"] = str(tmp / "cache")  # the speech-token cache: ours, emptied per run

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lyra_cli.engine.generate import (
+from lyra_cli.engine.run.generate import (
     SamplingConfig,
     TextStreamer,
     apply_repetition_penalty,
@@ -88,7 +88,7 @@ def test_streamer_decodes_a_window_not_the_whole_answer() -> None:
 
 
 def test_streamer_equals_decoding_the_whole_answer_with_the_real_tokenizer(tiny_dir) -> None:
-    from lyra_cli.engine.tokenizer import load_tokenizer
+    from lyra_cli.engine.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_dir)
     ids = tokenizer.encode("Hello, wörld! 中文 🙂 tabs\tand\nlines", add_special_tokens=False)

@@ -14,7 +14,7 @@ import soundfile as sf
 
 import lyra_cli.engine as api
 from lyra_cli.commands.common import flag_for
-from lyra_cli.engine.extractor import parse_extract
+from lyra_cli.engine.run.extractor import parse_extract
 from lyra_cli.errors import RuntimeSetupError, UsageError
 from lyra_cli.main import run
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.synthetic import write_synthetic_set
 
-from lyra_cli.engine.loader import LoadedModel, load_model
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.speech_out import load_speech_generator
+from lyra_cli.engine.model.loader import LoadedModel, load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.speech_generator import load_speech_generator
+from lyra_cli.engine.run.pipeline import Engine
 from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder, parse_records
 from lyra_cli.engine.train.loop import (
     Trainer,
@@ -23,7 +24,6 @@ from lyra_cli.engine.train.loop import (
     train_step_terms,
 )
 from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage, stage_extractor
-from helpers.synthetic import write_synthetic_set
 from lyra_cli.errors import UsageError
 
 CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))

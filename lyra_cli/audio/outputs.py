@@ -1,5 +1,5 @@
 """Where spoken answers go: the speaker, a wav file per turn, or both. Shared by `chat`, `listen` and any
-caller of `lyra_cli.engine.session`.
+caller of `lyra_cli.engine.run.session`.
 
 The speaker is fed through a queue that its own audio thread drains, so playback never blocks
 generation. Wav files are written atomically when a turn ends; an interrupted turn leaves nothing.

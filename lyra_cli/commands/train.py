@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from lyra_cli.commands import common
-from lyra_cli.engine.models import resolve_model
+from lyra_cli.engine.model.resolve import resolve_model
 from lyra_cli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as engine.train.loop.PRECISIONS, without importing torch for --help
@@ -106,7 +106,7 @@ def train_stage(
         raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
     if not dry_run:
         check_train_paths(data, out, overwrite=overwrite)
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
     from lyra_cli.engine.train.distributed import Distributed
     from lyra_cli.engine.train.loop import resolve_precision
 
@@ -193,8 +193,8 @@ def _print(text: str) -> None:
 def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any, towers: Any) -> tuple[Any, Any, Any]:
     import torch
 
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.speech_out import load_speech_generator
+    from lyra_cli.engine.model.speech_generator import load_speech_generator
+    from lyra_cli.engine.run.pipeline import Engine
     from lyra_cli.engine.train.stages import Trains, prepare_for_stage
 
     engine = Engine.load(resolve_model(model), runtime, towers)
@@ -213,7 +213,7 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
              report: bool) -> tuple[list, Any]:  # fmt: skip
     """The usable records for `stage` and the skipped ones by reason, reported once; before any weights load."""
     from lyra_cli.console import info
-    from lyra_cli.engine.adapters import Adapter
+    from lyra_cli.engine.model.adapters import Adapter
     from lyra_cli.engine.train.data import keep_with_units, parse_records, short_speech_count
     from lyra_cli.engine.train.stages import Trains
     from lyra_cli.errors import InputError
@@ -242,8 +242,8 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
 def _check_extract(stage: Any, model: str) -> None:
     """`--extract` against the model's depth, read from its config (no weights)."""
     if stage.extract:
-        from lyra_cli.engine.config import load_config
-        from lyra_cli.engine.extractor import parse_extract
+        from lyra_cli.engine.model.config import load_config
+        from lyra_cli.engine.run.extractor import parse_extract
 
         parse_extract(stage.extract, load_config(resolve_model(model)).text.num_layers)
 
@@ -352,11 +352,10 @@ def merge(
     model: str = common.ModelOption,
 ) -> None:
     """`lyra train merge`: see the help above."""
-    from lyra_cli.outputs import check_output_dir
-
     from lyra_cli.console import info
-    from lyra_cli.engine.adapters import ADAPTER_NAMES, Adapter
+    from lyra_cli.engine.model.adapters import ADAPTER_NAMES, Adapter
     from lyra_cli.engine.train.merge import SAVE_DTYPES, merge_adapter
+    from lyra_cli.outputs import check_output_dir
 
     if adapter not in ADAPTER_NAMES:
         raise UsageError(f"unknown adapter `{adapter}`", f"choose one of: {', '.join(sorted(ADAPTER_NAMES))}")

@@ -169,7 +169,7 @@ def _cell(engine: Any, haystack: Sequence[np.ndarray], needle: np.ndarray, spec:
           depth: float, work: Path, sampling: Any, extractor: Any) -> NeedleCell:  # fmt: skip
     import soundfile as sf
 
-    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder
+    from lyra_cli.engine.run.longspeech import LongSpeechSettings, RecordingEncoder
 
     recording, start_s = compose(haystack, needle, length_s, depth)
     path = work / f"needle-{length_s:g}s-{depth:g}.wav"
@@ -188,7 +188,7 @@ def _cell(engine: Any, haystack: Sequence[np.ndarray], needle: np.ndarray, spec:
 
 
 def _ask(engine: Any, part: Any, question: str, sampling: Any, extractor: Any) -> Any:
-    from lyra_cli.engine.prompt import Conversation, TextPart
+    from lyra_cli.engine.run.prompt import Conversation, TextPart
 
     return engine.generate(Conversation(), [part, TextPart(question)], sampling, extractor=extractor)
 

@@ -297,8 +297,8 @@ def _skipped(skip: Skip) -> dict[str, Any]:
 
 def decode_pieces(pieces: Sequence[Piece], front_end: AudioFrontEnd = AudioFrontEnd()) -> list[Any] | Skip:
     """Decode images (at the authors' eval size) and speech; a file that does not decode is a skip."""
-    from lyra_cli.engine.pipeline import DecodedImage, read_media
-    from lyra_cli.engine.vision import EVAL_MAX_SIDE, load_image
+    from lyra_cli.engine.model.vision import EVAL_MAX_SIDE, load_image
+    from lyra_cli.engine.run.pipeline import DecodedImage, read_media
 
     decoded: list[Any] = []
     for piece in pieces:
@@ -316,14 +316,14 @@ def decode_pieces(pieces: Sequence[Piece], front_end: AudioFrontEnd = AudioFront
 
 
 def _text_part(text: str) -> Any:
-    from lyra_cli.engine.prompt import TextPart
+    from lyra_cli.engine.run.prompt import TextPart
 
     return TextPart(text)
 
 
 def _conversation() -> Any:
     """Each item in a fresh conversation with the default system prompt, as the eval scripts ask."""
-    from lyra_cli.engine.prompt import Conversation
+    from lyra_cli.engine.run.prompt import Conversation
 
     return Conversation()
 

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import context_mask, query_mask
-from lyra_cli.engine.llm import N_ROPE_AXES
-from lyra_cli.engine.prompt import PromptInputs, SpeechPart
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.network import N_ROPE_AXES
+from lyra_cli.engine.run.extractor import context_mask, query_mask
+from lyra_cli.engine.run.prompt import PromptInputs, SpeechPart
 from lyra_cli.engine.train.data import IGNORE_INDEX, TrainDataset, TrainExample
 from lyra_cli.engine.train.distributed import Distributed
-from lyra_cli.engine.train.extract import ExtractedForward, forward_extracting
+from lyra_cli.engine.train.extractor_forward import ExtractedForward, forward_extracting
 from lyra_cli.engine.train.lcmr import lcmr_loss
 from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains, stage_extractor
 from lyra_cli.errors import CheckpointError, InputError, UsageError
@@ -343,7 +343,7 @@ class SavedCheckpoint:
 def read_checkpoint(folder: str | Path) -> SavedCheckpoint:
     """Every file of a checkpoint, or a `CheckpointError` naming the one that is damaged, truncated or
     refuses to unpickle (`weights_only`: a planted file never runs code)."""
-    from lyra_cli.engine.checkpoint import load_safetensors
+    from lyra_cli.engine.model.checkpoint import load_safetensors
 
     folder = Path(folder)
     state_path = folder / STATE_FILE

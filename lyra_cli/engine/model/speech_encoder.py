@@ -20,8 +20,8 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from lyra_cli.audio.features import ENCODER_FRAMES, N_MELS, log_mel_spectrogram
 from lyra_cli.audio.io import SAMPLE_RATE_HZ
 from lyra_cli.audio.windows import iter_window_batches
-from lyra_cli.engine.adapters import Adapter, AdapterBank, route
-from lyra_cli.engine.prompt import SpeechPart
+from lyra_cli.engine.model.adapters import Adapter, AdapterBank, route
+from lyra_cli.engine.run.prompt import SpeechPart
 from lyra_cli.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, ProgressFn, prefill
-from lyra_cli.engine.prompt import PromptInputs
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import LyraForCausalLM
+from lyra_cli.engine.run.prefill import PrefillPlan, PrefillResult, ProgressFn, prefill
+from lyra_cli.engine.run.prompt import PromptInputs
 from lyra_cli.errors import UsageError, setting
 
 DEFAULT_MAX_NEW_TOKENS = 512
