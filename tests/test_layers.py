@@ -1,4 +1,5 @@
-"""The layers: commands → engine → audio, never backwards; the engine and audio never import the CLI toolkit.
+"""The layers: commands → engine → audio, never backwards; the engine and audio never import the CLI toolkit;
+no engine function takes more than 8 parameters.
 
 Two guards. Statically, every import statement under `lyra_cli/engine` and `lyra_cli/audio` (at module level
 or inside a function) is read with `ast`. Dynamically, a fresh interpreter imports every one of their modules
@@ -84,3 +85,25 @@ def test_importing_every_engine_and_audio_module_loads_no_cli_toolkit() -> None:
     }
     assert set(report["imported"]) == expected  # every module was really imported
     assert report["toolkits"] == []
+
+
+MAX_PARAMETERS = 8  # issue 12: more than this and the arguments want grouping into a small typed config
+
+
+def _parameter_count(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Every parameter: positional (self included), keyword-only, and *args / **kwargs when present."""
+    args = function.args
+    return (len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+            + (args.vararg is not None) + (args.kwarg is not None))  # fmt: skip
+
+
+def test_engine_functions_take_at_most_8_parameters() -> None:
+    files = sorted((PACKAGE / "engine").rglob("*.py"))
+    assert any(path.parent.name == "run" for path in files)  # the walk reaches the subpackages
+    offending = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name}() takes {_parameter_count(node)}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _parameter_count(node) > MAX_PARAMETERS
+    ]
+    assert offending == []

@@ -338,15 +338,14 @@ def _pin_local_gpu() -> None:
 def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, shard: "Shard",  # noqa: ANN001
          sampling: Any, extractor: Any, settings: dict[str, Any]) -> "Summary":  # fmt: skip
     from lyra_cli.console import info
-    from lyra_cli.engine.eval.runner import run_suite
+    from lyra_cli.engine.eval.runner import Answering, Output, run_suite
 
     if not req.quiet:
         info(f"{suite.title} --mode {req.mode} · {len(items)} question(s)"
              + (f" · shard {shard.label}" if shard.count > 1 else "") + f" · predictions → {out}")  # fmt: skip
     with ItemProgress(suite.title, enabled=not req.quiet) as bar:
-        return run_suite(engine, suite, items, mode=req.mode, out_path=out, resume=req.resume, shard=shard,
-                         sampling=sampling, extractor=extractor, settings=settings, on_progress=bar.update,
-                         front_end=req.front_end)  # fmt: skip
+        return run_suite(engine, suite, items, Answering(req.mode, sampling, extractor, req.front_end),
+                         Output(out, req.resume, shard, settings), on_progress=bar.update)
 
 
 def _merge_ranks(req: EvalRequest, shard: "Shard", items_all: list) -> Path:  # noqa: ANN001

@@ -258,7 +258,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
          tensorboard: bool | None, strict: bool) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
-    from lyra_cli.engine.train.loop import Trainer, resolve_precision, tensorboard_available
+    from lyra_cli.engine.train.loop import Trainer, TrainerSettings, resolve_precision, tensorboard_available
     from lyra_cli.errors import MissingDependencyError
 
     stage = plan.stage
@@ -272,9 +272,10 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     if tensorboard and not tensorboard_available():
         raise MissingDependencyError("tensorboard", "--tensorboard", extra="train")
     use_tensorboard = tensorboard_available() if tensorboard is None else tensorboard
-    trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
-                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks,
-                      tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None, strict=strict)  # fmt: skip
+    settings = TrainerSettings(precision=autocast, distributed=ranks, strict=strict, log_path=out / METRICS_FILE,
+                               tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None,
+                               keep_last=keep_last)  # fmt: skip
+    trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator, settings=settings)
     last = trainer.resume_latest(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
         if ranks.is_main:
