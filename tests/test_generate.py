@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
+from lyra_cli.engine.model.config import SamplingConfig, sampling_from_generation_config
 from lyra_cli.engine.run.generate import (
-    SamplingConfig,
     TextStreamer,
     apply_repetition_penalty,
     choose_token,
     filter_top_k_top_p,
-    sampling_from_generation_config,
 )
 from lyra_cli.errors import UsageError
 

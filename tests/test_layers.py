@@ -1,5 +1,5 @@
-"""The layers: commands → engine → audio, never backwards; the engine and audio never import the CLI toolkit;
-no engine function takes more than 8 parameters.
+"""The layers: commands → engine → audio, never backwards, and inside the engine train/eval → run → model; the
+engine and audio never import the CLI toolkit; no engine function takes more than 8 parameters.
 
 Two guards. Statically, every import statement under `lyra_cli/engine` and `lyra_cli/audio` (at module level
 or inside a function) is read with `ast`. Dynamically, a fresh interpreter imports every one of their modules
@@ -24,6 +24,12 @@ CLI_TOOLKITS = ("typer", "rich", "click")  # click comes with typer: importing i
 FORBIDDEN = {
     "engine": (*CLI_TOOLKITS, "lyra_cli.commands", "lyra_cli.main", "lyra_cli.console"),
     "audio": (*CLI_TOOLKITS, "lyra_cli.commands", "lyra_cli.main", "lyra_cli.console", "lyra_cli.engine"),
+}
+# The engine's own layers: training and evaluation → the run time (`run/`) → the network and its loading
+# (`model/`), never backwards.
+INSIDE_THE_ENGINE = {
+    "engine/model": ("lyra_cli.engine.run", "lyra_cli.engine.train", "lyra_cli.engine.eval"),
+    "engine/run": ("lyra_cli.engine.train", "lyra_cli.engine.eval"),
 }
 
 _IMPORT_ALL = """
@@ -59,17 +65,25 @@ def _matches(name: str, forbidden: str) -> bool:
     return name == forbidden or name.startswith(forbidden + ".")
 
 
-@pytest.mark.parametrize("package", LIBRARY_PACKAGES)
-def test_no_import_statement_reaches_up_or_into_the_cli_toolkit(package: str) -> None:
-    files = sorted((PACKAGE / package).rglob("*.py"))
+def _offending(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    files = sorted((PACKAGE / folder).rglob("*.py"))
     assert len(files) > 3  # the walk found the package
-    offending = [
+    return [
         f"{path.relative_to(REPO)}:{line} imports {name}"
         for path in files
         for line, name in _imported_names(path)
-        if any(_matches(name, forbidden) for forbidden in FORBIDDEN[package])
+        if any(_matches(name, no) for no in forbidden)
     ]
-    assert offending == []
+
+
+@pytest.mark.parametrize("package", LIBRARY_PACKAGES)
+def test_no_import_statement_reaches_up_or_into_the_cli_toolkit(package: str) -> None:
+    assert _offending(package, FORBIDDEN[package]) == []
+
+
+@pytest.mark.parametrize("folder", sorted(INSIDE_THE_ENGINE))
+def test_inside_the_engine_the_network_never_imports_what_runs_it(folder: str) -> None:
+    assert _offending(folder, INSIDE_THE_ENGINE[folder]) == []
 
 
 def test_importing_every_engine_and_audio_module_loads_no_cli_toolkit() -> None:

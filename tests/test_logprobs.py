@@ -16,7 +16,7 @@ from lyra_cli.engine.model.loader import load_model
 from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.engine.run import generate
 from lyra_cli.engine.run.events import Done, TextDelta
-from lyra_cli.engine.run.generate import MAX_LOGPROBS, SamplingConfig
+from lyra_cli.engine.model.config import MAX_LOGPROBS, SamplingConfig
 from lyra_cli.engine.run.pipeline import Engine
 from lyra_cli.engine.run.prompt import Conversation, TextPart
 from lyra_cli.errors import UsageError

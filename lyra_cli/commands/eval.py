@@ -273,7 +273,7 @@ def eval_sampling(model_dir: Path, max_new_tokens: int, flags: dict[str, Any]) -
     """The checkpoint's generation_config (its repetition penalty applies, as in the authors' `generate`),
     greedy (`--temperature 0` in every eval script) and the suite's token budget, unless flags say otherwise."""
     from lyra_cli.engine.model.loader import read_generation_config
-    from lyra_cli.engine.run.generate import sampling_from_generation_config
+    from lyra_cli.engine.model.config import sampling_from_generation_config
 
     defaults = sampling_from_generation_config(read_generation_config(model_dir))
     eval_flags = {"temperature": 0.0, "max_new_tokens": max_new_tokens,

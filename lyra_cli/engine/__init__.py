@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lyra_cli.engine.model.config import SamplingConfig
     from lyra_cli.engine.model.resolve import TINY, resolve_model
     from lyra_cli.engine.model.runtime import DeviceMap
     from lyra_cli.engine.model.towers import TowerOverrides
     from lyra_cli.engine.run.events import AudioChunk, Done, Event, Prefilled, Progress, TextDelta, TokenLogprob
-    from lyra_cli.engine.run.generate import SamplingConfig
     from lyra_cli.engine.run.pipeline import Engine, read_media
     from lyra_cli.engine.run.prefill import Chunking
     from lyra_cli.engine.run.prompt import DEFAULT_SYSTEM_PROMPT, Conversation, Part, SpeechPart, TextPart, VisualPart
@@ -36,9 +36,9 @@ _EXPORTS = {
     "Progress": "run.events", "TextDelta": "run.events", "TokenLogprob": "run.events",
     "Conversation": "run.prompt", "DEFAULT_SYSTEM_PROMPT": "run.prompt", "Part": "run.prompt", "TextPart": "run.prompt",
     "VisualPart": "run.prompt", "SpeechPart": "run.prompt",
-    "SamplingConfig": "run.generate", "Chunking": "run.prefill", "VoiceConfig": "run.voice",
-    "DeviceMap": "model.runtime", "TowerOverrides": "model.towers", "TINY": "model.resolve",
-    "resolve_model": "model.resolve",
+    "Chunking": "run.prefill", "VoiceConfig": "run.voice",
+    "SamplingConfig": "model.config", "DeviceMap": "model.runtime", "TowerOverrides": "model.towers",
+    "TINY": "model.resolve", "resolve_model": "model.resolve",
 }  # fmt: skip
 
 __all__ = [

@@ -25,7 +25,7 @@ from lyra_cli.engine.model.speech_encoder import whisper_config
 from lyra_cli.engine.model.tokenizer import end_token_ids, load_tokenizer
 from lyra_cli.engine.model.towers import ModelSources, Resolved, TowerOverrides, resolve_sources
 from lyra_cli.engine.model.vision import VisionPreprocessConfig, VisualProcessor
-from lyra_cli.engine.run.generate import SamplingConfig, sampling_from_generation_config
+from lyra_cli.engine.model.config import SamplingConfig, sampling_from_generation_config
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
 from lyra_cli.audio.windows import WINDOW_SECONDS, count_windows, iter_windows
 from lyra_cli.engine.model.adapters import Adapter, route
 from lyra_cli.engine.model.runtime import keep_large_buffers_off_the_heap
-from lyra_cli.engine.model.speech_encoder import DEFAULT_ENCODE_BATCH, encode_speech
+from lyra_cli.engine.model.speech_encoder import DEFAULT_ENCODE_BATCH
 from lyra_cli.engine.run.events import Progress
+from lyra_cli.engine.run.pipeline import encode_speech
 from lyra_cli.engine.run.prompt import SpeechPart
 from lyra_cli.engine.run.speech_cache import CacheKey, SpeechTokenCache, file_digest, model_fingerprint
 

@@ -18,23 +18,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from PIL import Image
 
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
-from lyra_cli.audio.windows import split_windows
-from lyra_cli.engine.model.adapters import Adapter, activate, route
+from lyra_cli.audio.windows import iter_window_batches, split_windows
+from lyra_cli.engine.model.adapters import Adapter, AdapterBank, activate, route
 from lyra_cli.engine.model.config import ExtractorConfig
 from lyra_cli.engine.model.kvcache import KVCache
 from lyra_cli.engine.model.loader import LoadedModel, load_model
 from lyra_cli.engine.model.runtime import Runtime
-from lyra_cli.engine.model.speech_encoder import encode_speech, project_frames
+from lyra_cli.engine.model.speech_encoder import DEFAULT_ENCODE_BATCH, encode_windows, project_frames
 from lyra_cli.engine.model.towers import TowerOverrides
 from lyra_cli.engine.model.vision import encode_visual, load_image, load_video_frames
 from lyra_cli.engine.run.events import AudioChunk, Done, Event, Prefilled, TextDelta, TokenLogprob, TopLogprob
@@ -91,6 +92,48 @@ def read_media(kind: str, path: str | Path, front_end: AudioFrontEnd = AudioFron
         require_speech(wav, path)
         return DecodedSpeech(wav, str(path))
     raise ValueError(f"unknown media kind {kind!r}; expected one of {MEDIA_KINDS}")
+
+
+def encode_speech(
+    tower: nn.Module,
+    bank: AdapterBank,
+    windows: Iterable[np.ndarray],
+    source: str,
+    *,
+    batch_size: int = DEFAULT_ENCODE_BATCH,
+    keep_frames: bool = True,
+    on_batch: Callable[[float], None] | None = None,
+) -> SpeechPart:
+    """The one speech path: 30 s windows (a list, or a stream of any length) → a `SpeechPart`.
+
+    Windows are encoded `batch_size` at a time. `keep_frames` (a clip held in memory) keeps every frame
+    and projects nothing: each turn projects them with its own adapter's projector. Without it (a streamed
+    recording) each batch is projected as soon as `adapters.route` has decided the adapter, so only one
+    batch of frames is ever held; `on_batch(seconds encoded so far)` follows the progress.
+    """
+    frames: list[torch.Tensor] = []  # all of them, or (streamed) those whose adapter is not decided yet
+    tokens: list[torch.Tensor] = []
+    n_windows, n_samples = 0, 0
+    adapter = Adapter.NONE
+    for batch in iter_window_batches(windows, batch_size):
+        frames.append(encode_windows(tower, batch, batch_size=len(batch)))  # (b, 1500, E): one encoder call
+        n_windows += len(batch)
+        n_samples += sum(len(w) for w in batch)
+        adapter = route([n_windows])
+        # more windows never route a clip back from long speech, so its batches are final once it gets there
+        if not keep_frames and adapter is Adapter.LONG_SPEECH:
+            tokens.extend(project_frames(bank.projector(adapter), f) for f in frames)
+            frames.clear()
+        if on_batch is not None:
+            on_batch(n_samples / SAMPLE_RATE_HZ)
+    if n_windows == 0 or n_samples == 0:
+        raise InputError(f"`{source}` contains no audio samples (0-second audio)", "check the recording")
+    duration_s = n_samples / SAMPLE_RATE_HZ
+    if keep_frames:
+        return SpeechPart(n_windows, duration_s, source, frames=torch.cat(frames))
+    if frames:  # a single window: the short-speech adapter and its projector
+        tokens.append(project_frames(bank.projector(adapter), torch.cat(frames)))
+    return SpeechPart(n_windows, duration_s, source, tokens=torch.cat(tokens), adapter=adapter)
 
 
 class AudioClock:

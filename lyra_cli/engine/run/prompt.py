@@ -53,7 +53,7 @@ class VisualPart:
 
 @dataclass(frozen=True, eq=False)
 class SpeechPart:
-    """An encoded speech clip, in one shape whichever path encoded it (`lyra_cli.engine.model.speech_encoder.encode_speech`).
+    """An encoded speech clip, in one shape whichever path encoded it (`pipeline.encode_speech`).
 
     `frames` (n_windows, 1500, E) are the Whisper frames of a clip held in memory: every turn projects
     them with the projector of the adapter it routes to, and training projects them with autograd.

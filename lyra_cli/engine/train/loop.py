@@ -326,7 +326,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-_DAMAGED_HINT = f"pass {setting('no_resume')} to start over, or delete the damaged checkpoint folder"
+NO_RESUME = setting("no_resume")  # the command line shows `--no-resume`
+_DAMAGED_HINT = f"pass {NO_RESUME} to start over, or delete the damaged checkpoint folder"
 _STATE_KEYS = ("step", "position", "stage", "total_steps", "seed", "names")
 
 
@@ -686,7 +687,7 @@ class Trainer:
                 self.scaler.load_state_dict(saved.optimizer["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"`{folder / OPTIMIZER_FILE}` does not fit this run ({exc.__class__.__name__}: {exc})",
-                                  f"pass {setting('no_resume')} to start over, or delete this checkpoint folder") from exc  # fmt: skip
+                                  f"pass {NO_RESUME} to start over, or delete this checkpoint folder") from exc  # fmt: skip
         ranks = saved.rng_ranks
         if len(ranks) != self.distributed.world_size:
             log.warning("checkpoint `%s` was written by %d process(es), resumed by %d: the data order is kept, "
