@@ -1,4 +1,4 @@
-"""Our decoder loop (`engine.llm`) against transformers' Qwen2VLTextModel (SDPA) on the same random weights.
+"""Our decoder loop (`engine.model.network`) against transformers' Qwen2VLTextModel (SDPA) on the same random weights.
 
 Each run: prefill a prompt of --prompt-tokens, then --new-tokens greedy steps (lm_head -> argmax -> embed ->
 one cached decode step). The two implementations run side by side in one process: in each round the two
@@ -29,9 +29,9 @@ from transformers import DynamicCache
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
-from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import LyraTextModel
+from lyra_cli.engine.model.config import TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import LyraTextModel
 
 HEAD_DIM = 64
 QUERY_HEADS_PER_KV_HEAD = 4

@@ -1,6 +1,6 @@
 """The latent multi-modality extractor (LMME) against our plain prefill: the paper's Table 5a, side by side.
 
-For each prompt length: baseline (our optimized SDPA prefill, `engine.prefill` without the extractor, which
+For each prompt length: baseline (our optimized SDPA prefill, `engine.run.prefill` without the extractor, which
 is exactly `LyraTextModel.forward`) against LMME(4, 0.8) and LMME(4, 0.7), in one process on one random
 model. Prompts are mostly speech: a 16-token system prefix, the speech block, a 32-token question. Each
 round times the three prefills back to back (order rotated every round, so load from other processes hits
@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
-from lyra_cli.engine.extractor import parse_extract
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import INIT_STD, LyraTextModel
-from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, prefill
-from lyra_cli.engine.prompt import TokenKind
+from lyra_cli.engine.model.config import ExtractorConfig, TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import INIT_STD, LyraTextModel
+from lyra_cli.engine.run.extractor import parse_extract
+from lyra_cli.engine.run.prefill import PrefillPlan, PrefillResult, prefill
+from lyra_cli.engine.run.prompt import TokenKind
 
 # name -> --extract spec (None: the baseline)
 CONFIGS: dict[str, str | None] = {"baseline": None, "LMME(4,0.8)": "4x0.8", "LMME(4,0.7)": "4x0.7"}

@@ -61,14 +61,15 @@ def _peak_rss_mb() -> float:
 
 def run_one(recording: Path, extract: str | None, model: str = "tiny", device: str = "cpu") -> dict:
     """In a fresh process: load, first question (cold cache), second question (warm)."""
-    from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
-    from lyra_cli.engine.models import resolve_model
-    from lyra_cli.engine.extractor import parse_extract
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder, prompt_tokens
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import Conversation, TextPart
-    from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.model.resolve import resolve_model
+    from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.run.extractor import parse_extract
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.longspeech import LongSpeechSettings, RecordingEncoder, prompt_tokens
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.prefill import Chunking
+    from lyra_cli.engine.run.prompt import Conversation, TextPart
+    from lyra_cli.engine.run.speech_cache import SpeechTokenCache, default_cache_dir
 
     engine = Engine.load(resolve_model(model), resolve_runtime(RuntimeRequest(device=device)))
     max_positions = engine.loaded.config.text.max_position_embeddings
@@ -85,7 +86,7 @@ def run_one(recording: Path, extract: str | None, model: str = "tiny", device: s
         extractor = parse_extract(extract, engine.loaded.config.text.num_layers) if (
             extract and n_prompt > max_positions) else None  # fmt: skip
         events = list(engine.respond(Conversation(), [part, TextPart(text)], sampling, extractor=extractor,
-                                     chunk_tokens=CHUNK_TOKENS))  # fmt: skip
+                                     chunking=Chunking(CHUNK_TOKENS)))  # fmt: skip
         done = events[-1]
         return {
             "cached": cached, "audio_stage_s": audio_s, "audio_stage_peak_rss_growth_mb": audio_rss_growth,

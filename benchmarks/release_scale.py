@@ -76,8 +76,8 @@ def predicted_gib(info: dict[str, Any], precision: str) -> dict[str, float]:
 def not_in_lyra_info(model_dir: Path) -> dict[str, float]:
     """Loaded parts `lyra info`'s table leaves out, by file size (bf16 on disk, bf16 loaded): each adapter's
     own speech projector (`non_lora_trainables.bin`), and the speech generator (loaded only with a voice)."""
-    from lyra_cli.engine.adapters import ADAPTER_DIRS, PROJECTOR_FILE
-    from lyra_cli.engine.checkpoint import SPEECH_GENERATOR_FILE
+    from lyra_cli.engine.model.adapters import ADAPTER_DIRS, PROJECTOR_FILE
+    from lyra_cli.engine.model.checkpoint import SPEECH_GENERATOR_FILE
 
     folders = ADAPTER_DIRS.values()
     projectors = sum((model_dir / folder / PROJECTOR_FILE).stat().st_size
@@ -111,13 +111,13 @@ def run_one(model_dir: Path, precision: str, device: str, recording: Path | None
     """In this (fresh) process: load, one image + speech question, optionally spoken, the audio stage."""
     import torch
 
-    from lyra_cli.engine.events import AudioChunk
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.loader import load_model
-    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder
-    from lyra_cli.engine.pipeline import Engine, read_media
-    from lyra_cli.engine.prompt import Conversation
-    from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.model.loader import load_model
+    from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.run.events import AudioChunk
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.longspeech import LongSpeechSettings, RecordingEncoder
+    from lyra_cli.engine.run.pipeline import Engine, read_media
+    from lyra_cli.engine.run.prompt import Conversation
 
     result: dict[str, Any] = {"precision": precision, "rss_before_load_mib": _rss_mib()}
     runtime = resolve_runtime(RuntimeRequest(device=device, dtype="bf16", quantization=PRECISIONS[precision]))
@@ -150,7 +150,7 @@ def run_one(model_dir: Path, precision: str, device: str, recording: Path | None
     result["peak_rss_after_question_mib"] = _peak_rss_mib()
     result["rss_after_question_mib"] = _rss_mib()
     if voice:
-        from lyra_cli.engine.voice import VoiceConfig, load_voice
+        from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 
         start = time.perf_counter()
         spoken = load_voice(engine.loaded, None, VoiceConfig())

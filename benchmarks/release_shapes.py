@@ -55,14 +55,13 @@ from transformers import Qwen2VLVisionConfig, WhisperConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from lyra_cli.audio.features import ENCODER_FRAMES, N_MELS
-from lyra_cli.engine import checkpoint as ckpt
-from lyra_cli.engine.adapters import ADAPTER_DIRS, Adapter, PROJECTOR_FILE
-from lyra_cli.engine.config import parse_config
-from lyra_cli.engine.llm import INIT_STD
-from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.speech import build_whisper_encoder
-from lyra_cli.engine.speech_out import RELEASE_UNIT_VOCAB_SIZE, RELEASE_UPSAMPLE_FACTOR, SpeechGenerator
-from lyra_cli.engine.tiny import (
+from lyra_cli.engine.model import checkpoint as ckpt
+from lyra_cli.engine.model.adapters import ADAPTER_DIRS, PROJECTOR_FILE, Adapter
+from lyra_cli.engine.model.config import parse_config
+from lyra_cli.engine.model.network import INIT_STD, LyraForCausalLM
+from lyra_cli.engine.model.speech_encoder import build_whisper_encoder
+from lyra_cli.engine.model.speech_generator import RELEASE_UNIT_VOCAB_SIZE, RELEASE_UPSAMPLE_FACTOR, SpeechGenerator
+from lyra_cli.engine.model.tiny import (
     VOCODER_DIR,
     TinySize,
     generation_config,
@@ -74,8 +73,8 @@ from lyra_cli.engine.tiny import (
     write_tokenizer,
     write_tower_configs,
 )
-from lyra_cli.engine.vision import MAX_PIXELS
-from lyra_cli.engine.vocoder import TINY_VOCODER_CONFIG, write_tiny_vocoder
+from lyra_cli.engine.model.vision import MAX_PIXELS
+from lyra_cli.engine.model.vocoder import TINY_VOCODER_CONFIG, write_tiny_vocoder
 
 RELEASE_VOCAB = 151_936  # Qwen2-VL's embedding rows (the tokenizer has 151,646 tokens; rows are padded)
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ
-from lyra_cli.engine.events import AudioChunk, Done
-from lyra_cli.engine.generate import SamplingConfig, stream_steps
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.prompt import Conversation, TextPart, Turn
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.voice import VoiceConfig, load_voice
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.run.events import AudioChunk, Done
+from lyra_cli.engine.run.generate import SamplingConfig, stream_steps
+from lyra_cli.engine.run.pipeline import Engine
+from lyra_cli.engine.run.prompt import Conversation, TextPart, Turn
+from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me a long story about a man ironing clothes on the back of a taxi."
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speech_latency.json")
     args = parser.parse_args()
 
-    from lyra_cli.engine.models import resolve_model
+    from lyra_cli.engine.model.resolve import resolve_model
 
     engine = Engine.load(resolve_model(args.model), resolve_runtime(RuntimeRequest(device=args.device, dtype=args.dtype)))
     engine.loaded.end_ids = set()  # exact answer lengths

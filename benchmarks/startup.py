@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
     args = parser.parse_args()
 
-    from lyra_cli.engine.tiny import tiny_model_dir  # built (or found in the cache) before any timing
+    from lyra_cli.engine.model.tiny import tiny_model_dir  # built (or found in the cache) before any timing
 
     tiny = tiny_model_dir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -37,11 +37,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import compress_layers, keep_count
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.tiny import VISION_TOWER_DIR, TinySize, write_tiny_model
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.tiny import VISION_TOWER_DIR, TinySize, write_tiny_model
+from lyra_cli.engine.run.extractor import compress_layers, keep_count
+from lyra_cli.engine.run.pipeline import Engine
 from lyra_cli.engine.train.data import (
     TrainDataset,
     TrainExample,

@@ -13,7 +13,7 @@ from rich.markup import escape
 from lyra_cli.timefmt import clock
 
 if TYPE_CHECKING:
-    from lyra_cli.engine.events import TokenLogprob
+    from lyra_cli.engine.run.events import TokenLogprob
 
 ui = Console(stderr=True, highlight=False, soft_wrap=True)
 # Errors, and stderr output the user asked for (the --logprobs table), show even under -q.
@@ -113,7 +113,7 @@ class AudioProgress:
 class PrefillProgress:
     """A stderr bar for the prefill of a long prompt: share of the work done, elapsed, ETA.
 
-    Fed `update(done, total)` in token-layers (`engine.prefill`); it goes away as soon as the prefill
+    Fed `update(done, total)` in token-layers (`engine.run.prefill`); it goes away as soon as the prefill
     completes, before the answer streams to stdout (the caller prints a summary line after). Nothing
     renders when `enabled` is false (`--quiet`)."""
 

@@ -2,7 +2,7 @@
 
 torch, transformers and FFmpeg take seconds to import; a mistyped path or a folder given for a file is
 reported before any of them, in a fraction of a second. The decoders (`lyra_cli.audio.io`,
-`lyra_cli.engine.vision`) run the same check, so the message is the same whichever comes first.
+`lyra_cli.engine.model.vision`) run the same check, so the message is the same whichever comes first.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Where lyra may write: every output path is checked here, before any model loads or any work starts.
 
 Each command that writes calls `check_output_file` or `check_output_dir` once, with the flag that named the
-path, so a bad path costs the user a one-line error instead of a run. The checks:
+path (library code passes the `errors.setting` that names it), so a bad path costs the user a one-line error
+instead of a run. The checks:
 
 - the path is not an existing folder (for a file) or an existing file (for a folder), nor a device or pipe;
 - the nearest existing folder above it is a folder, and a file can really be created there (a probe file is
@@ -23,9 +24,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lyra_cli.errors import LyraError
+from lyra_cli.errors import LyraError, setting
 
-OVERWRITE_FLAG = "--overwrite"
+OVERWRITE_FLAG = setting("overwrite")  # a setting: the command line shows `--overwrite`, a library caller `overwrite`
 PROBE_PREFIX = ".lyra-probe-"
 _FALLBACK_NAME_MAX = 255
 _FALLBACK_PATH_MAX = 4096

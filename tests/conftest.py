@@ -30,7 +30,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_dir(_isolated_cache: None) -> Path:
     """The tiny checkpoint (built once per session, read-only for tests)."""
-    from lyra_cli.engine.tiny import tiny_model_dir
+    from lyra_cli.engine.model.tiny import tiny_model_dir
 
     return tiny_model_dir()
 

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from lyra_cli.engine.adapters import Adapter, route
-from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.pipeline import DecodedImage, DecodedSpeech, Engine
-from lyra_cli.engine.adapters import activate
-from lyra_cli.engine.prompt import Conversation, TextPart, Turn, build_inputs, render
-from lyra_cli.engine.speech import project_frames
-from lyra_cli.engine.tokenizer import encode_chunk
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.vision import load_image
 from lyra_cli.audio.io import load_audio
+from lyra_cli.engine.model.adapters import Adapter, activate, route
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.speech_encoder import project_frames
+from lyra_cli.engine.model.vision import load_image
+from lyra_cli.engine.run.generate import SamplingConfig
+from lyra_cli.engine.run.pipeline import DecodedImage, DecodedSpeech, Engine
+from lyra_cli.engine.run.prompt import Conversation, TextPart, Turn, build_inputs, encode_chunk, render
 
 CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))
 SHORT = SamplingConfig(max_new_tokens=3)

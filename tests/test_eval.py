@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.eval_fixtures import EXPECTED, JFK_TEXT, OCR_SUFFIX, build_all
+
 from lyra_cli.engine.eval import runner
 from lyra_cli.engine.eval.runner import read_predictions
 from lyra_cli.engine.eval.suites import SUITES, Piece, layout, load_items
-from lyra_cli.engine.prompt import SpeechPart, TextPart, VisualPart, render_user
+from lyra_cli.engine.run.prompt import SpeechPart, TextPart, VisualPart, render_user
 from lyra_cli.main import run
 
 FAST = ["--max-new-tokens", "3"]
@@ -41,8 +41,8 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("lyra_cli.engine.pipeline.Engine.load", refuse)
-    monkeypatch.setattr("lyra_cli.engine.loader.load_model", refuse)
+    monkeypatch.setattr("lyra_cli.engine.run.pipeline.Engine.load", refuse)
+    monkeypatch.setattr("lyra_cli.engine.model.loader.load_model", refuse)
 
 
 def answers_by_id(path: Path) -> dict[str, tuple]:

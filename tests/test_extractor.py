@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from lyra_cli.commands.common import flag_for
-from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
-from lyra_cli.engine.extractor import (
+from lyra_cli.engine.model.config import ExtractorConfig, TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import LyraTextModel
+from lyra_cli.engine.model.vision import image_positions
+from lyra_cli.engine.run.extractor import (
     MIN_KEEP_TOKENS,
     attention_scores,
     compress_layers,
@@ -30,11 +33,8 @@ from lyra_cli.engine.extractor import (
     speech_clips,
     suggested_extract,
 )
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import LyraTextModel
-from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, prefill
-from lyra_cli.engine.prompt import TokenKind
-from lyra_cli.engine.vision import image_positions
+from lyra_cli.engine.run.prefill import PrefillPlan, PrefillResult, prefill
+from lyra_cli.engine.run.prompt import TokenKind
 from lyra_cli.errors import UsageError
 
 CONFIG = TextModelConfig(
@@ -294,7 +294,7 @@ def test_attention_scores_bound_memory_and_agree(monkeypatch: pytest.MonkeyPatch
     q, k = torch.randn(1, 4, 9, 16, generator=gen), torch.randn(1, 2, 50, 16, generator=gen)
     context = torch.arange(5, 45)
     whole = attention_scores(q, k, context)
-    monkeypatch.setattr("lyra_cli.engine.extractor.SCORE_CHUNK_ELEMENTS", 3 * 50)  # 3 rows at a time
+    monkeypatch.setattr("lyra_cli.engine.run.extractor.SCORE_CHUNK_ELEMENTS", 3 * 50)  # 3 rows at a time
     assert (attention_scores(q, k, context) - whole).abs().max().item() <= 1e-7
     reference = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) / 4).softmax(-1)[0, :, :, context]
     assert (whole - reference.mean((0, 1))).abs().max().item() <= 1e-7

@@ -31,8 +31,8 @@ from PIL import Image
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, open_audio_stream
 from lyra_cli.audio.windows import iter_windows
-from lyra_cli.engine.pipeline import read_media
-from lyra_cli.engine.vision import CLI_MAX_SIDE, IMAGE_FACTOR, MIN_SIDE
+from lyra_cli.engine.model.vision import CLI_MAX_SIDE, IMAGE_FACTOR, MIN_SIDE
+from lyra_cli.engine.run.pipeline import read_media
 from lyra_cli.errors import LyraError
 
 DEFAULT_CASES = 1_200  # ~200 per format; a few seconds in all
@@ -401,7 +401,7 @@ def test_video_frames_above_the_size_limit_are_refused_before_decoding(
     real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The header's frame size is checked first (lowered limit: an 8K test file would be slow to make)."""
-    import lyra_cli.engine.vision as vision
+    import lyra_cli.engine.model.vision as vision
 
     path = tmp_path / "clip.mp4"
     path.write_bytes(_mp4_excerpt(real))

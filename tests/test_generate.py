@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from lyra_cli.engine.generate import (
-    SamplingConfig,
+from lyra_cli.engine.model.config import SamplingConfig, sampling_from_generation_config
+from lyra_cli.engine.run.generate import (
     TextStreamer,
     apply_repetition_penalty,
     choose_token,
     filter_top_k_top_p,
-    sampling_from_generation_config,
 )
 from lyra_cli.errors import UsageError
 
@@ -88,7 +87,7 @@ def test_streamer_decodes_a_window_not_the_whole_answer() -> None:
 
 
 def test_streamer_equals_decoding_the_whole_answer_with_the_real_tokenizer(tiny_dir) -> None:
-    from lyra_cli.engine.tokenizer import load_tokenizer
+    from lyra_cli.engine.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_dir)
     ids = tokenizer.encode("Hello, wörld! 中文 🙂 tabs\tand\nlines", add_special_tokens=False)

@@ -1,4 +1,5 @@
-"""The layers: commands → engine → audio, never backwards; the engine and audio never import the CLI toolkit.
+"""The layers: commands → engine → audio, never backwards, and inside the engine train/eval → run → model; the
+engine and audio never import the CLI toolkit; no engine function takes more than 8 parameters.
 
 Two guards. Statically, every import statement under `lyra_cli/engine` and `lyra_cli/audio` (at module level
 or inside a function) is read with `ast`. Dynamically, a fresh interpreter imports every one of their modules
@@ -23,6 +24,12 @@ CLI_TOOLKITS = ("typer", "rich", "click")  # click comes with typer: importing i
 FORBIDDEN = {
     "engine": (*CLI_TOOLKITS, "lyra_cli.commands", "lyra_cli.main", "lyra_cli.console"),
     "audio": (*CLI_TOOLKITS, "lyra_cli.commands", "lyra_cli.main", "lyra_cli.console", "lyra_cli.engine"),
+}
+# The engine's own layers: training and evaluation → the run time (`run/`) → the network and its loading
+# (`model/`), never backwards.
+INSIDE_THE_ENGINE = {
+    "engine/model": ("lyra_cli.engine.run", "lyra_cli.engine.train", "lyra_cli.engine.eval"),
+    "engine/run": ("lyra_cli.engine.train", "lyra_cli.engine.eval"),
 }
 
 _IMPORT_ALL = """
@@ -58,17 +65,25 @@ def _matches(name: str, forbidden: str) -> bool:
     return name == forbidden or name.startswith(forbidden + ".")
 
 
-@pytest.mark.parametrize("package", LIBRARY_PACKAGES)
-def test_no_import_statement_reaches_up_or_into_the_cli_toolkit(package: str) -> None:
-    files = sorted((PACKAGE / package).rglob("*.py"))
+def _offending(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    files = sorted((PACKAGE / folder).rglob("*.py"))
     assert len(files) > 3  # the walk found the package
-    offending = [
+    return [
         f"{path.relative_to(REPO)}:{line} imports {name}"
         for path in files
         for line, name in _imported_names(path)
-        if any(_matches(name, forbidden) for forbidden in FORBIDDEN[package])
+        if any(_matches(name, no) for no in forbidden)
     ]
-    assert offending == []
+
+
+@pytest.mark.parametrize("package", LIBRARY_PACKAGES)
+def test_no_import_statement_reaches_up_or_into_the_cli_toolkit(package: str) -> None:
+    assert _offending(package, FORBIDDEN[package]) == []
+
+
+@pytest.mark.parametrize("folder", sorted(INSIDE_THE_ENGINE))
+def test_inside_the_engine_the_network_never_imports_what_runs_it(folder: str) -> None:
+    assert _offending(folder, INSIDE_THE_ENGINE[folder]) == []
 
 
 def test_importing_every_engine_and_audio_module_loads_no_cli_toolkit() -> None:
@@ -84,3 +99,25 @@ def test_importing_every_engine_and_audio_module_loads_no_cli_toolkit() -> None:
     }
     assert set(report["imported"]) == expected  # every module was really imported
     assert report["toolkits"] == []
+
+
+MAX_PARAMETERS = 8  # issue 12: more than this and the arguments want grouping into a small typed config
+
+
+def _parameter_count(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Every parameter: positional (self included), keyword-only, and *args / **kwargs when present."""
+    args = function.args
+    return (len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+            + (args.vararg is not None) + (args.kwarg is not None))  # fmt: skip
+
+
+def test_engine_functions_take_at_most_8_parameters() -> None:
+    files = sorted((PACKAGE / "engine").rglob("*.py"))
+    assert any(path.parent.name == "run" for path in files)  # the walk reaches the subpackages
+    offending = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name}() takes {_parameter_count(node)}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _parameter_count(node) > MAX_PARAMETERS
+    ]
+    assert offending == []

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from helpers.signals import sigint_default
 from helpers.virtual_audio import needs_portaudio, virtual_mic_env
+
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 from lyra_cli.main import run
 
@@ -51,14 +51,15 @@ def test_input_file_turns_are_answered_and_replies_written(two_turns: Path, tiny
 def test_barge_in_abandons_the_answer(tiny_dir: Path, real: Path, tmp_path: Path) -> None:
     """Speaking while Lyra answers: playback stops, the answer is dropped, nothing is written."""
     from helpers.sinks import MemorySink
+
     from lyra_cli.audio.outputs import SpeechOutputs
     from lyra_cli.commands.listen import Listener
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import Conversation
-    from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-    from lyra_cli.engine.session import TurnJob
-    from lyra_cli.engine.voice import VoiceConfig, load_voice
+    from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.prompt import Conversation
+    from lyra_cli.engine.run.session import TurnJob
+    from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 
     engine = Engine.load(tiny_dir, resolve_runtime(RuntimeRequest(device="cpu")))
     engine.loaded.end_ids = set()  # a long answer, so the barge-in lands while it is generated

@@ -1,4 +1,4 @@
-"""Our decoder (`engine.llm`) against transformers' Qwen2VLTextModel on the same random weights.
+"""Our decoder (`engine.model.network`) against transformers' Qwen2VLTextModel on the same random weights.
 
 Contracts: identical state-dict keys; identical logits for prefill and cached decode steps under the three
 position layouts Lyra produces (text, image grid, speech block; docs/authors-behaviour.md#m-rope-positions); chunked
@@ -14,9 +14,9 @@ from transformers import DynamicCache
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
-from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.kvcache import CACHE_BLOCK_TOKENS, KVCache
-from lyra_cli.engine.llm import LyraTextModel
+from lyra_cli.engine.model.config import TextModelConfig
+from lyra_cli.engine.model.kvcache import CACHE_BLOCK_TOKENS, KVCache
+from lyra_cli.engine.model.network import LyraTextModel
 
 CONFIG = TextModelConfig(
     vocab_size=300,

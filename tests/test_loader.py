@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lyra_cli.engine.checkpoint import SPEECH_PREFIX, main_weight_source
-from lyra_cli.engine.loader import load_model
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.checkpoint import SPEECH_PREFIX, main_weight_source
+from lyra_cli.engine.model.loader import load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.errors import CheckpointError
 
 CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))

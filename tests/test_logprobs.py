@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyra_cli.engine import generate
-from lyra_cli.engine.events import Done, TextDelta
-from lyra_cli.engine.generate import MAX_LOGPROBS, SamplingConfig
-from lyra_cli.engine.loader import load_model
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.prompt import Conversation, TextPart
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.loader import load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.run import generate
+from lyra_cli.engine.run.events import Done, TextDelta
+from lyra_cli.engine.model.config import MAX_LOGPROBS, SamplingConfig
+from lyra_cli.engine.run.pipeline import Engine
+from lyra_cli.engine.run.prompt import Conversation, TextPart
 from lyra_cli.errors import UsageError
 from lyra_cli.main import run
 
@@ -274,6 +274,6 @@ def test_eval_bad_logprobs_is_a_usage_error_before_loading(textvqa: Path, capsys
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("lyra_cli.engine.pipeline.Engine.load", refuse)
+    monkeypatch.setattr("lyra_cli.engine.run.pipeline.Engine.load", refuse)
     code, _, err = lyra(capsys, "eval", "textvqa-s", "--data", str(textvqa), "--logprobs", "-1")
     assert code == 2 and "bad --logprobs value `-1`" in err

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 from lyra_cli.commands.longspeech import check_length, parse_duration
-from lyra_cli.engine.config import ExtractorConfig
+from lyra_cli.engine.model.config import ExtractorConfig
 from lyra_cli.errors import LyraError, UsageError
 from lyra_cli.main import run
 
@@ -123,7 +123,7 @@ def test_cache_info_and_clear(real: Path, tiny_dir: Path, tmp_path: Path, capsys
 
 def test_encode_batch_is_windows_per_encoder_call(ten_minutes: Path, tiny_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from lyra_cli.engine import speech
+    from lyra_cli.engine.model import speech_encoder as speech
 
     per_call: list[int] = []  # windows in each encoder call (one log-mel batch per call)
     mel = speech.log_mel_spectrogram

@@ -93,7 +93,7 @@ def test_needle_grid_on_the_tiny_model(extract: str | None, real: Path, tmp_path
 
 def test_lengths_shorter_than_the_needle_are_refused(real: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.setattr("lyra_cli.engine.pipeline.Engine.load", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr("lyra_cli.engine.run.pipeline.Engine.load", lambda *a: pytest.fail("loaded the model"))
     code = run(["eval", "needle", "--haystack", str(real / "Hi.mp3"), "--needle", str(real / "jfk.flac"),
                 "--question", "q", "--answer", "a", "--lengths", "10s,1m", "--out", str(tmp_path)])  # fmt: skip
     err = capsys.readouterr().err

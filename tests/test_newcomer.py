@@ -14,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers.synthetic import write_synthetic_set
 
 from lyra_cli.audio.io import SAMPLE_RATE_HZ
 from lyra_cli.commands.chat import REPL_HELP, TurnSettings, run_repl
 from lyra_cli.commands.common import NOTHING_DROPPED, adapter_line
 from lyra_cli.commands.listen import listening_line
-from lyra_cli.engine.adapters import Adapter, AdapterBank
-from lyra_cli.engine.events import Prefilled, TextDelta
-from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.pipeline import Engine, read_media
-from lyra_cli.engine.prompt import Conversation, TextPart
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.adapters import Adapter, AdapterBank
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.run.events import Prefilled, TextDelta
+from lyra_cli.engine.run.generate import SamplingConfig
+from lyra_cli.engine.run.pipeline import Engine, read_media
+from lyra_cli.engine.run.prompt import Conversation, TextPart
 from lyra_cli.engine.train.loop import trim_log
-from helpers.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 ONE_HOUR_S = 3600

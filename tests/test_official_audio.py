@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers.eval_fixtures import build_all
+
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.io import load_audio
 from lyra_cli.audio.mic import FileSource
-from lyra_cli.engine import pipeline
-from lyra_cli.engine.adapters import Adapter
-from lyra_cli.engine.longspeech import LongSpeechSettings
+from lyra_cli.engine.model.adapters import Adapter
+from lyra_cli.engine.run import pipeline
+from lyra_cli.engine.run.longspeech import LongSpeechSettings
 from lyra_cli.main import run
 
 FAST = ["--max-new-tokens", "2"]

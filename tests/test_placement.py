@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyra_cli.engine import checkpoint as ckpt
-from lyra_cli.engine.config import load_config
-from lyra_cli.engine.footprint import in_quantized_linear
-from lyra_cli.engine.loader import _staging_device_for, load_model
-from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.placement import (
+from lyra_cli.engine.model import checkpoint as ckpt
+from lyra_cli.engine.model.config import load_config
+from lyra_cli.engine.model.footprint import in_quantized_linear
+from lyra_cli.engine.model.loader import _staging_device_for, load_model
+from lyra_cli.engine.model.network import LyraForCausalLM
+from lyra_cli.engine.model.placement import (
     Placement,
     module_sizes,
     parse_max_memory,
     placement_unit,
     plan_placement,
 )
-from lyra_cli.engine.runtime import Runtime, RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.runtime import Runtime, RuntimeRequest, resolve_runtime
 from lyra_cli.errors import RuntimeSetupError, UsageError
 
 GPU0, GPU1, CPU = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
@@ -34,8 +34,8 @@ BIG = 1 << 40
 @pytest.fixture(scope="module")
 def meta_model(tiny_dir: Path) -> tuple[LyraForCausalLM, int]:
     """The tiny model's module tree on the meta device (no weights), and its decoder depth."""
-    from lyra_cli.engine.loader import _build_towers
-    from lyra_cli.engine.towers import resolve_sources
+    from lyra_cli.engine.model.loader import _build_towers
+    from lyra_cli.engine.model.towers import resolve_sources
 
     config = load_config(tiny_dir)
     sources = resolve_sources(tiny_dir, config)
@@ -164,7 +164,7 @@ def test_device_map_usage_errors(request_: RuntimeRequest) -> None:
 
 
 def test_max_memory_naming_a_gpu_that_is_not_there_is_refused() -> None:
-    from lyra_cli.engine.placement import auto_budgets
+    from lyra_cli.engine.model.placement import auto_budgets
 
     with pytest.raises(RuntimeSetupError, match="cuda:7"):
         auto_budgets({"cuda:7": 1 << 30, "cpu": 1 << 30})

@@ -1,4 +1,4 @@
-"""Chunked prefill (`engine.prefill`) against one-shot prefill, with and without the extractor.
+"""Chunked prefill (`engine.run.prefill`) against one-shot prefill, with and without the extractor.
 
 Contracts: the plain path is exactly `model(...)`; any chunk size gives the same last hidden state, the same
 kept set and the same per-layer cache lengths as one shot; decoding afterwards is the same; progress is
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
-from lyra_cli.engine.kvcache import CACHE_BLOCK_TOKENS, KVCache
-from lyra_cli.engine.llm import LyraTextModel
-from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, prefill
-from lyra_cli.engine.prompt import TokenKind
+from lyra_cli.engine.model.config import ExtractorConfig, TextModelConfig
+from lyra_cli.engine.model.kvcache import CACHE_BLOCK_TOKENS, KVCache
+from lyra_cli.engine.model.network import LyraTextModel
+from lyra_cli.engine.run.prefill import PrefillPlan, PrefillResult, prefill
+from lyra_cli.engine.run.prompt import TokenKind
 
 CONFIG = TextModelConfig(
     vocab_size=300,

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lyra_cli.audio.io import load_audio
-from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.loader import load_model
-from lyra_cli.engine.pipeline import DecodedSpeech, Engine
-from lyra_cli.engine.prompt import Conversation, TextPart
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.loader import load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.run.generate import SamplingConfig
+from lyra_cli.engine.run.pipeline import DecodedSpeech, Engine
+from lyra_cli.engine.run.prompt import Conversation, TextPart
 
 SAMPLING = SamplingConfig(max_new_tokens=6, repetition_penalty=1.0)
 
@@ -68,7 +68,7 @@ def test_truncated_cache_equals_a_fresh_prefill(engines) -> None:  # noqa: ANN00
 def test_with_the_extractor_follow_ups_reuse_block_one(engines, real: Path) -> None:  # noqa: ANN001
     """The drops depend on the question, so only the layers before the first drop are reused; the answers,
     kept counts and evidence equal those of an engine that prefills everything again."""
-    from lyra_cli.engine.extractor import parse_extract
+    from lyra_cli.engine.run.extractor import parse_extract
 
     reusing, fresh = engines
     extractor = parse_extract("2x0.5", reusing.model.config.text.num_layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lyra_cli.engine.prompt import (
+from lyra_cli.engine.run.prompt import (
     Conversation,
     SpeechPart,
     TextPart,

@@ -14,8 +14,8 @@ import soundfile as sf
 
 import lyra_cli.engine as api
 from lyra_cli.commands.common import flag_for
-from lyra_cli.engine.extractor import parse_extract
-from lyra_cli.errors import RuntimeSetupError, UsageError
+from lyra_cli.engine.run.extractor import parse_extract
+from lyra_cli.errors import CheckpointError, RuntimeSetupError, UsageError
 from lyra_cli.main import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,3 +123,14 @@ def test_an_empty_turn_names_the_text_input(engine: api.Engine) -> None:
         engine.generate(api.Conversation(), [])
     assert empty.value.setting == "text" and empty.value.hint == "give text or media"
     assert empty.value.render(flag_for)[1] == "give --text or media"
+
+
+def test_grouped_load_settings_are_checked_before_any_weights_load(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as cpu_map:
+        api.load("tiny", device="cpu", device_map=api.DeviceMap(max_memory="cpu=1GiB"))
+    assert cpu_map.value.setting == "device_map"
+    assert cpu_map.value.render(flag_for)[0] == "--device-map auto spreads over GPUs; it cannot go with --device cpu"
+    missing = tmp_path / "no-such-vit"
+    with pytest.raises(CheckpointError) as no_folder:
+        api.load("tiny", towers=api.TowerOverrides(vision=str(missing)))  # a str is a path
+    assert str(no_folder.value) == f"--vision-tower `{missing}` is not a folder"

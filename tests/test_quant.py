@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import INIT_STD, LyraTextModel, RMSNorm
-from lyra_cli.engine.quant import describe_quantization, quantize_linears
+from lyra_cli.engine.model.config import TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import INIT_STD, LyraTextModel, RMSNorm
+from lyra_cli.engine.model.quant import describe_quantization, quantize_linears
 from lyra_cli.errors import MissingDependencyError
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -135,7 +135,7 @@ def test_cpu_4bit_keeps_unsupported_shapes_in_full_precision(caplog: pytest.LogC
     # guard the 96 -> 64 layer fails at its first eval forward ("shape '[64, 1]' is invalid").
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).eval()
-    with caplog.at_level(logging.WARNING, logger="lyra_cli.engine.quant"):
+    with caplog.at_level(logging.WARNING, logger="lyra_cli.engine.model.quant"):
         assert quantize_linears(net, "4bit", compute_dtype=torch.float32) == 1
     assert isinstance(net[0], bnb.nn.Linear4bit) and type(net[1]) is nn.Linear
     assert "`1` (96 -> 64) in full precision" in caplog.text

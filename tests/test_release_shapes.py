@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lyra_cli.engine.footprint import NF4_BYTES, NF4_OVERHEAD_BYTES, is_quantized_weight
-from lyra_cli.engine.towers import safetensors_header
+from lyra_cli.engine.model.footprint import NF4_BYTES, NF4_OVERHEAD_BYTES, is_quantized_weight
+from lyra_cli.engine.model.towers import safetensors_header
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the benchmarks live beside the package, not in it
@@ -102,10 +102,10 @@ def test_tower_folders_hold_the_main_shards_tensors(smoke_root: Path) -> None:
 
 
 def test_smoke_release_loads_and_answers_an_image_and_speech_question(smoke_root: Path, real: Path) -> None:
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.pipeline import Engine, read_media
-    from lyra_cli.engine.prompt import Conversation
-    from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.pipeline import Engine, read_media
+    from lyra_cli.engine.run.prompt import Conversation
 
     model_dir = smoke_root / "work_dirs" / SPECS["smoke"].name
     assert not (model_dir / "model_zoo").exists()  # the towers resolve from the model folder's parents

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from lyra_cli.commands.chat import TurnSettings, run_repl
-from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.prompt import Conversation
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.run.generate import SamplingConfig
+from lyra_cli.engine.run.pipeline import Engine
+from lyra_cli.engine.run.prompt import Conversation
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The engine's spoken session (`lyra_cli.engine.session`) driven without the CLI: a real recording in, typed
+"""The engine's spoken session (`lyra_cli.engine.run.session`) driven without the CLI: a real recording in, typed
 events out, in order."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-
 from helpers.sinks import MemorySink
+
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, load_audio
 
 PAUSE = np.zeros(2 * SAMPLE_RATE_HZ, dtype=np.float32)
@@ -18,12 +18,12 @@ def test_session_answers_each_turn_with_its_events_in_order(tiny_dir: Path, real
     from lyra_cli.audio.mic import FileSource
     from lyra_cli.audio.outputs import SpeechOutputs
     from lyra_cli.audio.vad import SileroVad, TurnDetector, VadConfig
-    from lyra_cli.engine.events import AudioChunk, Done, TextDelta
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-    from lyra_cli.engine.session import SessionConfig, SpokenSession, TurnAnswered, TurnStarted
-    from lyra_cli.engine.voice import VoiceConfig, load_voice
+    from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+    from lyra_cli.engine.run.events import AudioChunk, Done, TextDelta
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.session import SessionConfig, SpokenSession, TurnAnswered, TurnStarted
+    from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 
     recording = tmp_path / "two_turns.wav"
     sf.write(recording, np.concatenate([PAUSE[:8000], load_audio(real / "extreme_ironing.mp3"), PAUSE,

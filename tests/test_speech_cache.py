@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyra_cli.audio.cache import (
+from lyra_cli import fileio
+from lyra_cli.engine.run.speech_cache import (
     CACHE_FORMAT_VERSION,
-    CacheKey,
     CachedSpeech,
+    CacheKey,
     SpeechTokenCache,
     default_cache_dir,
     file_digest,
     model_fingerprint,
 )
 from lyra_cli.errors import CheckpointError
-from lyra_cli import fileio
 from lyra_cli.fileio import CACHE_DIR_ENV
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"

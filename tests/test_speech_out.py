@@ -20,9 +20,9 @@ from torch import Tensor
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from lyra_cli.engine.checkpoint import GENERATOR_PREFIX, SPEECH_GENERATOR_FILE
-from lyra_cli.engine.config import SpeechGeneratorConfig, parse_config
-from lyra_cli.engine.speech_out import (
+from lyra_cli.engine.model.checkpoint import GENERATOR_PREFIX, SPEECH_GENERATOR_FILE
+from lyra_cli.engine.model.config import SpeechGeneratorConfig, parse_config
+from lyra_cli.engine.model.speech_generator import (
     TINY_NONBLANK_FRACTION,
     SpeechGenerator,
     UnitStream,

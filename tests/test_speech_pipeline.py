@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from helpers.virtual_audio import needs_portaudio
-from lyra_cli.engine.events import AudioChunk, Done
-from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.loader import load_model
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.prompt import Conversation, TextPart
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.voice import VoiceConfig, load_voice
+
+from lyra_cli.engine.model.loader import load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.run.events import AudioChunk, Done
+from lyra_cli.engine.run.generate import SamplingConfig
+from lyra_cli.engine.run.pipeline import Engine
+from lyra_cli.engine.run.prompt import Conversation, TextPart
+from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 from lyra_cli.main import run
 
 STREAM_TOLERANCE = 1e-5  # the vocoder stream's stated bound (tests/test_vocoder.py)

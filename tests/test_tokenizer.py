@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from lyra_cli.engine.tokenizer import (
+from lyra_cli.engine.model.tokenizer import (
     ENDOFTEXT,
     IM_END,
     QWEN_SPECIAL_TOKENS,
     TINY_VOCAB_SIZE,
     build_tiny_tokenizer,
-    encode_chunk,
     end_token_ids,
     load_tokenizer,
 )
+from lyra_cli.engine.run.prompt import encode_chunk
 from lyra_cli.errors import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -39,7 +39,7 @@ def tok(tiny_dir: Path):
 
 def _build_in_subprocess(out: Path) -> None:
     # A fresh process each time: the Rust trainer's hash maps are seeded per process.
-    code = f"from pathlib import Path; from lyra_cli.engine.tokenizer import build_tiny_tokenizer; build_tiny_tokenizer(Path({str(out)!r}))"
+    code = f"from pathlib import Path; from lyra_cli.engine.model.tokenizer import build_tiny_tokenizer; build_tiny_tokenizer(Path({str(out)!r}))"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -52,7 +52,7 @@ def test_two_builds_in_separate_processes_write_identical_files(tmp_path: Path) 
 
 def test_loads_offline_as_qwen2_tokenizer(tiny_dir: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from lyra_cli.engine.tokenizer import load_tokenizer; "
+        "import sys; from pathlib import Path; from lyra_cli.engine.model.tokenizer import load_tokenizer; "
         "t = load_tokenizer(Path(sys.argv[1])); print(type(t).__name__, len(t), t.eos_token_id, t.bos_token_id)"
     )
     # Offline, and a dead endpoint: any attempt to reach a hub would fail loudly.

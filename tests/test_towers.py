@@ -29,22 +29,22 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from lyra_cli.audio.io import load_audio
 from lyra_cli.commands.common import header_lines
-from lyra_cli.engine import footprint, towers
-from lyra_cli.engine.config import load_config
-from lyra_cli.engine.events import AudioChunk
-from lyra_cli.engine.generate import SamplingConfig
-from lyra_cli.engine.pipeline import DecodedImage, DecodedSpeech, Engine
-from lyra_cli.engine.prompt import Conversation, TextPart, Turn
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.tiny import SPEECH_TOWER_DIR, VISION_TOWER_DIR
-from lyra_cli.engine.towers import (
+from lyra_cli.engine.model import footprint, towers
+from lyra_cli.engine.model.config import load_config
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.tiny import SPEECH_TOWER_DIR, VISION_TOWER_DIR
+from lyra_cli.engine.model.towers import (
     KnownViT,
     KnownWhisper,
     TowerOverrides,
     resolve_sources,
 )
-from lyra_cli.engine.vision import load_image
-from lyra_cli.engine.voice import VoiceConfig, load_voice
+from lyra_cli.engine.model.vision import load_image
+from lyra_cli.engine.run.events import AudioChunk
+from lyra_cli.engine.run.generate import SamplingConfig
+from lyra_cli.engine.run.pipeline import DecodedImage, DecodedSpeech, Engine
+from lyra_cli.engine.run.prompt import Conversation, TextPart, Turn
+from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 from lyra_cli.errors import CheckpointError
 from lyra_cli.main import run
 
@@ -305,7 +305,7 @@ def test_info_memory_counts_every_loaded_parameter(tiny_dir: Path, capsys: pytes
 
 
 def test_info_knows_the_adapter_folders_the_loader_reads() -> None:
-    from lyra_cli.engine.adapters import ADAPTER_DIRS
+    from lyra_cli.engine.model.adapters import ADAPTER_DIRS
 
     assert footprint.ADAPTER_FOLDERS == tuple(ADAPTER_DIRS.values())
 

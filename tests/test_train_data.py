@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.synthetic import write_synthetic_set
 
-from lyra_cli.engine.adapters import activate, route
-from lyra_cli.engine.loader import load_model
-from lyra_cli.engine.pipeline import Engine, speech_tokens
-from lyra_cli.engine.prompt import Conversation, SpeechPart, TextPart, Turn, VisualPart, build_inputs
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.tokenizer import encode_chunk, load_tokenizer
+from lyra_cli.engine.model.adapters import activate, route
+from lyra_cli.engine.model.loader import load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.tokenizer import load_tokenizer
+from lyra_cli.engine.run.pipeline import Engine, speech_tokens
+from lyra_cli.engine.run.prompt import Conversation, SpeechPart, TextPart, Turn, VisualPart, build_inputs, encode_chunk
 from lyra_cli.engine.train.data import (
     IGNORE_INDEX,
     Problem,
@@ -27,7 +28,6 @@ from lyra_cli.engine.train.data import (
     parse_units,
     user_parts,
 )
-from helpers.synthetic import write_synthetic_set
 from lyra_cli.errors import InputError
 
 HIDDEN = 4
@@ -190,8 +190,8 @@ def test_training_images_are_capped_at_the_authors_training_side(tmp_path: Path)
     """Training caps an image's long side at 2560 (requests at 2880, eval at 1920), as the authors' loader."""
     from PIL import Image
 
+    from lyra_cli.engine.model.vision import TRAIN_MAX_SIDE
     from lyra_cli.engine.train.data import read_training_media
-    from lyra_cli.engine.vision import TRAIN_MAX_SIDE
 
     path = tmp_path / "wide.png"
     Image.new("RGB", (3000, 300), "white").save(path)

@@ -1,4 +1,4 @@
-"""The extractor in training (`engine/train/extract.py`): the same drops as inference, gradients through
+"""The extractor in training (`engine/train/extractor_forward.py`): the same drops as inference, gradients through
 the survivors, answers never dropped, and `--extract` wired through the stages and the CLI."""
 
 from __future__ import annotations
@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.synthetic import write_synthetic_set
 from torch import Tensor, nn
 
-from lyra_cli.engine.config import ExtractorConfig, TextModelConfig
-from lyra_cli.engine.extractor import context_mask, query_mask
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import LyraTextModel
-from lyra_cli.engine.prefill import PrefillPlan, prefill
-from lyra_cli.engine.prompt import TokenKind
+from lyra_cli.engine.model.config import ExtractorConfig, TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import LyraTextModel
+from lyra_cli.engine.run.extractor import context_mask, query_mask
+from lyra_cli.engine.run.prefill import PrefillPlan, prefill
+from lyra_cli.engine.run.prompt import TokenKind
 from lyra_cli.engine.train.data import IGNORE_INDEX
-from lyra_cli.engine.train.extract import forward_extracting
+from lyra_cli.engine.train.extractor_forward import forward_extracting
 from lyra_cli.engine.train.loop import _shifted_ce
-from helpers.synthetic import write_synthetic_set
 from lyra_cli.main import run
 
 CONFIG = TextModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.synthetic import write_synthetic_set
 
-from lyra_cli.engine.loader import LoadedModel, load_model
-from lyra_cli.engine.pipeline import Engine
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.speech_out import load_speech_generator
+from lyra_cli.engine.model.loader import LoadedModel, load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.speech_generator import load_speech_generator
+from lyra_cli.engine.run.pipeline import Engine
 from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder, parse_records
 from lyra_cli.engine.train.loop import (
     Trainer,
+    TrainerSettings,
     checkpoints,
     combine,
     latest_checkpoint,
@@ -23,7 +25,6 @@ from lyra_cli.engine.train.loop import (
     train_step_terms,
 )
 from lyra_cli.engine.train.stages import prepare_for_stage, resolve_stage, stage_extractor
-from helpers.synthetic import write_synthetic_set
 from lyra_cli.errors import UsageError
 
 CPU = resolve_runtime(RuntimeRequest(device="cpu", dtype="fp32"))
@@ -97,7 +98,8 @@ def test_loss_falls_when_overfitting(tiny_dir: Path, examples: dict, tmp_path: P
     if extract:  # the image+speech record really loses tokens
         parts = train_step_terms(model, examples["mm_1"], stage, extractor=extractor).parts()
         assert parts["kept_tokens"] < examples["mm_1"].n_tokens
-    trainer = Trainer(model, plan, dataset, total_steps=steps, generator=generator, log_path=tmp_path / "log.jsonl")
+    trainer = Trainer(model, plan, dataset, total_steps=steps, generator=generator,
+                      settings=TrainerSettings(log_path=tmp_path / "log.jsonl"))
     for _ in range(steps):
         trainer.step()
     after = full_loss()
@@ -139,7 +141,7 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(
     tiny_dir: Path, examples: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
-    trainer = Trainer(loaded.model, plan, dataset, total_steps=4, keep_last=2)
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=4, settings=TrainerSettings(keep_last=2))
     root = tmp_path / "ckpt"
     trainer.step()
     good = trainer.save_checkpoint(root)
@@ -221,7 +223,7 @@ def test_bf16_autocast_trains_in_16_bits_with_fp32_weights(tiny_dir: Path, examp
                                       lr_schedule="constant")  # fmt: skip
     losses = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        trainer = Trainer(loaded.model, plan, dataset, total_steps=6, precision=dtype)
+        trainer = Trainer(loaded.model, plan, dataset, total_steps=6, settings=TrainerSettings(precision=dtype))
         with trainer._autocast(), torch.no_grad():
             losses[name] = float(combine(train_step_terms(loaded.model, examples["asr_0"], plan.stage), plan.stage))
     assert losses["bf16"] != losses["fp32"]  # the forward really ran in bf16 ...
@@ -233,13 +235,13 @@ def test_bf16_autocast_trains_in_16_bits_with_fp32_weights(tiny_dir: Path, examp
 
 def test_fp16_uses_loss_scaling_and_resumes_it(tiny_dir: Path, examples: dict, tmp_path: Path) -> None:
     loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
-    trainer = Trainer(loaded.model, plan, dataset, total_steps=4, precision=torch.float16)
+    trainer = Trainer(loaded.model, plan, dataset, total_steps=4, settings=TrainerSettings(precision=torch.float16))
     record = trainer.step()
     assert record["loss_scale"] > 1 and record["loss"] == record["loss"]  # scaled, and not NaN
     trainer.scaler.update(1024.0)  # a scale the fresh scaler would not have
     folder = trainer.save_checkpoint(tmp_path / "ckpt")
     loaded, _, plan, dataset = _setup(tiny_dir, examples, "stage1", ("asr_0",), learning_rate=1e-3)
-    resumed = Trainer(loaded.model, plan, dataset, total_steps=4, precision=torch.float16)
+    resumed = Trainer(loaded.model, plan, dataset, total_steps=4, settings=TrainerSettings(precision=torch.float16))
     resumed.load_checkpoint(folder)
     assert resumed.scaler.get_scale() == 1024.0
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lyra_cli.engine.adapters import ADAPTER_WEIGHTS_FILE, Adapter, activate
-from lyra_cli.engine.loader import LoadedModel, load_model
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.adapters import ADAPTER_WEIGHTS_FILE, Adapter, activate
+from lyra_cli.engine.model.loader import LoadedModel, load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
 from lyra_cli.engine.train.merge import merge_adapter
 from lyra_cli.errors import CheckpointError
 from lyra_cli.main import run
@@ -54,7 +54,7 @@ def test_merged_model_routes_speech_without_a_warning(merged_fp32: Path, caplog:
     with caplog.at_level(logging.WARNING):
         assert activate(merged.model, merged.adapters, Adapter.SPEECH) is Adapter.NONE
         activate(merged.model, merged.adapters, Adapter.LONG_SPEECH)  # not merged: still worth a warning
-    assert [r.getMessage() for r in caplog.records if r.name == "lyra_cli.engine.adapters"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "lyra_cli.engine.model.adapters"] == [
         "the long_speech adapter is not in this model folder; using the plain LLM"
     ]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lyra_cli.engine.adapters import Adapter, activate
-from lyra_cli.engine.loader import LoadedModel, load_model
-from lyra_cli.engine.runtime import RuntimeRequest, resolve_runtime
-from lyra_cli.engine.speech_out import load_speech_generator
+from lyra_cli.engine.model.adapters import Adapter, activate
+from lyra_cli.engine.model.loader import LoadedModel, load_model
+from lyra_cli.engine.model.runtime import RuntimeRequest, resolve_runtime
+from lyra_cli.engine.model.speech_generator import load_speech_generator
 from lyra_cli.engine.train.export import export_adapter, export_projector, export_speech_generator
 from lyra_cli.engine.train.stages import (
     STAGES,

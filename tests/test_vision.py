@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lyra_cli.engine import vision
-from lyra_cli.engine.vision import (
+from lyra_cli.engine.model import vision
+from lyra_cli.engine.model.vision import (
     CLI_MAX_SIDE,
     EVAL_MAX_SIDE,
     IMAGE_FACTOR,
@@ -32,9 +32,9 @@ from lyra_cli.engine.vision import (
     VisualProcessor,
     encode_visual,
     image_positions,
-    lyra_image_size,
     load_image,
     load_video_frames,
+    lyra_image_size,
     n_tokens,
     smart_resize,
     video_frame_count,

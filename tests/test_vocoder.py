@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lyra_cli.engine.vocoder import (
+from lyra_cli.engine.model.vocoder import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     STREAM_TOLERANCE,

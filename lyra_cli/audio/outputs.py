@@ -1,5 +1,5 @@
 """Where spoken answers go: the speaker, a wav file per turn, or both. Shared by `chat`, `listen` and any
-caller of `lyra_cli.engine.session`.
+caller of `lyra_cli.engine.run.session`.
 
 The speaker is fed through a queue that its own audio thread drains, so playback never blocks
 generation. Wav files are written atomically when a turn ends; an interrupted turn leaves nothing.
@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lyra_cli.errors import UsageError
+from lyra_cli.errors import UsageError, setting
 
 if TYPE_CHECKING:
     import numpy as np
 
     from lyra_cli.audio.playback import AudioSink, WavWriter
 
-SPEECH_OUT_FLAG = "--speech-out"
+SPEECH_OUT = setting("speech_out")  # the command line shows `--speech-out`
 
 
 def check_speech_out(path: Path | None, *, overwrite: bool = False) -> None:
@@ -27,8 +27,8 @@ def check_speech_out(path: Path | None, *, overwrite: bool = False) -> None:
     if path is None:
         return
     if path.suffix.lower() != ".wav":
-        raise UsageError(f"{SPEECH_OUT_FLAG} `{path}` must end in .wav", f"e.g. {SPEECH_OUT_FLAG} answer.wav")
-    check_output_file(path, flag=SPEECH_OUT_FLAG, overwrite=overwrite, is_ours=is_lyra_wav, create_parent=False)
+        raise UsageError(f"{SPEECH_OUT} `{path}` must end in .wav", f"e.g. {SPEECH_OUT} answer.wav")
+    check_output_file(path, flag=SPEECH_OUT, overwrite=overwrite, is_ours=is_lyra_wav, create_parent=False)
 
 
 def turn_path(base: Path, turn: int) -> Path:

@@ -10,8 +10,8 @@ cache_app = typer.Typer(help="Inspect or clear the speech-token cache ($LYRA_CAC
 @cache_app.command("info")
 def cache_info() -> None:
     """Print the cache folder, its entry count and size."""
-    from lyra_cli.audio.cache import SpeechTokenCache
     from lyra_cli.console import write_answer
+    from lyra_cli.engine.run.speech_cache import SpeechTokenCache
 
     root = _usable_root()
     cache = SpeechTokenCache(root)
@@ -22,8 +22,8 @@ def cache_info() -> None:
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Delete every cached recording (they are rebuilt on the next question)."""
-    from lyra_cli.audio.cache import SpeechTokenCache
     from lyra_cli.console import info
+    from lyra_cli.engine.run.speech_cache import SpeechTokenCache
 
     removed = SpeechTokenCache(_usable_root()).clear()
     info(f"removed {removed} cached recording(s)")
@@ -31,7 +31,7 @@ def cache_clear() -> None:
 
 def _usable_root():  # noqa: ANN202
     """The cache folder; a file in its place is an error (an absent folder is an empty cache)."""
-    from lyra_cli.audio.cache import default_cache_dir
+    from lyra_cli.engine.run.speech_cache import default_cache_dir
     from lyra_cli.fileio import CACHE_DIR_ENV
     from lyra_cli.outputs import OutputError
 

@@ -20,18 +20,18 @@ import typer
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.outputs import SpeechOutputs, check_speech_out
 from lyra_cli.commands import common, speech_io
-from lyra_cli.engine.models import resolve_model
+from lyra_cli.engine.model.resolve import resolve_model
 from lyra_cli.errors import UsageError
 from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
-    from lyra_cli.engine.config import ExtractorConfig
-    from lyra_cli.engine.voice import Voice
-    from lyra_cli.engine.events import Done
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.towers import TowerOverrides
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import Conversation
+    from lyra_cli.engine.model.config import ExtractorConfig
+    from lyra_cli.engine.model.towers import TowerOverrides
+    from lyra_cli.engine.run.events import Done
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.prompt import Conversation
+    from lyra_cli.engine.run.voice import Voice
 
 MEDIA_FLAGS = {"--image": "image", "--video": "video", "--speech": "speech", "--text": "text"}
 REPL_HELP = ("each line is a question · /image PATH, /video PATH: attach to the next question · /speech PATH: ask it "
@@ -116,7 +116,7 @@ def chat(
                           max_new_tokens=max_new_tokens, seed=seed, logprobs=logprobs)  # fmt: skip
     common.check_sampling_flags(sampling_flags)
 
-    from lyra_cli.engine.pipeline import read_media
+    from lyra_cli.engine.run.pipeline import read_media
 
     check_speech_out(speech_out, overwrite=overwrite)
     front_end = AudioFrontEnd.choose(official_audio)
@@ -143,7 +143,7 @@ def chat(
 
 
 def _conversation(system: str | None) -> "Conversation":
-    from lyra_cli.engine.prompt import Conversation
+    from lyra_cli.engine.run.prompt import Conversation
 
     return Conversation() if system is None else Conversation(system=system)
 
@@ -151,8 +151,8 @@ def _conversation(system: str | None) -> "Conversation":
 def _load(model: str, model_dir: Path, request, quiet: bool,  # noqa: ANN001
           sampling_flags: dict, overrides: "TowerOverrides") -> tuple["Engine", "SamplingConfig"]:  # fmt: skip
     from lyra_cli.console import info
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
+    from lyra_cli.engine.run.pipeline import Engine
 
     runtime = resolve_runtime(request)
     engine = Engine.load(model_dir, runtime, overrides)
@@ -166,7 +166,7 @@ def _load(model: str, model_dir: Path, request, quiet: bool,  # noqa: ANN001
 
 
 def _encode(engine: "Engine", decoded: list) -> list:  # noqa: ANN001
-    from lyra_cli.engine.prompt import TextPart
+    from lyra_cli.engine.run.prompt import TextPart
 
     return [TextPart(item.value) if media is None else engine.encode(media) for item, media in decoded]
 
@@ -187,7 +187,7 @@ class TurnSettings:
 def _answer(engine: "Engine", conversation: "Conversation", parts: list, sampling: "SamplingConfig",
             turn: TurnSettings) -> "Done":  # fmt: skip
     from lyra_cli.console import info, logprob_table, write_answer
-    from lyra_cli.engine.events import AudioChunk, TextDelta
+    from lyra_cli.engine.run.events import AudioChunk, TextDelta
 
     outputs = turn.outputs if turn.voice is not None else None
     if outputs is not None:
@@ -244,7 +244,7 @@ def turn_json(done: "Done", parts: list) -> dict:
 
 
 def _describe_part(part) -> dict:  # noqa: ANN001
-    from lyra_cli.engine.prompt import SpeechPart, TextPart
+    from lyra_cli.engine.run.prompt import SpeechPart, TextPart
 
     if isinstance(part, TextPart):
         return {"kind": "text", "text": part.text}
@@ -267,8 +267,8 @@ def run_repl(engine: "Engine", conversation: "Conversation", sampling: "Sampling
              turn: TurnSettings | None = None, *, pending: list | None = None) -> None:  # fmt: skip
     """The multi-turn loop: media commands queue parts for the next question; /reset clears the history."""
     from lyra_cli.console import error, info, write_answer
-    from lyra_cli.engine.pipeline import read_media
-    from lyra_cli.engine.prompt import TextPart
+    from lyra_cli.engine.run.pipeline import read_media
+    from lyra_cli.engine.run.prompt import TextPart
     from lyra_cli.errors import LyraError
 
     turn = turn or TurnSettings()

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from lyra_cli.engine.models import TINY  # light: no torch
+from lyra_cli.engine.model.resolve import TINY  # light: no torch
 from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from lyra_cli.audio.frontend import AudioFrontEnd
-    from lyra_cli.engine.config import ExtractorConfig
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.loader import LoadedModel
-    from lyra_cli.engine.runtime import RuntimeRequest
-    from lyra_cli.engine.towers import TowerOverrides
+    from lyra_cli.engine.model.config import ExtractorConfig
+    from lyra_cli.engine.model.loader import LoadedModel
+    from lyra_cli.engine.model.runtime import RuntimeRequest
+    from lyra_cli.engine.model.towers import TowerOverrides
+    from lyra_cli.engine.run.generate import SamplingConfig
 
 # Said when --extract (or the config's extractor) had nothing to drop in a prompt: the authors keep ≥ 32 tokens.
 NOTHING_DROPPED = ("the extractor dropped nothing: this prompt has too few image/speech tokens "
@@ -89,7 +89,7 @@ def announce_front_end(front_end: "AudioFrontEnd", quiet: bool) -> None:
 
 def tower_overrides(vision: Path | None, speech: Path | None, vocoder: Path | None = None) -> "TowerOverrides":
     """`--vision-tower` / `--speech-tower` / `--vocoder`, checked before any weights load."""
-    from lyra_cli.engine.towers import TowerOverrides
+    from lyra_cli.engine.model.towers import TowerOverrides
 
     overrides = TowerOverrides(vision=vision, speech=speech, vocoder=vocoder)
     overrides.check()
@@ -98,8 +98,8 @@ def tower_overrides(vision: Path | None, speech: Path | None, vocoder: Path | No
 
 def extractor_for(spec: str | None, model_dir: Path) -> "ExtractorConfig | None":
     """`--extract BLOCKSxRATIO` for this model (read from its config, no weights), else the config's own."""
-    from lyra_cli.engine.config import load_config
-    from lyra_cli.engine.extractor import parse_extract
+    from lyra_cli.engine.model.config import load_config
+    from lyra_cli.engine.run.extractor import parse_extract
 
     config = load_config(model_dir)
     if spec is not None:
@@ -115,7 +115,7 @@ def runtime_request(
     device_map: str = "none",
     max_memory: str | None = None,
 ) -> "RuntimeRequest":
-    from lyra_cli.engine.runtime import RuntimeRequest
+    from lyra_cli.engine.model.runtime import RuntimeRequest
 
     if load_8bit and load_4bit:
         raise UsageError("--load-8bit and --load-4bit exclude each other", "pick one")
@@ -135,7 +135,7 @@ def sampling_config(defaults: "SamplingConfig", **overrides: Any) -> "SamplingCo
 
 def check_sampling_flags(flags: dict[str, Any]) -> None:
     """Validate the sampling flags on their own, before any weights load."""
-    from lyra_cli.engine.generate import SamplingConfig
+    from lyra_cli.engine.run.generate import SamplingConfig
 
     sampling_config(SamplingConfig(), **flags)
 
@@ -148,7 +148,7 @@ def header_lines(loaded: "LoadedModel", model_spec: str) -> list[str]:
     if loaded.placement.spread:
         lines.append(f"  placement {loaded.placement.describe()}")
     if runtime.quantization != "none":
-        from lyra_cli.engine.quant import describe_quantization
+        from lyra_cli.engine.model.quant import describe_quantization
 
         lines.append(f"  {describe_quantization(runtime.quantization, runtime.dtype)}")  # type: ignore[arg-type]
     lines += loaded.sources.lines()  # where each tower, the processor settings and the vocoder came from

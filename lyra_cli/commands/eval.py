@@ -25,8 +25,8 @@ from typer.core import TyperGroup
 
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.commands import common
-from lyra_cli.engine.models import resolve_model
 from lyra_cli.engine.eval.suites import SPEECH_MODE, SUITES, TEXT_MODE
+from lyra_cli.engine.model.resolve import resolve_model
 from lyra_cli.errors import UsageError
 from lyra_cli.fileio import write_atomically
 
@@ -168,8 +168,8 @@ for _name, _suite in SUITES.items():
 def evaluate(req: EvalRequest) -> None:
     """Validate everything (suite, mode, shard, judge, data) before any weights load, then score or run."""
     from lyra_cli.engine.eval.runner import PER_ITEM_FIELDS, score_predictions
-    from lyra_cli.outputs import check_output_file, is_jsonl_with
     from lyra_cli.engine.eval.suites import check_mode, get_suite
+    from lyra_cli.outputs import check_output_file, is_jsonl_with
 
     suite = get_suite(req.suite)
     check_mode(suite, req.mode)
@@ -259,7 +259,7 @@ def _judge(suite: "Suite", req: EvalRequest) -> Callable[[list[Any]], list[float
 
 def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
     """Model folder, runtime, extractor and decoding, all resolved without loading weights."""
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
 
     request = common.runtime_request(req.device, req.dtype, req.load_8bit, req.load_4bit, req.device_map, req.max_memory)
     common.check_sampling_flags(req.sampling_flags)
@@ -272,8 +272,8 @@ def _setup(suite: "Suite", req: EvalRequest) -> tuple[Path, Any, Any, Any]:
 def eval_sampling(model_dir: Path, max_new_tokens: int, flags: dict[str, Any]) -> Any:
     """The checkpoint's generation_config (its repetition penalty applies, as in the authors' `generate`),
     greedy (`--temperature 0` in every eval script) and the suite's token budget, unless flags say otherwise."""
-    from lyra_cli.engine.generate import sampling_from_generation_config
-    from lyra_cli.engine.loader import read_generation_config
+    from lyra_cli.engine.model.loader import read_generation_config
+    from lyra_cli.engine.model.config import sampling_from_generation_config
 
     defaults = sampling_from_generation_config(read_generation_config(model_dir))
     eval_flags = {"temperature": 0.0, "max_new_tokens": max_new_tokens,
@@ -310,8 +310,8 @@ def shard_path_for(req: EvalRequest, shard: "Shard", auto: bool) -> Path:
 
 def _load(model_dir: Path, runtime: Any, *, model: str, quiet: bool, towers: Any = None) -> Any:
     from lyra_cli.console import info
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.towers import TowerOverrides
+    from lyra_cli.engine.model.towers import TowerOverrides
+    from lyra_cli.engine.run.pipeline import Engine
 
     engine = Engine.load(model_dir, runtime, towers or TowerOverrides())
     # Each question is its own conversation; reusing the previous prompt's cache would save only the
@@ -338,15 +338,14 @@ def _pin_local_gpu() -> None:
 def _run(engine: Any, suite: "Suite", items: list, req: EvalRequest, out: Path, shard: "Shard",  # noqa: ANN001
          sampling: Any, extractor: Any, settings: dict[str, Any]) -> "Summary":  # fmt: skip
     from lyra_cli.console import info
-    from lyra_cli.engine.eval.runner import run_suite
+    from lyra_cli.engine.eval.runner import Answering, Output, run_suite
 
     if not req.quiet:
         info(f"{suite.title} --mode {req.mode} · {len(items)} question(s)"
              + (f" · shard {shard.label}" if shard.count > 1 else "") + f" · predictions → {out}")  # fmt: skip
     with ItemProgress(suite.title, enabled=not req.quiet) as bar:
-        return run_suite(engine, suite, items, mode=req.mode, out_path=out, resume=req.resume, shard=shard,
-                         sampling=sampling, extractor=extractor, settings=settings, on_progress=bar.update,
-                         front_end=req.front_end)  # fmt: skip
+        return run_suite(engine, suite, items, Answering(req.mode, sampling, extractor, req.front_end),
+                         Output(out, req.resume, shard, settings), on_progress=bar.update)
 
 
 def _merge_ranks(req: EvalRequest, shard: "Shard", items_all: list) -> Path:  # noqa: ANN001
@@ -557,7 +556,7 @@ def needle(
 ) -> None:
     from lyra_cli.audio.io import load_audio, require_speech
     from lyra_cli.engine.eval.needle import NEEDLE_MAX_NEW_TOKENS, NeedleSpec
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
 
     spec = NeedleSpec(question, tuple(answer), parse_lengths(lengths), parse_depths(depths))
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
@@ -604,8 +603,8 @@ def _check_needle_fits(spec: Any, fact: Any) -> None:
 
 def _check_positions(model_dir: Path, spec: Any, extractor: Any) -> None:
     """No silent truncation: the longest recording must fit the model's positions, or the extractor be on."""
-    from lyra_cli.engine.config import load_config
-    from lyra_cli.engine.longspeech import prompt_tokens, windows_for
+    from lyra_cli.engine.model.config import load_config
+    from lyra_cli.engine.run.longspeech import prompt_tokens, windows_for
 
     max_positions = load_config(model_dir).text.max_position_embeddings
     longest = max(spec.lengths_s)

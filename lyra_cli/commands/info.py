@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from lyra_cli.commands import common
-from lyra_cli.engine.models import resolve_model
+from lyra_cli.engine.model.resolve import resolve_model
 from lyra_cli.errors import UsageError
 
 INFO_DEVICES = ("auto", "cuda", "cpu", "mps")
@@ -49,7 +49,7 @@ def info(
 
 
 def _compute_dtype(device: str, dtype: str) -> str:
-    from lyra_cli.engine.footprint import COMPUTE_BYTES, DEVICE_DTYPES
+    from lyra_cli.engine.model.footprint import COMPUTE_BYTES, DEVICE_DTYPES
 
     if device not in INFO_DEVICES:
         raise UsageError(f"unknown --device `{device}`", f"choose one of: {', '.join(INFO_DEVICES)}")
@@ -59,9 +59,9 @@ def _compute_dtype(device: str, dtype: str) -> str:
 
 
 def describe(model_dir: Path, overrides: Any, device: str, compute: str) -> dict[str, Any]:
-    from lyra_cli.engine import footprint
-    from lyra_cli.engine.config import load_config
-    from lyra_cli.engine.towers import folder_tensors, resolve_sources
+    from lyra_cli.engine.model import footprint
+    from lyra_cli.engine.model.config import load_config
+    from lyra_cli.engine.model.towers import folder_tensors, resolve_sources
 
     config = load_config(model_dir)
     shards = folder_tensors(model_dir)
@@ -92,7 +92,7 @@ def describe(model_dir: Path, overrides: Any, device: str, compute: str) -> dict
 
 
 def _shard_files(model_dir: Path) -> set[Path]:
-    from lyra_cli.engine.towers import folder_weight_files
+    from lyra_cli.engine.model.towers import folder_weight_files
 
     return set((folder_weight_files(model_dir) or {}).values())
 

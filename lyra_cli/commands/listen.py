@@ -1,7 +1,7 @@
 """`lyra listen`: a spoken conversation. Speak, Lyra answers in text and speech; speak over it to interrupt.
 
 The conversation loop (turns cut by the voice-activity detector, barge-in, cancellation) is the engine's
-`lyra_cli.engine.session.SpokenSession`; this command parses and checks the flags, opens the source and
+`lyra_cli.engine.run.session.SpokenSession`; this command parses and checks the flags, opens the source and
 the outputs, and renders the session's events on the console.
 """
 
@@ -16,8 +16,8 @@ import typer
 
 from lyra_cli.audio.outputs import SpeechOutputs, check_speech_out
 from lyra_cli.commands import common, speech_io
-from lyra_cli.engine.models import resolve_model
-from lyra_cli.engine.session import (
+from lyra_cli.engine.model.resolve import resolve_model
+from lyra_cli.engine.run.session import (
     Interrupted,
     SessionConfig,
     SessionEvent,
@@ -29,11 +29,11 @@ from lyra_cli.errors import UsageError
 from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
-    from lyra_cli.engine.events import Done
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import Conversation
-    from lyra_cli.engine.voice import Voice
+    from lyra_cli.engine.run.events import Done
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.prompt import Conversation
+    from lyra_cli.engine.run.voice import Voice
 
 
 class Listener(SpokenSession):
@@ -55,7 +55,7 @@ class Listener(SpokenSession):
         self.note = note
 
     def _render(self, event: SessionEvent) -> None:
-        from lyra_cli.engine.events import TextDelta
+        from lyra_cli.engine.run.events import TextDelta
 
         if isinstance(event, TextDelta):
             self.render_text(event.text)
@@ -190,9 +190,9 @@ def _listener(model: str, request, sampling_flags: dict, system: str | None, out
               ctc_aligned: bool, *, json_out: bool, stats: bool, quiet: bool, realtime: bool,
               max_turns: int | None, overrides, input_file: Path | None = None) -> Listener:  # noqa: ANN001  # fmt: skip
     from lyra_cli.console import info, write_answer
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import Conversation
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.prompt import Conversation
 
     engine = Engine.load(resolve_model(model), resolve_runtime(request), overrides)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)

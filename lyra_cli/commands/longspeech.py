@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import typer
 
 from lyra_cli.commands import common
-from lyra_cli.engine.models import resolve_model
+from lyra_cli.engine.model.resolve import resolve_model
 from lyra_cli.errors import InputError, LyraError, UsageError
 from lyra_cli.inputs import require_input_file
 
 if TYPE_CHECKING:
-    from lyra_cli.engine.config import ExtractorConfig
+    from lyra_cli.engine.model.config import ExtractorConfig
 
 DEFAULT_CHUNK_TOKENS = 8192  # prefill activations are bounded by this many tokens at a time
 
@@ -89,8 +89,8 @@ def longspeech(
     """Ask questions about a long recording (minutes to hours)."""
     require_input_file(file, "audio")  # a mistyped path fails here, before torch is imported
     from lyra_cli.audio.frontend import AudioFrontEnd
-    from lyra_cli.engine.config import load_config
-    from lyra_cli.engine.longspeech import LongSpeechSettings, prompt_tokens, windows_for
+    from lyra_cli.engine.model.config import load_config
+    from lyra_cli.engine.run.longspeech import LongSpeechSettings, prompt_tokens, windows_for
 
     if encode_batch < 1 or chunk_tokens < 1:
         raise UsageError("--encode-batch and --chunk-tokens must be ≥ 1", "e.g. --encode-batch 8 --chunk-tokens 8192")
@@ -103,7 +103,7 @@ def longspeech(
     stream = front_end.open_stream(file)  # validates the file before any weights load; only its length is used
     stream.close()
     if not no_cache:
-        from lyra_cli.audio.cache import default_cache_dir
+        from lyra_cli.engine.run.speech_cache import default_cache_dir
         from lyra_cli.fileio import CACHE_DIR_ENV
         from lyra_cli.outputs import check_cache_dir
 
@@ -136,8 +136,8 @@ def check_length(n_tokens: int, max_positions: int, extractor: "ExtractorConfig 
     Every way out the hint names runs as written on this model (`tests/test_newcomer.py` runs them)."""
     if n_tokens <= max_positions or (extractor is not None and extractor.enabled):
         return
-    from lyra_cli.engine.extractor import suggested_extract
-    from lyra_cli.engine.longspeech import longest_fitting_s
+    from lyra_cli.engine.run.extractor import suggested_extract
+    from lyra_cli.engine.run.longspeech import longest_fitting_s
     from lyra_cli.timefmt import clock
 
     fits = f"--max-audio {clock(longest_fitting_s(max_positions))} to use only the beginning"
@@ -176,8 +176,8 @@ def _prompt_questions() -> Iterator[str]:
 
 def _load_engine(model: str, model_dir: Path, request, quiet: bool, sampling_flags: dict, overrides):  # noqa: ANN001, ANN202
     from lyra_cli.console import info
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
+    from lyra_cli.engine.run.pipeline import Engine
 
     engine = Engine.load(model_dir, resolve_runtime(request), overrides)
     sampling = common.sampling_config(engine.loaded.sampling_defaults, **sampling_flags)
@@ -190,11 +190,11 @@ def _load_engine(model: str, model_dir: Path, request, quiet: bool, sampling_fla
 def _encode(engine, file: Path, settings, quiet: bool):  # noqa: ANN001, ANN202
     import time
 
-    from lyra_cli.audio.cache import SpeechTokenCache, default_cache_dir
-    from lyra_cli.console import AudioProgress, info
-    from lyra_cli.timefmt import clock
     from lyra_cli.audio.features import TOKENS_PER_WINDOW
-    from lyra_cli.engine.longspeech import RecordingEncoder
+    from lyra_cli.console import AudioProgress, info
+    from lyra_cli.engine.run.longspeech import RecordingEncoder
+    from lyra_cli.engine.run.speech_cache import SpeechTokenCache, default_cache_dir
+    from lyra_cli.timefmt import clock
 
     if engine.model.model.speech_tower is None:
         raise InputError("this model has no speech tower", "use a Lyra checkpoint with `mm_speech_tower`")
@@ -214,8 +214,9 @@ def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_toke
          show_evidence, label: str | None = None) -> None:  # fmt: skip
     """One question: `label` (`Q2`) heads the answer on stdout when several questions share it."""
     from lyra_cli.console import PrefillProgress, info, logprob_table, write_answer
-    from lyra_cli.engine.events import Prefilled, TextDelta
-    from lyra_cli.engine.prompt import Conversation, TextPart
+    from lyra_cli.engine.run.events import Prefilled, TextDelta
+    from lyra_cli.engine.run.prefill import Chunking
+    from lyra_cli.engine.run.prompt import Conversation, TextPart
 
     conversation = Conversation() if system is None else Conversation(system=system)
     prefilled = None
@@ -233,7 +234,7 @@ def _ask(engine, part, question: str, sampling, *, system, extractor, chunk_toke
 
     with PrefillProgress(enabled=not quiet) as bar:
         done = engine.generate(conversation, [part, TextPart(question)], sampling, on_event=render,
-                               extractor=extractor, chunk_tokens=chunk_tokens, on_prefill_progress=bar.update)  # fmt: skip
+                               extractor=extractor, chunking=Chunking(chunk_tokens, bar.update))  # fmt: skip
     if prefilled is None and not quiet:  # no token was generated: the summary still comes
         info(prefill_line(Prefilled(done.prompt_tokens, done.kept_tokens, done.timings.get("prefill_s", 0.0)),
                           extractor))  # fmt: skip

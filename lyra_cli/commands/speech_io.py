@@ -13,8 +13,8 @@ import typer
 from lyra_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from lyra_cli.engine.loader import LoadedModel
-    from lyra_cli.engine.voice import Voice
+    from lyra_cli.engine.model.loader import LoadedModel
+    from lyra_cli.engine.run.voice import Voice
 
 SpeakOption = typer.Option(False, "--speak", help="Play the answer through the speaker while it is generated.")
 SpeechOutOption = typer.Option(
@@ -34,7 +34,7 @@ CtcAlignedOption = typer.Option(
 
 
 def load_voice_for(loaded: "LoadedModel", vocoder: Path | None, chunk_units: int, aligned: bool) -> "Voice":
-    from lyra_cli.engine.voice import VoiceConfig, load_voice
+    from lyra_cli.engine.run.voice import VoiceConfig, load_voice
 
     if chunk_units < 1:
         raise UsageError(f"--chunk-units must be ≥ 1, got `{chunk_units}`", "the authors use 40")

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from lyra_cli.commands import common
-from lyra_cli.engine.models import resolve_model
+from lyra_cli.engine.model.resolve import resolve_model
 from lyra_cli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as engine.train.loop.PRECISIONS, without importing torch for --help
@@ -106,7 +106,7 @@ def train_stage(
         raise UsageError("--steps and --save-every must be ≥ 1", "e.g. --steps 1000 --save-every 100")
     if not dry_run:
         check_train_paths(data, out, overwrite=overwrite)
-    from lyra_cli.engine.runtime import resolve_runtime
+    from lyra_cli.engine.model.runtime import resolve_runtime
     from lyra_cli.engine.train.distributed import Distributed
     from lyra_cli.engine.train.loop import resolve_precision
 
@@ -193,8 +193,8 @@ def _print(text: str) -> None:
 def _prepare(model: str, runtime: Any, stage: Any, seed: int, ranks: Any, towers: Any) -> tuple[Any, Any, Any]:
     import torch
 
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.speech_out import load_speech_generator
+    from lyra_cli.engine.model.speech_generator import load_speech_generator
+    from lyra_cli.engine.run.pipeline import Engine
     from lyra_cli.engine.train.stages import Trains, prepare_for_stage
 
     engine = Engine.load(resolve_model(model), runtime, towers)
@@ -213,7 +213,7 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
              report: bool) -> tuple[list, Any]:  # fmt: skip
     """The usable records for `stage` and the skipped ones by reason, reported once; before any weights load."""
     from lyra_cli.console import info
-    from lyra_cli.engine.adapters import Adapter
+    from lyra_cli.engine.model.adapters import Adapter
     from lyra_cli.engine.train.data import keep_with_units, parse_records, short_speech_count
     from lyra_cli.engine.train.stages import Trains
     from lyra_cli.errors import InputError
@@ -242,8 +242,8 @@ def _records(data: Path, image_folder: Path | None, speech_folder: Path | None, 
 def _check_extract(stage: Any, model: str) -> None:
     """`--extract` against the model's depth, read from its config (no weights)."""
     if stage.extract:
-        from lyra_cli.engine.config import load_config
-        from lyra_cli.engine.extractor import parse_extract
+        from lyra_cli.engine.model.config import load_config
+        from lyra_cli.engine.run.extractor import parse_extract
 
         parse_extract(stage.extract, load_config(resolve_model(model)).text.num_layers)
 
@@ -258,7 +258,7 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
          tensorboard: bool | None, strict: bool) -> None:  # fmt: skip
     from lyra_cli.console import info
     from lyra_cli.engine.train.data import TrainDataset, build_example, engine_media_encoder
-    from lyra_cli.engine.train.loop import Trainer, resolve_precision, tensorboard_available
+    from lyra_cli.engine.train.loop import Trainer, TrainerSettings, resolve_precision, tensorboard_available
     from lyra_cli.errors import MissingDependencyError
 
     stage = plan.stage
@@ -272,9 +272,10 @@ def _run(engine: Any, generator: Any, plan: Any, records: list, *, out: Path, st
     if tensorboard and not tensorboard_available():
         raise MissingDependencyError("tensorboard", "--tensorboard", extra="train")
     use_tensorboard = tensorboard_available() if tensorboard is None else tensorboard
-    trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator,
-                      log_path=out / METRICS_FILE, keep_last=keep_last, precision=autocast, distributed=ranks,
-                      tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None, strict=strict)  # fmt: skip
+    settings = TrainerSettings(precision=autocast, distributed=ranks, strict=strict, log_path=out / METRICS_FILE,
+                               tensorboard_dir=out / TENSORBOARD_DIR if use_tensorboard else None,
+                               keep_last=keep_last)  # fmt: skip
+    trainer = Trainer(engine.model, plan, dataset, total_steps=total, generator=generator, settings=settings)
     last = trainer.resume_latest(out / CHECKPOINT_DIR) if resume else None
     if last is not None:
         if ranks.is_main:
@@ -352,11 +353,10 @@ def merge(
     model: str = common.ModelOption,
 ) -> None:
     """`lyra train merge`: see the help above."""
-    from lyra_cli.outputs import check_output_dir
-
     from lyra_cli.console import info
-    from lyra_cli.engine.adapters import ADAPTER_NAMES, Adapter
+    from lyra_cli.engine.model.adapters import ADAPTER_NAMES, Adapter
     from lyra_cli.engine.train.merge import SAVE_DTYPES, merge_adapter
+    from lyra_cli.outputs import check_output_dir
 
     if adapter not in ADAPTER_NAMES:
         raise UsageError(f"unknown adapter `{adapter}`", f"choose one of: {', '.join(sorted(ADAPTER_NAMES))}")

@@ -154,43 +154,57 @@ def run_needle(
 ) -> NeedleGrid:
     """Ask the question about every (length, depth) recording; one `NeedleCell` per grid cell."""
     cells = []
+    asking = _Asking(engine, sampling, extractor)
     total = len(spec.lengths_s) * len(spec.depths)
     with tempfile.TemporaryDirectory(prefix="lyra-needle-") as work:
         for length_s in spec.lengths_s:
             for depth in spec.depths:
-                cell = _cell(engine, haystack, needle, spec, length_s, depth, Path(work), sampling, extractor)
+                cell = _cell(asking, haystack, needle, spec, length_s, depth, Path(work))
                 cells.append(cell)
                 if on_cell is not None:
                     on_cell(len(cells), total, cell)
     return NeedleGrid(spec, cells, extract_label, needle.size / SAMPLE_RATE_HZ)
 
 
-def _cell(engine: Any, haystack: Sequence[np.ndarray], needle: np.ndarray, spec: NeedleSpec, length_s: float,
-          depth: float, work: Path, sampling: Any, extractor: Any) -> NeedleCell:  # fmt: skip
+@dataclass(frozen=True)
+class _Asking:
+    """The same question, decoding and extractor for every recording of the grid."""
+
+    engine: Any
+    sampling: Any
+    extractor: Any = None
+
+    def ask(self, part: Any, question: str) -> Any:
+        from lyra_cli.engine.run.prompt import Conversation, TextPart
+
+        return self.engine.generate(Conversation(), [part, TextPart(question)], self.sampling,
+                                    extractor=self.extractor)  # fmt: skip
+
+
+def _cell(asking: _Asking, haystack: Sequence[np.ndarray], needle: np.ndarray, spec: NeedleSpec, length_s: float,
+          depth: float, work: Path) -> NeedleCell:  # fmt: skip
     import soundfile as sf
 
-    from lyra_cli.engine.longspeech import LongSpeechSettings, RecordingEncoder
+    from lyra_cli.engine.run.longspeech import LongSpeechSettings, RecordingEncoder
 
     recording, start_s = compose(haystack, needle, length_s, depth)
     path = work / f"needle-{length_s:g}s-{depth:g}.wav"
     sf.write(path, recording, SAMPLE_RATE_HZ, subtype=WAV_SUBTYPE)
     began = time.perf_counter()
-    part, _ = RecordingEncoder(engine, LongSpeechSettings(use_cache=False), cache=None).encode(path)
+    part, _ = RecordingEncoder(asking.engine, LongSpeechSettings(use_cache=False), cache=None).encode(path)
     path.unlink()
-    done = _ask(engine, part, spec.question, sampling, extractor)
+    done = asking.ask(part, spec.question)
     end_s = start_s + needle.size / SAMPLE_RATE_HZ
     return NeedleCell(
         length_s=length_s, depth=depth, needle_start_s=round(start_s, 3), prediction=done.text,
         score=needle_score(done.text, spec.answers), prompt_tokens=done.prompt_tokens, kept_tokens=done.kept_tokens,
-        needle_kept=kept_share(done.evidence, start_s, end_s) if extractor is not None and extractor.enabled else None,
+        needle_kept=kept_share(done.evidence, start_s, end_s) if _enabled(asking.extractor) else None,
         seconds=round(time.perf_counter() - began, 3),
     )  # fmt: skip
 
 
-def _ask(engine: Any, part: Any, question: str, sampling: Any, extractor: Any) -> Any:
-    from lyra_cli.engine.prompt import Conversation, TextPart
-
-    return engine.generate(Conversation(), [part, TextPart(question)], sampling, extractor=extractor)
+def _enabled(extractor: Any) -> bool:
+    return extractor is not None and extractor.enabled
 
 
 # ---------------------------------------------------------------------------------------------------

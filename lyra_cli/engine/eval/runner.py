@@ -232,56 +232,69 @@ def _write_atomically(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
 # Answering
 
 
+@dataclass(frozen=True)
+class Answering:
+    """How every item is answered: the input layout `mode`, the decoding (`sampling`), the extractor (None:
+    the config's) and how speech files are decoded (`front_end`; `--official-audio`: the authors')."""
+
+    mode: str
+    sampling: Any
+    extractor: Any = None
+    front_end: AudioFrontEnd = AudioFrontEnd()
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where the answers go: `path` (JSON lines), continued when `resume` and its `settings` (model,
+    decoding…, which must match on resume) allow, as this run's `shard`."""
+
+    path: Path
+    resume: bool = True
+    shard: Shard = SINGLE
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
 def run_suite(
     engine: Any,
     suite: Suite,
     items: Sequence[EvalItem],
+    answering: Answering,
+    output: Output,
     *,
-    mode: str,
-    out_path: Path,
-    resume: bool = True,
-    shard: Shard = SINGLE,
-    sampling: Any,
-    extractor: Any = None,
-    settings: Mapping[str, Any] | None = None,
     on_progress: ProgressCallback | None = None,
-    front_end: AudioFrontEnd = AudioFrontEnd(),
 ) -> "Summary":
-    """Answer every item of `items` (already selected for this shard) not yet in `out_path`, then score
-    the file against `items`. `settings` describe the run (model, decoding…) and must match on resume;
-    `front_end` decodes the speech (`--official-audio`: the authors')."""
-    settings = dict(settings or {})
-    done = prepare_output(out_path, resume=resume, suite=suite, mode=mode, settings=settings)
+    """Answer every item of `items` (already selected for this shard) not yet in `output.path`, then score
+    the file against `items`."""
+    settings = dict(output.settings)
+    done = prepare_output(output.path, resume=output.resume, suite=suite, mode=answering.mode, settings=settings)
     pending = [item for item in items if item.id not in done]
     n_before = len(items) - len(pending)
-    header = {"suite": suite.name, "mode": mode, "shard": shard.label}
+    header = {"suite": suite.name, "mode": answering.mode, "shard": output.shard.label}
     if on_progress is not None and n_before:
         on_progress(n_before, len(items), {})  # a resumed run's bar starts where the last one stopped
-    with PredictionWriter(out_path) as writer:
+    with PredictionWriter(output.path) as writer:
         for n, item in enumerate(pending, start=1):
-            record = {"id": item.id, "index": item.index, **header,
-                      **answer_item(engine, suite, item, mode, sampling, extractor, front_end),
+            record = {"id": item.id, "index": item.index, **header, **answer_item(engine, suite, item, answering),
                       "settings": settings}  # fmt: skip
             writer.append(record)
             if on_progress is not None:
                 on_progress(n_before + n, len(items), record)
-    summary = score_file(suite, items, out_path)
+    summary = score_file(suite, items, output.path)
     summary.resumed = n_before
     return summary
 
 
-def answer_item(engine: Any, suite: Suite, item: EvalItem, mode: str, sampling: Any, extractor: Any,
-                front_end: AudioFrontEnd = AudioFrontEnd()) -> dict[str, Any]:  # fmt: skip
+def answer_item(engine: Any, suite: Suite, item: EvalItem, answering: Answering) -> dict[str, Any]:
     """The item's record: its prediction with token counts and time, or why it was skipped."""
-    pieces = layout(suite, item, mode)
+    pieces = layout(suite, item, answering.mode)
     if isinstance(pieces, Skip):
         return _skipped(pieces)
     start = time.perf_counter()
-    media = decode_pieces(pieces, front_end)
+    media = decode_pieces(pieces, answering.front_end)
     if isinstance(media, Skip):
         return _skipped(media)
     parts = [engine.encode(m) if not isinstance(m, str) else _text_part(m) for m in media]
-    done = engine.generate(_conversation(), parts, sampling, extractor=extractor)
+    done = engine.generate(_conversation(), parts, answering.sampling, extractor=answering.extractor)
     reference = {"reference": item.answers[0]} if suite.primary.kind == "corpus" and item.answers else {}
     return {
         "prediction": done.text, "question": item.question, "answers": list(item.answers), **reference,
@@ -297,8 +310,8 @@ def _skipped(skip: Skip) -> dict[str, Any]:
 
 def decode_pieces(pieces: Sequence[Piece], front_end: AudioFrontEnd = AudioFrontEnd()) -> list[Any] | Skip:
     """Decode images (at the authors' eval size) and speech; a file that does not decode is a skip."""
-    from lyra_cli.engine.pipeline import DecodedImage, read_media
-    from lyra_cli.engine.vision import EVAL_MAX_SIDE, load_image
+    from lyra_cli.engine.model.vision import EVAL_MAX_SIDE, load_image
+    from lyra_cli.engine.run.pipeline import DecodedImage, read_media
 
     decoded: list[Any] = []
     for piece in pieces:
@@ -316,14 +329,14 @@ def decode_pieces(pieces: Sequence[Piece], front_end: AudioFrontEnd = AudioFront
 
 
 def _text_part(text: str) -> Any:
-    from lyra_cli.engine.prompt import TextPart
+    from lyra_cli.engine.run.prompt import TextPart
 
     return TextPart(text)
 
 
 def _conversation() -> Any:
     """Each item in a fresh conversation with the default system prompt, as the eval scripts ask."""
-    from lyra_cli.engine.prompt import Conversation
+    from lyra_cli.engine.run.prompt import Conversation
 
     return Conversation()
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lyra_cli.audio.features import TOKENS_PER_WINDOW
-from lyra_cli.engine.prompt import (
+from lyra_cli.engine.run.prompt import (
     DEFAULT_SYSTEM_PROMPT,
     IM_END,
     IM_START,
@@ -39,9 +39,9 @@ from lyra_cli.engine.prompt import (
     TextPart,
     VisualPart,
     build_inputs,
+    encode_chunk,
     render_user,
 )
-from lyra_cli.engine.tokenizer import encode_chunk
 from lyra_cli.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -426,8 +426,8 @@ def engine_media_encoder(engine: Any) -> MediaEncoder:
 def read_training_media(kind: str, path: Path) -> Any:
     """Decode one record's file as the authors' training loader does: images capped at `TRAIN_MAX_SIDE`
     (requests use the CLI's 2880), `long_speech` read as speech (windowed by the encoder)."""
-    from lyra_cli.engine.pipeline import DecodedImage, read_media
-    from lyra_cli.engine.vision import TRAIN_MAX_SIDE, load_image
+    from lyra_cli.engine.model.vision import TRAIN_MAX_SIDE, load_image
+    from lyra_cli.engine.run.pipeline import DecodedImage, read_media
 
     if kind == "image":
         return DecodedImage(load_image(path, max_side=TRAIN_MAX_SIDE), str(path))

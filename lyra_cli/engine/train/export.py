@@ -26,15 +26,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lyra_cli.engine.adapters import (
+from lyra_cli.engine.model.adapters import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIRS,
     ADAPTER_WEIGHTS_FILE,
     PEFT_KEY_PREFIX,
     PROJECTOR_FILE,
 )
-from lyra_cli.engine.checkpoint import GENERATOR_PREFIX, SPEECH_GENERATOR_FILE
-from lyra_cli.engine.model import LyraForCausalLM
+from lyra_cli.engine.model.checkpoint import GENERATOR_PREFIX, SPEECH_GENERATOR_FILE
+from lyra_cli.engine.model.network import LyraForCausalLM
 from lyra_cli.engine.train.stages import LORA_TARGET_MODULES, StageConfig, Trains
 from lyra_cli.errors import UsageError
 from lyra_cli.fileio import write_atomically

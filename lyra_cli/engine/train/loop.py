@@ -4,7 +4,8 @@ exactly-resumable checkpoints.
 
     terms = train_step_terms(model, example, stage, project=trainable_projection(projector))
     loss, parts = combine(terms, stage), terms.parts()
-    trainer = Trainer(model, plan, dataset, total_steps=100, generator=generator, log_path=out / "log.jsonl")
+    trainer = Trainer(model, plan, dataset, total_steps=100, generator=generator,
+                      settings=TrainerSettings(log_path=out / "log.jsonl"))
     trainer.step()                       # one optimizer step (grad_accumulation examples)
     trainer.save_checkpoint(out / "checkpoints")
     trainer.load_checkpoint(latest_checkpoint(out / "checkpoints"))
@@ -36,16 +37,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import context_mask, query_mask
-from lyra_cli.engine.llm import N_ROPE_AXES
-from lyra_cli.engine.prompt import PromptInputs, SpeechPart
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.network import N_ROPE_AXES
+from lyra_cli.engine.run.extractor import context_mask, query_mask
+from lyra_cli.engine.run.prompt import PromptInputs, SpeechPart
 from lyra_cli.engine.train.data import IGNORE_INDEX, TrainDataset, TrainExample
 from lyra_cli.engine.train.distributed import Distributed
-from lyra_cli.engine.train.extract import ExtractedForward, forward_extracting
+from lyra_cli.engine.train.extractor_forward import ExtractedForward, forward_extracting
 from lyra_cli.engine.train.lcmr import lcmr_loss
 from lyra_cli.engine.train.stages import StageConfig, TrainablePlan, Trains, stage_extractor
-from lyra_cli.errors import CheckpointError, InputError, UsageError
+from lyra_cli.errors import CheckpointError, InputError, UsageError, setting
 from lyra_cli.fileio import write_atomically
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-_DAMAGED_HINT = "pass --no-resume to start over, or delete the damaged checkpoint folder"
+NO_RESUME = setting("no_resume")  # the command line shows `--no-resume`
+_DAMAGED_HINT = f"pass {NO_RESUME} to start over, or delete the damaged checkpoint folder"
 _STATE_KEYS = ("step", "position", "stage", "total_steps", "seed", "names")
 
 
@@ -343,7 +345,7 @@ class SavedCheckpoint:
 def read_checkpoint(folder: str | Path) -> SavedCheckpoint:
     """Every file of a checkpoint, or a `CheckpointError` naming the one that is damaged, truncated or
     refuses to unpickle (`weights_only`: a planted file never runs code)."""
-    from lyra_cli.engine.checkpoint import load_safetensors
+    from lyra_cli.engine.model.checkpoint import load_safetensors
 
     folder = Path(folder)
     state_path = folder / STATE_FILE
@@ -405,8 +407,23 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How a `Trainer` runs and what it writes besides the weights: the autocast `precision` (None: the
+    weights' own), its `distributed` rank, `strict` (a record longer than max_length fails the run instead of
+    being skipped), the JSON-lines metrics `log_path`, the `tensorboard_dir`, and the checkpoints kept
+    (`keep_last`)."""
+
+    precision: torch.dtype | None = None
+    distributed: Distributed = Distributed()
+    strict: bool = False
+    log_path: str | Path | None = None
+    tensorboard_dir: str | Path | None = None
+    keep_last: int = 3
+
+
 class Trainer:
-    """Single-process training of `plan.parameters` over `dataset`, one optimizer step per `step()`."""
+    """Training of `plan.parameters` over `dataset`, one optimizer step per `step()`."""
 
     def __init__(
         self,
@@ -417,13 +434,9 @@ class Trainer:
         total_steps: int,
         generator: nn.Module | None = None,
         project: Projection | None = None,
-        log_path: str | Path | None = None,
-        keep_last: int = 3,
-        precision: torch.dtype | None = None,
-        distributed: Distributed = Distributed(),
-        tensorboard_dir: str | Path | None = None,
-        strict: bool = False,
+        settings: TrainerSettings = TrainerSettings(),
     ) -> None:
+        precision, distributed = settings.precision, settings.distributed
         if total_steps < 1:
             raise UsageError("total_steps must be >= 1", "e.g. --steps 100")
         self.model, self.plan, self.dataset, self.generator = model, plan, dataset, generator
@@ -433,11 +446,11 @@ class Trainer:
         self.project = project
         self.extractor = stage_extractor(self.stage, model)
         self.total_steps = total_steps
-        self.keep_last = max(1, keep_last)
+        self.keep_last = max(1, settings.keep_last)
         self.max_grad_norm = self.stage.max_grad_norm or None  # 0: no clipping
         # the stage's setting (on in every official stage): activations recomputed layer by layer in backward
         model.model.gradient_checkpointing = self.stage.gradient_checkpointing
-        self.log_path = Path(log_path) if log_path is not None else None
+        self.log_path = Path(settings.log_path) if settings.log_path is not None else None
         self.names = plan.names
         params = [plan.parameters[n] for n in self.names]
         self.device_type = params[0].device.type
@@ -446,8 +459,9 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = self.stage.tf32
         self.precision = precision  # autocast dtype, None = the weights' own
         self.distributed = distributed
-        self.strict = strict
+        self.strict = settings.strict
         self.too_long: set[str] = set()  # ids of records skipped for exceeding max_length
+        tensorboard_dir = settings.tensorboard_dir
         self.tensorboard = _summary_writer(tensorboard_dir) if tensorboard_dir and distributed.is_main else None
         # fp16's narrow range needs loss scaling (skipped steps on overflow); bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == torch.float16 else None
@@ -673,7 +687,7 @@ class Trainer:
                 self.scaler.load_state_dict(saved.optimizer["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"`{folder / OPTIMIZER_FILE}` does not fit this run ({exc.__class__.__name__}: {exc})",
-                                  "pass --no-resume to start over, or delete this checkpoint folder") from exc  # fmt: skip
+                                  f"pass {NO_RESUME} to start over, or delete this checkpoint folder") from exc  # fmt: skip
         ranks = saved.rng_ranks
         if len(ranks) != self.distributed.world_size:
             log.warning("checkpoint `%s` was written by %d process(es), resumed by %d: the data order is kept, "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lyra_cli.engine.adapters import (
+from lyra_cli.engine.model.adapters import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIRS,
     MERGED_KEY,
@@ -33,8 +33,8 @@ from lyra_cli.engine.adapters import (
     lora_state,
     projector_state,
 )
-from lyra_cli.engine.checkpoint import INDEX_FILE, SINGLE_FILE, load_safetensors, weight_files
-from lyra_cli.engine.config import CONFIG_FILE, read_json
+from lyra_cli.engine.model.checkpoint import INDEX_FILE, SINGLE_FILE, load_safetensors, weight_files
+from lyra_cli.engine.model.config import CONFIG_FILE, read_json
 from lyra_cli.errors import CheckpointError, LyraError
 
 PROJECTOR_PREFIX = "model.mm_speech_projector."

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lyra_cli.engine.adapters import DECODER_TARGETS, Adapter, AdapterBank, activate
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import parse_extract
-from lyra_cli.engine.model import LyraForCausalLM
+from lyra_cli.engine.model.adapters import DECODER_TARGETS, Adapter, AdapterBank, activate
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.network import LyraForCausalLM
+from lyra_cli.engine.run.extractor import parse_extract
 from lyra_cli.engine.train.lcmr import ALIGN_TEMPERATURE, LCMR_WEIGHT, SOFT_DTW_GAMMA, LcmrConfig
 from lyra_cli.errors import InputError, MissingDependencyError, UsageError
 

@@ -232,15 +232,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def encode_chunk(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of one text chunk, no special tokens added (each chunk is encoded on its own,
-    docs/authors-behaviour.md#tokenisation).
-
-    Special-token strings inside the chunk (`<|im_start|>` …) still map to their single ids.
-    """
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def end_token_ids(tokenizer: Any, generation_config: dict[str, Any] | None) -> set[int]:
     """The ids that end generation: `<|im_end|>`, `<|endoftext|>`, the tokenizer's eos and the
     generation config's `eos_token_id` (an int or a list), as the official CLI stops on 151645/151643.

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from lyra_cli.engine.config import LyraConfig
-from lyra_cli.engine.towers import (
+from lyra_cli.engine.model.config import LyraConfig
+from lyra_cli.engine.model.towers import (
     INDEX_FILE,
     SINGLE_FILE,
     SPEECH_PREFIX,

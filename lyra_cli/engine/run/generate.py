@@ -8,70 +8,19 @@ that never split a UTF-8 character.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.prefill import PrefillPlan, PrefillResult, ProgressFn, prefill
-from lyra_cli.engine.prompt import PromptInputs
-from lyra_cli.errors import UsageError, setting
+from lyra_cli.engine.model.config import SamplingConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import LyraForCausalLM
+from lyra_cli.engine.run.prefill import PrefillPlan, PrefillResult, ProgressFn, prefill
+from lyra_cli.engine.run.prompt import PromptInputs
 
-DEFAULT_MAX_NEW_TOKENS = 512
-MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's `top_logprobs`
 REPLACEMENT_CHAR = "\ufffd"  # what a tokenizer returns for an incomplete UTF-8 sequence
 END_STATE = -1  # token id of the extra step that carries the end token's own state (`feed_end`)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Greedy when `temperature == 0` (the default); otherwise temperature / top-k / top-p sampling."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int | None = None
-    # None: no log-probabilities (nothing computed); N: the chosen token's and the N most likely ones'
-    logprobs: int | None = None
-
-    def validate(self) -> None:
-        checks = [
-            (self.temperature >= 0, "temperature", "must be ≥ 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be ≥ 0 (0 = off)"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)"),
-            (self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-             f"must be 0..{MAX_LOGPROBS} (alternatives per token; 0 = the chosen token's only)"),
-        ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise UsageError(f"bad {setting(name)} value `{getattr(self, name)}`", f"{setting(name)} {rule}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-def sampling_from_generation_config(gen: dict[str, Any]) -> SamplingConfig:
-    """The checkpoint's `generation_config.json` as our defaults (flags override them).
-
-    The release's file turns sampling on with `top_k: 1`, which is greedy in effect; we keep that
-    meaning exactly, and its `repetition_penalty` applies as it does for the authors."""
-    base = SamplingConfig()
-    sample = bool(gen.get("do_sample", False))
-    return replace(
-        base,
-        temperature=float(gen.get("temperature", 1.0)) if sample else 0.0,
-        top_p=float(gen.get("top_p", 1.0)) if sample else 1.0,
-        top_k=int(gen.get("top_k", 0) or 0) if sample else 0,
-        repetition_penalty=float(gen.get("repetition_penalty", 1.0)),
-        max_new_tokens=int(gen.get("max_new_tokens", base.max_new_tokens)),
-    )
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Its own module because the latent multi-modality extractor gives it operations a plain decoder cache
 does not need: `select` (keep some tokens of one layer), `reserve_fewer` (deeper layers hold the
-survivors only) and `keep_first_block` (reuse block 1 of a previous prompt, `engine.prefill`).
+survivors only) and `keep_first_block` (reuse block 1 of a previous prompt, `engine.run.prefill`).
 
 Shapes: B batch, nkv key/value heads, L tokens in a layer's cache, hs head size.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lyra_cli.engine.config import TextModelConfig
+from lyra_cli.engine.model.config import TextModelConfig
 
 # KV cache storage grows in whole blocks of tokens, by this factor, so appends are amortised O(1).
 CACHE_BLOCK_TOKENS = 256

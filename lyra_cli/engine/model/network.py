@@ -1,14 +1,24 @@
-"""The Qwen2-VL language model (text decoder) with our own decoder loop and KV cache.
+"""The Lyra network: the Qwen2-VL language model (text decoder) with our own decoder loop and KV cache, and
+the module tree around it, named so that its state dict matches the release checkpoint keys.
 
-Reads top to bottom: RMSNorm -> MRoPE (3-D rotary positions) -> Attention (GQA, SDPA) -> MLP ->
-DecoderLayer -> LyraTextModel; the cache each layer appends to is `engine.kvcache.KVCache`. Module names match the checkpoint keys
-(docs/release-format.md#weight-shards-and-key-names) and transformers' `Qwen2VLTextModel`, so a state dict loads
-into either with `strict=True`.
+    lm_head                                   Linear(H, vocab)
+    model.embed_tokens / layers.{i} / norm    our Qwen2-VL text decoder (this module, top half)
+    model.vision_tower.vision_tower.*         transformers' Qwen2-VL ViT with its patch merger (output width H)
+    model.speech_tower.speech_tower.*         transformers' Whisper encoder
+    model.mm_speech_projector.linear{1,2}.*   concat-k MLP speech projector
+
+The decoder reads top to bottom: RMSNorm -> MRoPE (3-D rotary positions) -> Attention (GQA, SDPA) -> MLP ->
+DecoderLayer -> LyraTextModel; the cache each layer appends to is `engine.model.kvcache.KVCache`. Module names
+match the checkpoint keys (docs/release-format.md#weight-shards-and-key-names) and transformers'
+`Qwen2VLTextModel`, so a state dict loads into either with `strict=True`. Then `LyraForCausalLM` puts the
+towers and the speech projector around it.
 
 We own this loop (DESIGN.md decision 2) because the latent multi-modality extractor needs per-layer control
 of the token set and of the KV cache: each layer's cache may hold a different number of tokens.
-`engine.prefill` drives the layers block by block through `LyraTextModel.forward_layer` and shrinks the
-token set between blocks; decoding is the plain `forward`, each layer attending over its own cache.
+`engine.run.prefill` drives the layers block by block through `LyraTextModel.forward_layer` and shrinks the
+token set between blocks; decoding is the plain `forward`, each layer attending over its own cache. The
+towers are transformers modules: they are frozen in every training stage and equal their public weights, so
+there is nothing to gain from owning them (DESIGN.md decision 2).
 
 Shapes: B batch, T new tokens, L tokens in a layer's cache (past + new), H hidden, nh query heads,
 nkv key/value heads, hs head size.
@@ -21,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lyra_cli.engine.config import TextModelConfig
-from lyra_cli.engine.kvcache import KVCache
+from lyra_cli.engine.model.config import LyraConfig, SpeechConfig, TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
 
 # Qwen2's initializer_range: used only for random (tiny / test) models.
 INIT_STD = 0.02
@@ -216,7 +226,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# ---------------------------------------------------------------------------------------------- model
+# -------------------------------------------------------------------------------------------- decoder
 
 
 class LyraTextModel(nn.Module):
@@ -257,7 +267,7 @@ class LyraTextModel(nn.Module):
 
     def final_norm(self, x: Tensor, home: torch.device) -> Tensor:
         """The final norm of the last layer's output, computed where the norm lives, returned to `home` (the
-        inputs' device): with the layers spread over devices (engine/placement.py), callers never see it."""
+        inputs' device): with the layers spread over devices (engine/model/placement.py), callers never see it."""
         return self.norm(x.to(self.norm.weight.device)).to(home)
 
     def layer_device(self, i: int) -> torch.device:
@@ -268,7 +278,7 @@ class LyraTextModel(nn.Module):
     ) -> tuple[Tensor, Rope]:
         """Run decoder layer i on x (B, T, H); with n_out, only its last n_out rows come out, with their rope.
 
-        The seam for the extractor: `engine.prefill` runs the layers block by block through this and
+        The seam for the extractor: `engine.run.prefill` runs the layers block by block through this and
         drops tokens (hidden rows, rope rows, deeper layers' caches) between blocks. x and rope move to the
         layer's device first, so the outputs are on it.
         """
@@ -290,3 +300,69 @@ class LyraTextModel(nn.Module):
                 nn.init.zeros_(module.bias)
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+
+# ------------------------------------------------------------------------------------ the module tree
+
+
+class SpeechProjector(nn.Module):
+    """Concatenate `ds_rate` consecutive encoder frames, then Linear → ReLU → Linear into the LLM width."""
+
+    def __init__(self, speech: SpeechConfig, llm_hidden: int) -> None:
+        super().__init__()
+        self.ds_rate = speech.ds_rate
+        self.linear1 = nn.Linear(speech.ds_rate * speech.encoder_hidden_size, speech.projector_hidden)
+        self.relu = nn.ReLU()
+        self.linear2 = nn.Linear(speech.projector_hidden, llm_hidden)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, F, E) → tokens (B, F // ds_rate, H); trailing frames that do not fill a group are dropped."""
+        batch, n_frames, width = frames.shape
+        n_tokens = n_frames // self.ds_rate
+        grouped = frames[:, : n_tokens * self.ds_rate].reshape(batch, n_tokens, self.ds_rate * width)
+        return self.linear2(self.relu(self.linear1(grouped)))
+
+
+class VisionTower(nn.Module):
+    """Holds the ViT under the attribute name the checkpoint uses (`vision_tower.vision_tower.*`)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vision_tower = vit
+
+
+class SpeechTower(nn.Module):
+    """Holds the Whisper encoder under the attribute name the checkpoint uses (`speech_tower.speech_tower.*`)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.speech_tower = encoder
+
+
+class LyraBackbone(LyraTextModel):
+    """The text decoder plus the multimodal members that live under `model.` in the checkpoint."""
+
+    def __init__(self, config: LyraConfig, vit: nn.Module | None, whisper: nn.Module | None) -> None:
+        super().__init__(config.text)
+        self.vision_tower = VisionTower(vit) if vit is not None else None
+        self.speech_tower = SpeechTower(whisper) if whisper is not None else None
+        self.mm_speech_projector = (
+            SpeechProjector(config.speech, config.text.hidden_size) if config.speech is not None else None
+        )
+
+
+class LyraForCausalLM(nn.Module):
+    def __init__(self, config: LyraConfig, vit: nn.Module | None, whisper: nn.Module | None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LyraBackbone(config, vit, whisper)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    def tie_weights(self) -> None:
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, H) after the final norm → logits (B, T, vocab) in fp32 for stable sampling, on the
+        hidden states' device (lm_head may sit on another one in a spread model)."""
+        return self.lm_head(hidden.to(self.lm_head.weight.device)).float().to(hidden.device)

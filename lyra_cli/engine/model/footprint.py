@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lyra_cli.engine.config import LyraConfig
-from lyra_cli.engine.towers import (
+from lyra_cli.engine.model.config import LyraConfig
+from lyra_cli.engine.model.towers import (
     SPEECH_PREFIX,
     VISION_PREFIX,
     ModelSources,

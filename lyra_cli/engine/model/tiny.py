@@ -24,14 +24,14 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 from lyra_cli.audio.features import ENCODER_FRAMES, N_MELS
 from lyra_cli.audio.io import SAMPLE_RATE_HZ
-from lyra_cli.engine.adapters import ADAPTER_DIRS, Adapter
-from lyra_cli.engine.config import parse_config
-from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.speech import build_whisper_encoder
-from lyra_cli.engine.speech_out import tiny_generator_config, write_tiny_speech_generator
-from lyra_cli.engine.vocoder import write_tiny_vocoder
-from lyra_cli.engine.tokenizer import build_tiny_tokenizer
-from lyra_cli.engine.vision import IMAGE_MEAN, IMAGE_STD, MIN_PIXELS
+from lyra_cli.engine.model.adapters import ADAPTER_DIRS, Adapter
+from lyra_cli.engine.model.config import parse_config
+from lyra_cli.engine.model.network import LyraForCausalLM
+from lyra_cli.engine.model.speech_encoder import build_whisper_encoder
+from lyra_cli.engine.model.speech_generator import tiny_generator_config, write_tiny_speech_generator
+from lyra_cli.engine.model.tokenizer import build_tiny_tokenizer
+from lyra_cli.engine.model.vision import IMAGE_MEAN, IMAGE_STD, MIN_PIXELS
+from lyra_cli.engine.model.vocoder import write_tiny_vocoder
 from lyra_cli.fileio import CACHE_DIR_ENV, cache_root
 from lyra_cli.outputs import check_cache_dir
 
@@ -256,7 +256,7 @@ def generation_config(ids: dict[str, int]) -> dict[str, Any]:
 def write_tokenizer(out: Path) -> tuple[int, dict[str, int]]:
     """The tiny byte-level BPE tokenizer into `out`: (its length, ids of `<|endoftext|>` and `<|im_end|>`)."""
     build_tiny_tokenizer(out)
-    from lyra_cli.engine.tokenizer import load_tokenizer
+    from lyra_cli.engine.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(out)
     return len(tokenizer), {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}

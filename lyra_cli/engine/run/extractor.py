@@ -6,7 +6,7 @@ speech) token is scored by the attention the text-query tokens pay it at that bl
 softmax of their post-RoPE queries against *all* keys of the layer (no causal mask, as the authors do),
 averaged over heads and query tokens. The top `keep_rate` of the multimodal tokens (at least
 `MIN_KEEP_TOKENS`, images and speech pooled in one ranking) go on to the deeper layers with their original
-positions; text is always kept. This runs during prefill only: `engine.prefill` drives it.
+positions; text is always kept. This runs during prefill only: `engine.run.prefill` drives it.
 
 Unlike the authors' flash-attention patch we never build an attention matrix for all queries: only the
 query rows are scored, one kv-head group and a bounded number of rows at a time, so it works with any SDPA
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from lyra_cli.audio.features import TOKEN_SECONDS
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.prompt import TokenKind
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.run.prompt import TokenKind
 from lyra_cli.errors import UsageError, setting
 from lyra_cli.timefmt import clock, clock_tenths
 

@@ -15,7 +15,7 @@ TINY = "tiny"
 def resolve_model(spec: str | Path) -> Path:
     """`tiny` → the cached tiny checkpoint (built on first use); a path → that folder, checked."""
     if spec == TINY:
-        from lyra_cli.engine.tiny import tiny_model_dir
+        from lyra_cli.engine.model.tiny import tiny_model_dir
 
         return tiny_model_dir()
     path = Path(spec).expanduser()

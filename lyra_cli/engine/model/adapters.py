@@ -16,14 +16,14 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lyra_cli.engine.config import LyraConfig, read_json
+from lyra_cli.engine.model.config import LyraConfig, read_json
 from lyra_cli.errors import CheckpointError, MissingDependencyError
 
 if TYPE_CHECKING:  # imported where adapters are loaded: `lyra info` only needs the folder names below
     import torch
     from torch import nn
 
-    from lyra_cli.engine.model import LyraForCausalLM, SpeechProjector
+    from lyra_cli.engine.model.network import LyraForCausalLM, SpeechProjector
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def projector_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_projector(config: LyraConfig, like: SpeechProjector, path: Path) -> SpeechProjector:
-    from lyra_cli.engine.model import SpeechProjector
+    from lyra_cli.engine.model.network import SpeechProjector
 
     weight = like.linear1.weight
     projector = SpeechProjector(config.speech, config.text.hidden_size).to(device=weight.device, dtype=weight.dtype)
@@ -111,7 +111,7 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is missing"
         raise CheckpointError(f"`{path}` {what}", f"the `{folder.name}` adapter folder is incomplete")
-    from lyra_cli.engine.checkpoint import load_safetensors
+    from lyra_cli.engine.model.checkpoint import load_safetensors
 
     state = load_safetensors(path)
     return {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()}

@@ -8,7 +8,7 @@ count cannot be read off the weights, so it is never guessed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,11 +18,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from lyra_cli.audio.features import ENCODER_FRAMES, N_MELS, log_mel_spectrogram
-from lyra_cli.audio.io import SAMPLE_RATE_HZ
-from lyra_cli.audio.windows import iter_window_batches
-from lyra_cli.engine.adapters import Adapter, AdapterBank, route
-from lyra_cli.engine.prompt import SpeechPart
-from lyra_cli.errors import CheckpointError, InputError
+from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -74,45 +70,3 @@ def project_frames(projector: nn.Module, frames: torch.Tensor) -> torch.Tensor:
     """Encoder frames (N, 1500, E) → speech tokens (N·300, H) through one projector."""
     weight = next(projector.parameters())
     return projector(frames.to(device=weight.device, dtype=weight.dtype)).flatten(0, 1)
-
-
-def encode_speech(
-    tower: nn.Module,
-    bank: AdapterBank,
-    windows: Iterable[np.ndarray],
-    source: str,
-    *,
-    batch_size: int = DEFAULT_ENCODE_BATCH,
-    keep_frames: bool = True,
-    on_batch: Callable[[float], None] | None = None,
-) -> SpeechPart:
-    """The one speech path: 30 s windows (a list, or a stream of any length) → a `SpeechPart`.
-
-    Windows are encoded `batch_size` at a time. `keep_frames` (a clip held in memory) keeps every frame
-    and projects nothing: each turn projects them with its own adapter's projector. Without it (a streamed
-    recording) each batch is projected as soon as `adapters.route` has decided the adapter, so only one
-    batch of frames is ever held; `on_batch(seconds encoded so far)` follows the progress.
-    """
-    frames: list[torch.Tensor] = []  # all of them, or (streamed) those whose adapter is not decided yet
-    tokens: list[torch.Tensor] = []
-    n_windows, n_samples = 0, 0
-    adapter = Adapter.NONE
-    for batch in iter_window_batches(windows, batch_size):
-        frames.append(encode_windows(tower, batch, batch_size=len(batch)))  # (b, 1500, E): one encoder call
-        n_windows += len(batch)
-        n_samples += sum(len(w) for w in batch)
-        adapter = route([n_windows])
-        # more windows never route a clip back from long speech, so its batches are final once it gets there
-        if not keep_frames and adapter is Adapter.LONG_SPEECH:
-            tokens.extend(project_frames(bank.projector(adapter), f) for f in frames)
-            frames.clear()
-        if on_batch is not None:
-            on_batch(n_samples / SAMPLE_RATE_HZ)
-    if n_windows == 0 or n_samples == 0:
-        raise InputError(f"`{source}` contains no audio samples (0-second audio)", "check the recording")
-    duration_s = n_samples / SAMPLE_RATE_HZ
-    if keep_frames:
-        return SpeechPart(n_windows, duration_s, source, frames=torch.cat(frames))
-    if frames:  # a single window: the short-speech adapter and its projector
-        tokens.append(project_frames(bank.projector(adapter), torch.cat(frames)))
-    return SpeechPart(n_windows, duration_s, source, tokens=torch.cat(tokens), adapter=adapter)

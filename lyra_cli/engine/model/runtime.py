@@ -29,13 +29,21 @@ DEVICE, DEVICE_MAP, MAX_MEMORY = setting("device"), setting("device_map"), setti
 
 
 @dataclass(frozen=True)
+class DeviceMap:
+    """Spread the model over the GPUs and the CPU, cut between decoder layers (`placement.py`), with
+    optional per-device weight budgets: `max_memory` like `0=20GiB,cpu=64GiB` (None: what is free)."""
+
+    max_memory: str | None = None
+
+
+@dataclass(frozen=True)
 class RuntimeRequest:
     """What the user asked for on the command line."""
 
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "none"
-    device_map: str = "none"  # "auto": spread over GPUs and CPU (engine/placement.py)
+    device_map: str = "none"  # "auto": spread over GPUs and CPU (engine/model/placement.py)
     max_memory: str | None = None  # `0=20GiB,cpu=64GiB`: per-device weight budgets for the device map
 
     def validate(self) -> None:
@@ -49,9 +57,16 @@ class RuntimeRequest:
         if self.max_memory is not None:
             if self.device_map != "auto":
                 raise UsageError(f"{MAX_MEMORY} only applies with {DEVICE_MAP} auto", f"add {DEVICE_MAP} auto")
-            from lyra_cli.engine.placement import parse_max_memory
+            from lyra_cli.engine.model.placement import parse_max_memory
 
             parse_max_memory(self.max_memory)
+
+    @classmethod
+    def of(cls, device: str, dtype: str, quantization: str, device_map: DeviceMap | None) -> RuntimeRequest:
+        """The request of a library call: `device_map` None keeps the model on `device`."""
+        if device_map is None:
+            return cls(device, dtype, quantization)
+        return cls(device, dtype, quantization, "auto", device_map.max_memory)
 
 
 @dataclass(frozen=True)
@@ -134,7 +149,7 @@ def resolve_runtime(request: RuntimeRequest) -> Runtime:
         reasons.append(f"quantization {request.quantization}: requested (bitsandbytes)")
     max_memory = None
     if request.device_map == "auto":
-        from lyra_cli.engine.placement import parse_max_memory
+        from lyra_cli.engine.model.placement import parse_max_memory
 
         max_memory = parse_max_memory(request.max_memory) if request.max_memory is not None else None
         reasons.append(f"device map auto: layers over {_map_devices(device, max_memory)}, cut between layers")

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import torch
 
-from lyra_cli.engine.adapters import Adapter
-from lyra_cli.engine.vision import image_positions
+from lyra_cli.engine.model.adapters import Adapter
+from lyra_cli.engine.model.vision import image_positions
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START = "<|im_start|>"
@@ -52,7 +53,7 @@ class VisualPart:
 
 @dataclass(frozen=True, eq=False)
 class SpeechPart:
-    """An encoded speech clip, in one shape whichever path encoded it (`lyra_cli.engine.speech.encode_speech`).
+    """An encoded speech clip, in one shape whichever path encoded it (`pipeline.encode_speech`).
 
     `frames` (n_windows, 1500, E) are the Whisper frames of a clip held in memory: every turn projects
     them with the projector of the adapter it routes to, and training projects them with autograd.
@@ -148,6 +149,15 @@ class PromptInputs:
     @property
     def n_tokens(self) -> int:
         return self.embeds.shape[1]
+
+
+def encode_chunk(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of one text chunk, no special tokens added (each chunk is encoded on its own,
+    docs/authors-behaviour.md#tokenisation).
+
+    Special-token strings inside the chunk (`<|im_start|>` …) still map to their single ids.
+    """
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def build_inputs(

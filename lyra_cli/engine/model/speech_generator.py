@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lyra_cli.engine import checkpoint as ckpt
-from lyra_cli.engine.config import LyraConfig, SpeechGeneratorConfig, TextModelConfig
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import N_ROPE_AXES, DecoderLayer, MRoPE
+from lyra_cli.engine.model import checkpoint as ckpt
+from lyra_cli.engine.model.config import LyraConfig, SpeechGeneratorConfig, TextModelConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import N_ROPE_AXES, DecoderLayer, MRoPE
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)

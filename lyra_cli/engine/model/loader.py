@@ -14,18 +14,18 @@ from torch import nn
 from transformers import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from lyra_cli.engine import checkpoint as ckpt
-from lyra_cli.engine.adapters import AdapterBank, load_adapters
-from lyra_cli.engine.config import GENERATION_CONFIG_FILE, LyraConfig, load_config, read_json
-from lyra_cli.engine.footprint import QUANTIZED_SCOPE, in_quantized_linear
-from lyra_cli.engine.generate import SamplingConfig, sampling_from_generation_config
-from lyra_cli.engine.model import LyraForCausalLM
-from lyra_cli.engine.placement import Placement, auto_budgets, module_sizes, plan_placement
-from lyra_cli.engine.runtime import Runtime
-from lyra_cli.engine.speech import whisper_config
-from lyra_cli.engine.tokenizer import end_token_ids, load_tokenizer
-from lyra_cli.engine.towers import ModelSources, Resolved, TowerOverrides, resolve_sources
-from lyra_cli.engine.vision import VisionPreprocessConfig, VisualProcessor
+from lyra_cli.engine.model import checkpoint as ckpt
+from lyra_cli.engine.model.adapters import AdapterBank, load_adapters
+from lyra_cli.engine.model.config import GENERATION_CONFIG_FILE, LyraConfig, load_config, read_json
+from lyra_cli.engine.model.footprint import QUANTIZED_SCOPE, in_quantized_linear
+from lyra_cli.engine.model.network import LyraForCausalLM
+from lyra_cli.engine.model.placement import Placement, auto_budgets, module_sizes, plan_placement
+from lyra_cli.engine.model.runtime import Runtime
+from lyra_cli.engine.model.speech_encoder import whisper_config
+from lyra_cli.engine.model.tokenizer import end_token_ids, load_tokenizer
+from lyra_cli.engine.model.towers import ModelSources, Resolved, TowerOverrides, resolve_sources
+from lyra_cli.engine.model.vision import VisionPreprocessConfig, VisualProcessor
+from lyra_cli.engine.model.config import SamplingConfig, sampling_from_generation_config
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _build_towers(sources: ModelSources, source: ckpt.WeightSource) -> tuple[nn.
                 "the model folder is incomplete",
             )
         whisper_cfg = whisper_config(sources.speech.require() or {})
-        from lyra_cli.engine.speech import build_whisper_encoder
+        from lyra_cli.engine.model.speech_encoder import build_whisper_encoder
 
         whisper = ckpt.build_empty(lambda: build_whisper_encoder(whisper_cfg))
     return vit, whisper
@@ -116,7 +116,7 @@ def _staging_device_for(runtime: Runtime, placement: Placement) -> Callable[[str
 
 
 def _quantize(model: LyraForCausalLM, runtime: Runtime, placement: Placement) -> None:
-    from lyra_cli.engine.quant import quantize_linears
+    from lyra_cli.engine.model.quant import quantize_linears
 
     n = quantize_linears(model.model.layers, runtime.quantization, compute_dtype=runtime.dtype,  # type: ignore[arg-type]
                          device_for=lambda name: placement.device_for(f"{QUANTIZED_SCOPE}{name}"))  # fmt: skip

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lyra_cli.engine.generate import Step
-from lyra_cli.engine.loader import LoadedModel
-from lyra_cli.engine.speech_out import SpeechGenerator, UnitStream, load_speech_generator
-from lyra_cli.engine.towers import resolve_vocoder
-from lyra_cli.engine.vocoder import UnitVocoder, VocoderStream, load_vocoder
+from lyra_cli.engine.model.loader import LoadedModel
+from lyra_cli.engine.model.speech_generator import SpeechGenerator, UnitStream, load_speech_generator
+from lyra_cli.engine.model.towers import resolve_vocoder
+from lyra_cli.engine.model.vocoder import UnitVocoder, VocoderStream, load_vocoder
+from lyra_cli.engine.run.generate import Step
 from lyra_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class VoiceTurn:
 
 
 def find_vocoder_dir(loaded: LoadedModel, explicit: Path | None) -> Path:
-    """`--vocoder DIR`, else the folder the load found (towers.py: working directory, model folder, parents)."""
+    """`--vocoder DIR`, else the folder the load found (model/towers.py: working directory, model folder, parents)."""
     resolved = loaded.sources.vocoder if explicit is None else resolve_vocoder(loaded.model_dir, explicit)
     if resolved.located.path is None:
         raise resolved.problem or CheckpointError(f"vocoder folder `{explicit}` does not exist",

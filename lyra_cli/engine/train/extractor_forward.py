@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import attention_scores, select_kept
-from lyra_cli.engine.llm import LyraTextModel
-from lyra_cli.engine.prefill import DropRecord, planned_drops
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.network import LyraTextModel
+from lyra_cli.engine.run.extractor import attention_scores, select_kept
+from lyra_cli.engine.run.prefill import DropRecord, planned_drops
 
 
 @dataclass(frozen=True)

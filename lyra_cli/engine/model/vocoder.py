@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lyra_cli.engine.config import read_json
+from lyra_cli.engine.model.config import read_json
 from lyra_cli.errors import CheckpointError, InputError
 from lyra_cli.fileio import write_atomically
 

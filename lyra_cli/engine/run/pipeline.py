@@ -18,32 +18,34 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from PIL import Image
 
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
-from lyra_cli.audio.windows import split_windows
-from lyra_cli.engine.adapters import Adapter, activate, route
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.events import AudioChunk, Done, Event, Prefilled, TextDelta, TokenLogprob, TopLogprob
-from lyra_cli.engine.extractor import evidence_spans, format_spans
-from lyra_cli.engine.generate import END_STATE, SamplingConfig, StepLogprobs, TextStreamer, stream_steps
-from lyra_cli.engine.loader import LoadedModel, load_model
-from lyra_cli.engine.towers import TowerOverrides
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.prefill import FirstBlock, PrefillPlan, PrefillResult, ProgressFn, can_resume
-from lyra_cli.engine.prompt import Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, render
-from lyra_cli.engine.runtime import Runtime
-from lyra_cli.engine.speech import encode_speech, project_frames
-from lyra_cli.engine.tokenizer import encode_chunk
-from lyra_cli.engine.vision import encode_visual, load_image, load_video_frames
-from lyra_cli.engine.voice import Voice
+from lyra_cli.audio.windows import iter_window_batches, split_windows
+from lyra_cli.engine.model.adapters import Adapter, AdapterBank, activate, route
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.loader import LoadedModel, load_model
+from lyra_cli.engine.model.runtime import Runtime
+from lyra_cli.engine.model.speech_encoder import DEFAULT_ENCODE_BATCH, encode_windows, project_frames
+from lyra_cli.engine.model.towers import TowerOverrides
+from lyra_cli.engine.model.vision import encode_visual, load_image, load_video_frames
+from lyra_cli.engine.run.events import AudioChunk, Done, Event, Prefilled, TextDelta, TokenLogprob, TopLogprob
+from lyra_cli.engine.run.extractor import evidence_spans, format_spans
+from lyra_cli.engine.run.generate import END_STATE, SamplingConfig, StepLogprobs, TextStreamer, stream_steps
+from lyra_cli.engine.run.prefill import Chunking, FirstBlock, PrefillPlan, PrefillResult, can_resume
+from lyra_cli.engine.run.prompt import (
+    Conversation, Part, PromptInputs, SpeechPart, Turn, VisualPart, build_inputs, encode_chunk, render,
+)  # fmt: skip
+from lyra_cli.engine.run.voice import Voice
 from lyra_cli.errors import InputError, setting
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,48 @@ def read_media(kind: str, path: str | Path, front_end: AudioFrontEnd = AudioFron
         require_speech(wav, path)
         return DecodedSpeech(wav, str(path))
     raise ValueError(f"unknown media kind {kind!r}; expected one of {MEDIA_KINDS}")
+
+
+def encode_speech(
+    tower: nn.Module,
+    bank: AdapterBank,
+    windows: Iterable[np.ndarray],
+    source: str,
+    *,
+    batch_size: int = DEFAULT_ENCODE_BATCH,
+    keep_frames: bool = True,
+    on_batch: Callable[[float], None] | None = None,
+) -> SpeechPart:
+    """The one speech path: 30 s windows (a list, or a stream of any length) → a `SpeechPart`.
+
+    Windows are encoded `batch_size` at a time. `keep_frames` (a clip held in memory) keeps every frame
+    and projects nothing: each turn projects them with its own adapter's projector. Without it (a streamed
+    recording) each batch is projected as soon as `adapters.route` has decided the adapter, so only one
+    batch of frames is ever held; `on_batch(seconds encoded so far)` follows the progress.
+    """
+    frames: list[torch.Tensor] = []  # all of them, or (streamed) those whose adapter is not decided yet
+    tokens: list[torch.Tensor] = []
+    n_windows, n_samples = 0, 0
+    adapter = Adapter.NONE
+    for batch in iter_window_batches(windows, batch_size):
+        frames.append(encode_windows(tower, batch, batch_size=len(batch)))  # (b, 1500, E): one encoder call
+        n_windows += len(batch)
+        n_samples += sum(len(w) for w in batch)
+        adapter = route([n_windows])
+        # more windows never route a clip back from long speech, so its batches are final once it gets there
+        if not keep_frames and adapter is Adapter.LONG_SPEECH:
+            tokens.extend(project_frames(bank.projector(adapter), f) for f in frames)
+            frames.clear()
+        if on_batch is not None:
+            on_batch(n_samples / SAMPLE_RATE_HZ)
+    if n_windows == 0 or n_samples == 0:
+        raise InputError(f"`{source}` contains no audio samples (0-second audio)", "check the recording")
+    duration_s = n_samples / SAMPLE_RATE_HZ
+    if keep_frames:
+        return SpeechPart(n_windows, duration_s, source, frames=torch.cat(frames))
+    if frames:  # a single window: the short-speech adapter and its projector
+        tokens.append(project_frames(bank.projector(adapter), torch.cat(frames)))
+    return SpeechPart(n_windows, duration_s, source, tokens=torch.cat(tokens), adapter=adapter)
 
 
 class AudioClock:
@@ -209,10 +253,9 @@ class Engine:
         sampling: SamplingConfig,
         *,
         extractor: ExtractorConfig | None = None,
-        chunk_tokens: int | None = None,
+        chunking: Chunking = Chunking(),
         voice: Voice | None = None,
         started_at: float | None = None,
-        on_prefill_progress: ProgressFn | None = None,
     ) -> Iterator[Event]:
         """Add a user turn, stream the answer (text, and audio chunks with a `voice`), record it.
 
@@ -220,8 +263,8 @@ class Engine:
         speech) when given, else from this call.
 
         `extractor` (None: the config's, which the release ships off) drops multimodal tokens block by
-        block during prefill; `chunk_tokens` bounds prefill activations for long prompts.
-        `on_prefill_progress(done, total)` follows the prefill chunk by chunk, in token-layers."""
+        block during prefill; `chunking` bounds prefill activations for long prompts and follows the prefill
+        chunk by chunk (`Chunking(tokens, on_progress)`)."""
         if not parts:
             raise InputError("nothing to answer: the turn has no text, image, video or speech",
                              f"give {setting('text')} or media")  # fmt: skip
@@ -230,8 +273,7 @@ class Engine:
         try:
             if extractor is None and self.loaded.config.extractor.enabled:
                 extractor = self.loaded.config.extractor
-            yield from self._answer(conversation, turn, sampling, extractor, chunk_tokens, voice, started_at,
-                                    on_prefill_progress)  # fmt: skip
+            yield from self._answer(conversation, turn, sampling, extractor, chunking, voice, started_at)
         finally:
             if turn.answer is None:  # interrupted: the turn never happened
                 conversation.turns.remove(turn)
@@ -269,10 +311,9 @@ class Engine:
         turn: Turn,
         sampling: SamplingConfig,
         extractor: ExtractorConfig | None,
-        chunk_tokens: int | None,
+        chunking: Chunking,
         voice: Voice | None,
         started_at: float | None,
-        on_prefill_progress: ProgressFn | None,
     ) -> Iterator[Event]:
         start = started_at if started_at is not None else time.perf_counter()
         inputs, adapter = self.prepare(conversation)
@@ -282,12 +323,12 @@ class Engine:
         logprobs: list[TokenLogprob] = []  # stays empty unless `sampling.logprobs` is set
         sent = 0  # logprobs already carried by a delta
         prefilled: list[tuple[PrefillResult, float]] = []  # the prefill's result, and when it completed
-        plan = self._plan(inputs, adapter, extractor, chunk_tokens, inputs.n_tokens + sampling.max_new_tokens)
+        plan = self._plan(inputs, adapter, extractor, chunking.tokens, inputs.n_tokens + sampling.max_new_tokens)
         speaking = voice.start() if voice is not None else None
         audio = AudioClock(voice.sample_rate_hz if voice is not None else 1, start)
         steps = stream_steps(self.model, inputs, cfg=sampling, end_ids=self.loaded.end_ids, plan=plan,
                              on_prefilled=lambda result: prefilled.append((result, time.perf_counter() - start)),
-                             on_prefill_progress=on_prefill_progress,
+                             on_prefill_progress=chunking.on_progress,
                              feed_end=voice is not None and voice.config.aligned)  # fmt: skip
         def kept_tokens() -> int:
             if not prefilled:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lyra_cli.engine.events import AudioChunk, Done, Event
+from lyra_cli.engine.run.events import AudioChunk, Done, Event
 
 if TYPE_CHECKING:  # the rest on first use: `lyra listen`'s module (and so `lyra --help`) imports this one
     import numpy as np
@@ -27,10 +27,10 @@ if TYPE_CHECKING:  # the rest on first use: `lyra listen`'s module (and so `lyra
     from lyra_cli.audio.mic import AudioSource
     from lyra_cli.audio.outputs import SpeechOutputs
     from lyra_cli.audio.vad import TurnDetector
-    from lyra_cli.engine.generate import SamplingConfig
-    from lyra_cli.engine.pipeline import Engine
-    from lyra_cli.engine.prompt import Conversation
-    from lyra_cli.engine.voice import Voice
+    from lyra_cli.engine.run.generate import SamplingConfig
+    from lyra_cli.engine.run.pipeline import Engine
+    from lyra_cli.engine.run.prompt import Conversation
+    from lyra_cli.engine.run.voice import Voice
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class SpokenSession:
         self.outputs = outputs
         self.voice = voice
         if conversation is None:
-            from lyra_cli.engine.prompt import Conversation
+            from lyra_cli.engine.run.prompt import Conversation
 
             conversation = Conversation()
         self.conversation = conversation
@@ -199,7 +199,7 @@ class SpokenSession:
             self._error = exc
 
     def _answer_turn(self, turn: TurnJob) -> None:
-        from lyra_cli.engine.pipeline import DecodedSpeech
+        from lyra_cli.engine.run.pipeline import DecodedSpeech
 
         part = self.engine.encode(DecodedSpeech(turn.audio, f"turn {turn.number}"))
         self.outputs.begin_turn()

@@ -18,16 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lyra_cli.audio.cache import CacheKey, SpeechTokenCache, file_digest, model_fingerprint
 from lyra_cli.audio.features import TOKENS_PER_WINDOW
 from lyra_cli.audio.frontend import AudioFrontEnd
 from lyra_cli.audio.io import SAMPLE_RATE_HZ, require_speech
 from lyra_cli.audio.windows import WINDOW_SECONDS, count_windows, iter_windows
-from lyra_cli.engine.adapters import Adapter, route
-from lyra_cli.engine.events import Progress
-from lyra_cli.engine.prompt import SpeechPart
-from lyra_cli.engine.runtime import keep_large_buffers_off_the_heap
-from lyra_cli.engine.speech import DEFAULT_ENCODE_BATCH, encode_speech
+from lyra_cli.engine.model.adapters import Adapter, route
+from lyra_cli.engine.model.runtime import keep_large_buffers_off_the_heap
+from lyra_cli.engine.model.speech_encoder import DEFAULT_ENCODE_BATCH
+from lyra_cli.engine.run.events import Progress
+from lyra_cli.engine.run.pipeline import encode_speech
+from lyra_cli.engine.run.prompt import SpeechPart
+from lyra_cli.engine.run.speech_cache import CacheKey, SpeechTokenCache, file_digest, model_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lyra_cli.engine.config import ExtractorConfig
-from lyra_cli.engine.extractor import (
+from lyra_cli.engine.model.config import ExtractorConfig
+from lyra_cli.engine.model.kvcache import KVCache
+from lyra_cli.engine.model.network import LyraTextModel
+from lyra_cli.engine.run.extractor import (
     attention_scores,
     compress_layers,
     context_mask,
@@ -31,12 +33,19 @@ from lyra_cli.engine.extractor import (
     query_mask,
     select_kept,
 )
-from lyra_cli.engine.kvcache import KVCache
-from lyra_cli.engine.llm import LyraTextModel
 
 # on_progress(done, total), in token-layers: one token through one decoder layer. With the extractor the
 # deeper blocks hold fewer tokens, so this (not a token count) is what makes a progress bar move evenly.
 ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a long prompt goes through the decoder: at most `tokens` at a time through each layer (bounds
+    attention and MLP activations; None: all at once), reporting `on_progress(done, total)` in token-layers."""
+
+    tokens: int | None = None
+    on_progress: ProgressFn | None = None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lyra_cli.engine.config import LyraConfig, read_json
+from lyra_cli.engine.model.config import LyraConfig, read_json
 from lyra_cli.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -242,11 +242,18 @@ def tower_folder_keys(stored_key: str, prefix: str) -> str | None:
 
 @dataclass(frozen=True)
 class TowerOverrides:
-    """Folders given on the command line; each replaces the path the model's files name."""
+    """Folders that replace the paths the model's files name (the command line's tower and vocoder flags);
+    a `str` is taken as a path."""
 
     vision: Path | None = None
     speech: Path | None = None
     vocoder: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vision", "speech", "vocoder"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))  # frozen: set once, here
 
     def check(self) -> None:
         """A flag that names no folder fails before anything loads."""
