@@ -272,6 +272,35 @@ def test_streamed_speech_must_be_pcm16(client: Any) -> None:
     assert caught.value.body["param"] == "audio.format"
 
 
+def test_a_transcription_is_the_recogniser_run_in_process(engine: Any, server: RunningServer, client: Any,
+                                                           real: Path) -> None:  # fmt: skip
+    from lyra_cli.serve.media import MediaLimits
+    from lyra_cli.serve.transcribe import decode_upload, transcribe
+
+    path = real / "Hi.mp3"
+    with path.open("rb") as file:
+        served = client.audio.transcriptions.create(model="whisper-1", file=file)
+    assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
+    with decode_upload(path.read_bytes(), path.name, MediaLimits()) as decoded:
+        expected = transcribe(engine, decoded).text
+    assert served.text == expected
+    with path.open("rb") as file:
+        assert client.audio.transcriptions.create(model="x", file=file, response_format="text").strip() == expected
+    with path.open("rb") as file:
+        verbose = client.audio.transcriptions.create(model="x", file=file, response_format="verbose_json",
+                                                     language="en")  # fmt: skip
+    assert verbose.text == expected and verbose.language == "en" and verbose.duration > 0
+
+
+@pytest.mark.parametrize(("options", "param"), [({"response_format": "srt"}, "response_format"),
+                                                ({"prompt": "spell it"}, "prompt"),
+                                                ({"temperature": -1}, "temperature")])  # fmt: skip
+def test_bad_transcription_requests_are_400(client: Any, real: Path, options: dict, param: str) -> None:
+    with (real / "Hi.mp3").open("rb") as file, pytest.raises(openai.BadRequestError) as caught:
+        client.audio.transcriptions.create(model="x", file=file, **options)
+    assert caught.value.body["param"] == param
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -227,6 +227,27 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        upload = await read_upload(request)
+        decoded = await run_in_threadpool(_decode_upload, service, upload)
+        work = TranscriptionJob(decoded, upload.temperature, service.speech_cache)
+        try:
+            job = service.worker.submit(Job(work, None, asyncio.get_running_loop()))  # keeps no prefix cache
+        except ApiError:
+            work.close()
+            raise
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        try:
+            (result,) = [event async for event in chat.job_events(job)]
+        finally:
+            watcher.cancel()
+        from lyra_cli.serve.transcribe import response_body
+
+        body = response_body(result, upload.response_format, language=upload.language)
+        return PlainTextResponse(body) if isinstance(body, str) else JSONResponse(body)
+
+
 async def _watched(body: Any, watcher: asyncio.Task) -> Any:
     try:
         async for piece in body:
@@ -302,3 +323,78 @@ def spoken_answer(service: Service, parsed: protocol.ChatRequest) -> Any:
     if parsed.audio is None:
         return None
     return SpokenAnswer(service.audio_store, AudioRequest.from_request(parsed.audio, stream=parsed.stream).format)
+
+
+# -- transcriptions ---------------------------------------------------------------------------------
+
+# OpenAI's transcription fields lyra cannot honour: refused rather than ignored
+UNSUPPORTED_UPLOAD_FIELDS = ("prompt", "timestamp_granularities[]", "timestamp_granularities", "stream", "include[]",
+                             "chunking_strategy")  # fmt: skip
+UPLOAD_FIELDS = ("file", "model", "response_format", "language", "temperature")
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    filename: str | None
+    response_format: str
+    language: str | None
+    temperature: float | None
+
+
+async def read_upload(request: Request) -> Upload:
+    """The multipart form of `/v1/audio/transcriptions`, checked (its size is capped by `Guard`)."""
+    from lyra_cli.serve.transcribe import check_response_format
+
+    form = await request.form()
+    for name in form:
+        if name not in UPLOAD_FIELDS:
+            why = "not supported by lyra" if name in UNSUPPORTED_UPLOAD_FIELDS else "unknown"
+            raise ApiError(400, f"parameter `{name}` is {why}", param=name, code="unsupported_parameter")
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "`file` must be an uploaded audio file (multipart/form-data)", param="file")
+    if not isinstance(form.get("model"), str):
+        raise ApiError(400, "`model` is required", param="model")
+    return Upload(await upload.read(), upload.filename, check_response_format(form.get("response_format")),
+                  _form_text(form.get("language"), "language"), _temperature(form.get("temperature")))  # fmt: skip
+
+
+def _form_text(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"`{name}` must be text", param=name)
+    return value or None
+
+
+def _temperature(value: Any) -> float | None:
+    text = _form_text(value, "temperature")
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ApiError(400, f"`temperature` must be a number, got `{text}`", param="temperature") from None
+
+
+def _decode_upload(service: Service, upload: Upload) -> Any:
+    from lyra_cli.serve.transcribe import decode_upload
+
+    return decode_upload(upload.data, upload.filename, service.config.media_limits)
+
+
+class TranscriptionJob:
+    """The worker's side of a transcription: one event, the `Transcription`; `close` removes the upload."""
+
+    def __init__(self, decoded: Any, temperature: float | None, cache: Any) -> None:
+        self.decoded = decoded
+        self.temperature = temperature
+        self.cache = cache
+
+    def __call__(self, engine: "Engine", check: Any) -> Any:
+        from lyra_cli.serve.transcribe import transcribe
+
+        check()
+        yield transcribe(engine, self.decoded, temperature=self.temperature, cache=self.cache)
+
+    def close(self) -> None:
+        self.decoded.close()
