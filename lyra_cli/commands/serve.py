@@ -27,6 +27,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "LYRA_API_KEY"
 LOOPBACK_NAMES = ("localhost",)
+LISTEN_BACKLOG = 2048  # uvicorn's default
 SHUTDOWN_GRACE_S = 5  # after Ctrl-C, how long open connections may take to finish their cancelled answers
 
 
@@ -152,7 +153,7 @@ def bind(host: str, port: int) -> socket.socket:
             raise PortInUseError(f"port `{port}` on `{host}` is already in use",
                                  "another program (or another `lyra serve`) listens there: pick another --port") from None  # fmt: skip
         raise UsageError(f"cannot listen on `{host}:{port}`: {exc.strerror or exc}", "check --host and --port") from None
-    sock.set_inheritable(True)
+    sock.listen(LISTEN_BACKLOG)  # from now on connections wait in the backlog until uvicorn accepts them
     return sock
 
 
