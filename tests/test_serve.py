@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -213,6 +214,35 @@ def test_an_image_and_spoken_question_is_answered_as_the_engine_does(engine: Any
     done = engine.generate(Conversation(), parts, engine.sampling(temperature=0, max_new_tokens=TOKENS), voice=None)
     assert completion.choices[0].message.content.strip() == done.text
     assert completion.usage.prompt_tokens == done.prompt_tokens > 300  # image tokens + 300 speech tokens
+
+
+def test_lyra_options_reach_the_engine(engine: Any, server: RunningServer, client: Any, real: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`lyra.extract` runs the extractor and `lyra.official_audio` the authors' audio front end, as the flags do."""
+    from lyra_cli.audio.frontend import AudioFrontEnd
+    from lyra_cli.engine import read_media
+    from lyra_cli.engine.extractor import parse_extract
+
+    asked: list[tuple[list, dict]] = []
+    respond = engine.respond
+
+    def spy(conversation: Any, parts: Any, sampling: Any, **options: Any) -> Any:
+        asked.append((list(parts), options))
+        return respond(conversation, parts, sampling, **options)
+
+    monkeypatch.setattr(engine, "respond", spy)
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode((real / "Hi.mp3").read_bytes()).decode(),
+                                                    "format": "mp3"}}  # fmt: skip
+    for lyra in ({}, {"extract": "4x0.7", "official_audio": True}):
+        client.chat.completions.create(model="tiny", max_tokens=2, extra_body={"lyra": lyra},
+                                       messages=[{"role": "user", "content": [audio]}])  # fmt: skip
+    (plain, plain_options), (tuned, tuned_options) = asked
+    official = engine.encode(read_media("speech", real / "Hi.mp3", AudioFrontEnd.official()))
+    default = engine.encode(read_media("speech", real / "Hi.mp3"))
+    assert torch.equal(tuned[0].frames, official.frames) and torch.equal(plain[0].frames, default.frames)
+    assert not torch.equal(official.frames, default.frames)  # the two front ends differ on this file
+    assert tuned_options["extractor"] == parse_extract("4x0.7", engine.loaded.config.text.num_layers)
+    assert plain_options["extractor"] is None
 
 
 def test_a_spoken_answer_is_a_wav_with_its_transcript(client: Any) -> None:
