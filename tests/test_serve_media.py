@@ -251,10 +251,10 @@ def test_images_and_videos_over_their_limits_are_refused_from_the_header(real: P
 
 
 def test_default_limits_are_derived_from_the_engine() -> None:
-    from lyra_cli.audio.io import SAMPLE_RATE_HZ
-    from lyra_cli.audio.windows import WINDOW_SECONDS
     from dataclasses import fields
 
+    from lyra_cli.audio.io import SAMPLE_RATE_HZ
+    from lyra_cli.audio.windows import WINDOW_SECONDS
     from lyra_cli.engine.config import TextModelConfig
     from lyra_cli.engine.longspeech import longest_fitting_s
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def pcm(data: str) -> np.ndarray:
 
 def chunks_of(wav: np.ndarray, sizes: list[int], rate_hz: int = 16_000) -> list[api.AudioChunk]:
     bounds = np.cumsum([0, *sizes])
-    return [api.AudioChunk(wav[a:b], rate_hz, a / rate_hz) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [api.AudioChunk(wav[a:b], rate_hz, a / rate_hz) for a, b in pairwise(bounds) if b > a]
 
 
 def stream(answer: SpokenAnswer, events: list[object]) -> list[dict]:
@@ -93,7 +94,7 @@ def test_a_spoken_answer_streams_as_the_engine_speaks(speaking: api.Engine) -> N
     assert store.transcript(answer.id, param="messages[2].audio.id") == done.text
 
 
-def SpokenAnswer_from(events: list[object], store: AudioStore, audio_format: str) -> dict:  # noqa: N802
+def SpokenAnswer_from(events: list[object], store: AudioStore, audio_format: str) -> dict:
     answer = SpokenAnswer(store, audio_format)
     for event in events:
         if isinstance(event, api.TextDelta):

@@ -31,7 +31,7 @@ def asked(engine: api.Engine, monkeypatch: pytest.MonkeyPatch) -> list:
     calls = []
     generate = engine.generate
 
-    def spy(conversation, parts, sampling, **options):  # noqa: ANN001, ANN003, ANN202
+    def spy(conversation, parts, sampling, **options):
         calls.append((list(parts), sampling, options))
         return generate(conversation, parts, replace(sampling, max_new_tokens=min(3, sampling.max_new_tokens)),
                         **options)  # fmt: skip
