@@ -69,7 +69,7 @@ def test_streamed_deltas_join_to_the_answer_resampled_at_once(real: Path) -> Non
 
 def test_a_spoken_answer_streams_as_the_engine_speaks(speaking: api.Engine) -> None:
     events = list(speaking.respond(api.Conversation(), [api.TextPart("tell me a story")],
-                                   speaking.sampling(max_new_tokens=60), voice=speaking.voice))  # fmt: skip
+                                   speaking.sampling(max_new_tokens=30), voice=speaking.voice))  # fmt: skip
     done = events[-1]
     chunks = [e for e in events if isinstance(e, api.AudioChunk)]
     assert len(chunks) >= 2, "the tiny voice speaks in several chunks"

