@@ -318,3 +318,14 @@ def test_the_temporary_folder_goes_when_encoding_fails(engine: api.Engine, long_
     with pytest.raises(RuntimeError), decoded:
         encode_content(engine, decoded)
     assert not any(private_tmp.iterdir())
+
+
+def test_the_media_speech_and_transcription_modules_import_no_torch() -> None:
+    """`lyra serve --help` reads the limits' defaults: importing them must not load torch (or numpy)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lyra_cli.serve.media, lyra_cli.serve.speech, lyra_cli.serve.transcribe; "
+            "print(sorted({'torch', 'numpy'} & set(sys.modules)))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
