@@ -27,8 +27,10 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from helpers.serving import RunningServer, running_server  # noqa: E402
-from lyra_cli.serve.app import MB, ServeConfig  # noqa: E402
+
+from lyra_cli.serve.app import ServeConfig  # noqa: E402
 from lyra_cli.serve.errors import INTERNAL_ERROR  # noqa: E402
+from lyra_cli.serve.protocol import MB  # noqa: E402
 from lyra_cli.serve.worker import Job  # noqa: E402
 
 KEY = "test-key-123"

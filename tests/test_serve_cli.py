@@ -14,8 +14,8 @@ from pathlib import Path
 from urllib.request import Request, urlopen
 
 import pytest
-
 from helpers.signals import sigint_default
+
 from lyra_cli.commands.serve import is_loopback
 from lyra_cli.main import run
 

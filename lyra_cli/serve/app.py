@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
-DEFAULT_MAX_REQUEST_MB = 50  # a few minutes of wav, or a handful of large images, base64-encoded
 API_PREFIX = "/v1/"
 PAGE = ("static", "index.html")  # inside this package
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold the stream back
@@ -50,7 +48,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 class ServeConfig:
     model_id: str  # what `/v1/models` lists and every response names
     api_key: str | None = None  # None: no key asked for (loopback only; the command enforces it)
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_MB * MB
+    max_request_bytes: int = protocol.DEFAULT_MAX_REQUEST_MB * protocol.MB
     max_queue: int = DEFAULT_MAX_QUEUE
     cached_clients: int = DEFAULT_CACHED_CLIENTS
     media_limits: MediaLimits = MediaLimits()
@@ -127,7 +125,7 @@ class Guard:
         return hmac.compare_digest(given, self.api_key.encode())  # type: ignore[union-attr]
 
     def _too_large(self) -> ApiError:
-        limit_mb = self.max_body_bytes / MB
+        limit_mb = self.max_body_bytes / protocol.MB
         return ApiError(413, f"the request body is larger than the server's limit of {limit_mb:g} MB",
                         code="request_too_large")  # fmt: skip
 
@@ -313,7 +311,8 @@ def _voice(service: Service, parsed: protocol.ChatRequest) -> Any:
     AudioRequest.from_request(parsed.audio, stream=parsed.stream)
     if service.engine.voice is None:
         raise ApiError(400, "this server gives no spoken answers: its model has no speech generator, or it was "
-                            "started with `--no-voice`; ask for `modalities: [\"text\"]`", param="modalities")  # fmt: skip
+                            "started with `--no-voice`; ask for `modalities: [\"text\"]`",
+                       param="modalities")  # fmt: skip
     return service.engine.voice
 
 

@@ -18,6 +18,8 @@ from lyra_cli.serve.errors import ApiError
 if TYPE_CHECKING:
     from lyra_cli.engine import TokenLogprob
 
+MB = 1024 * 1024
+DEFAULT_MAX_REQUEST_MB = 50  # a request body: a few minutes of wav, or a handful of large images, in base64
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20
 SYSTEM_ROLES = ("system", "developer")  # `developer` is OpenAI's newer name for the system message
