@@ -424,6 +424,19 @@ def test_an_internal_fault_is_500_without_a_traceback(client: Any, monkeypatch: 
         assert "secret" not in caught.value.response.text and "Traceback" not in caught.value.response.text
 
 
+def test_a_fault_mid_stream_ends_it_with_the_500_error_object(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lyra_cli.serve import protocol
+
+    def broken(_logprobs: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(protocol, "logprobs_content", broken)
+    stream = ask(client, stream=True, logprobs=True)
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert caught.value.body == INTERNAL_ERROR.body()["error"] and "secret" not in str(caught.value)
+
+
 def test_a_full_queue_is_503_with_retry_after(server: RunningServer, client: Any) -> None:
     """The worker busy and MAX_QUEUE requests waiting: the next one is refused at once."""
     release = threading.Event()

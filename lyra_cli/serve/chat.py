@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
+
 from lyra_cli.serve import internals, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError, from_lyra_error
 from lyra_cli.serve.worker import Finished, Job
@@ -220,7 +222,8 @@ async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
         if answer.done:
             break
     job.cancel()  # a stop sequence ended it early: the worker drops the rest at its next step
-    return protocol.completion(protocol.completion_id(), model, answer.message(), answer.finish_reason, answer.usage(),
+    message = await run_in_threadpool(answer.message)  # encoding the audio file (mp3, opus…) takes a while
+    return protocol.completion(protocol.completion_id(), model, message, answer.finish_reason, answer.usage(),
                                answer.reported_logprobs())  # fmt: skip
 
 
@@ -256,6 +259,8 @@ async def stream(job: Job, answer: Answer, model: str, first: Any, events: Async
         yield SSE_DONE
     except ApiError as exc:  # the status line is sent: the error goes in the stream, as OpenAI does
         yield sse(exc.body())
+    except Exception as exc:  # a fault of ours mid-stream: logged, and the client told, never the traceback
+        yield sse(api_error(exc).body())
     finally:
         job.cancel()  # the client went away (or the answer ended): nothing more to compute
 
