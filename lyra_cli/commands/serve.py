@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from lyra_cli.commands import common, speech_io
-from lyra_cli.engine.models import TINY
+from lyra_cli.engine import TINY
 from lyra_cli.errors import LyraError, UsageError
 from lyra_cli.serve import media, protocol, worker  # defaults of the limits (light: no FastAPI, no torch)
 
@@ -94,7 +94,7 @@ def serve(
     max_memory: str | None = common.MaxMemoryOption,
 ) -> None:
     """Serve Lyra over an OpenAI-compatible HTTP API."""
-    from lyra_cli.engine.models import resolve_model
+    from lyra_cli.engine import resolve_model
 
     settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
     require_server_packages()
@@ -187,7 +187,7 @@ def model_id(spec: str, model_dir: Path) -> str:
 
 def _load(spec: str, model_dir: Path, request, overrides, quiet: bool) -> "Engine":  # noqa: ANN001
     from lyra_cli.console import info
-    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine import Engine
     from lyra_cli.engine.runtime import resolve_runtime
 
     engine = Engine.load(model_dir, resolve_runtime(request), overrides)

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from lyra_cli.serve import chat, protocol
+from lyra_cli.serve import chat, internals, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
 from lyra_cli.serve.media import MediaLimits
 from lyra_cli.serve.speech import AudioStore
@@ -63,19 +63,11 @@ class Service:
         self.config = config
         self.worker = Worker(engine, config.max_queue, config.cached_clients)
         self.audio_store = AudioStore()  # spoken answers a later request may name by id
-        self.speech_cache = _speech_cache(config.speech_cache_dir)
+        self.speech_cache = internals.speech_cache(config.speech_cache_dir)
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "lyra"}
-
-
-def _speech_cache(root: Path | None) -> Any:
-    if root is None:
-        return None
-    from lyra_cli.audio.cache import SpeechTokenCache
-
-    return SpeechTokenCache(root)
 
 
 def create_app(engine: "Engine", config: ServeConfig) -> FastAPI:
@@ -286,7 +278,6 @@ def client_key(request: Request, parsed: protocol.ChatRequest, service: Service)
 def chat_job(service: Service, parsed: protocol.ChatRequest) -> chat.ChatJob:
     """Everything checked and decoded before the request waits in the queue."""
     from lyra_cli.errors import LyraError
-    from lyra_cli.serve import internals
     from lyra_cli.serve.errors import from_lyra_error
 
     engine = service.engine

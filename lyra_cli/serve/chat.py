@@ -53,8 +53,8 @@ class ChatJob:
             conversation.turns.append(internals.answered_turn(self._parts(engine, contents, check), answer))
         parts = self._parts(engine, self.question, check)
         check()
-        yield from engine.respond(conversation, parts, self.sampling, extractor=self.extractor, voice=self.voice,
-                                  on_prefill_progress=lambda _done, _total: check())  # fmt: skip
+        yield from internals.respond(engine, conversation, parts, self.sampling, extractor=self.extractor,
+                                     voice=self.voice, on_prefill_progress=lambda _done, _total: check())  # fmt: skip
 
     def _parts(self, engine: "Engine", contents: Sequence["DecodedContent"], check: Callable[[], None]) -> list:
         from lyra_cli.serve.media import encode_content

@@ -5,10 +5,14 @@
   it in and out around each job (`worker.PrefixCaches`).
 - An earlier turn of a request's history is an engine `Turn` with its answer already given.
 - `extract` in a request is the `--extract BLOCKSxRATIO` spec, parsed as the CLI parses it.
+- A job follows its prefill chunk by chunk (to stop a cancelled one there): `Engine.respond`'s progress hook.
+- Long recordings' speech tokens are cached in `lyra longspeech`'s speech-token cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,3 +48,19 @@ def answered_turn(parts: list, answer: str) -> Any:
     from lyra_cli.engine.prompt import Turn
 
     return Turn(parts, answer)
+
+
+def respond(engine: "Engine", conversation: Any, parts: list, sampling: Any, *, extractor: Any, voice: Any,
+            on_prefill_progress: Callable[[int, int], None]) -> Iterator[Any]:  # fmt: skip
+    """`Engine.respond` with a hook called after each prefill chunk (it raises to stop a cancelled job)."""
+    return engine.respond(conversation, parts, sampling, extractor=extractor, voice=voice,
+                          on_prefill_progress=on_prefill_progress)  # fmt: skip
+
+
+def speech_cache(root: Path | None) -> Any:
+    """The speech-token cache under `root` (None: no cache)."""
+    if root is None:
+        return None
+    from lyra_cli.audio.cache import SpeechTokenCache
+
+    return SpeechTokenCache(root)
