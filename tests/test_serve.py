@@ -223,7 +223,7 @@ def test_lyra_options_reach_the_engine(engine: Any, server: RunningServer, clien
     """`lyra.extract` runs the extractor and `lyra.official_audio` the authors' audio front end, as the flags do."""
     from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.engine import read_media
-    from lyra_cli.engine.extractor import parse_extract
+    from lyra_cli.serve import internals
 
     asked: list[tuple[list, dict]] = []
     respond = engine.respond
@@ -243,7 +243,8 @@ def test_lyra_options_reach_the_engine(engine: Any, server: RunningServer, clien
     default = engine.encode(read_media("speech", real / "Hi.mp3"))
     assert torch.equal(tuned[0].frames, official.frames) and torch.equal(plain[0].frames, default.frames)
     assert not torch.equal(official.frames, default.frames)  # the two front ends differ on this file
-    assert tuned_options["extractor"] == parse_extract("4x0.7", engine.loaded.config.text.num_layers)
+    assert tuned_options["extractor"] == internals.extractor(engine, "4x0.7")  # the CLI's parsing of `--extract`
+    assert tuned_options["extractor"].enabled
     assert plain_options["extractor"] is None
 
 
