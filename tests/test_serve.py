@@ -387,6 +387,16 @@ def test_bad_messages_are_400(client: Any, messages: list, param: str) -> None:
     assert caught.value.body["param"] == param
 
 
+def test_a_prompt_or_answer_beyond_the_models_positions_is_400(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, max_tokens=10**9)  # refused before any cache is reserved for it
+    assert caught.value.body["param"] == "max_tokens" and caught.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, "word " * 40_000)  # 200 kB of text: within the body limit, over 32,768 positions
+    assert caught.value.body["param"] == "messages" and caught.value.body["code"] == "context_length_exceeded"
+    assert ask(client).choices[0].message.content  # served again
+
+
 def test_malformed_json_is_400(server: RunningServer) -> None:
     status, _headers, body = raw_post(server, "/v1/chat/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]

@@ -52,9 +52,23 @@ class ChatJob:
         for contents, answer in self.history:
             conversation.turns.append(internals.answered_turn(self._parts(engine, contents, check), answer))
         parts = self._parts(engine, self.question, check)
+        self._check_fits(engine, conversation, parts)
         check()
         yield from internals.respond(engine, conversation, parts, self.sampling, extractor=self.extractor,
                                      voice=self.voice, on_prefill_progress=lambda _done, _total: check())  # fmt: skip
+
+    def _check_fits(self, engine: "Engine", conversation: Any, parts: list) -> None:
+        """Refuse a prompt that with its answer would not fit the model's positions, before it is prefilled
+        (a huge one would exhaust memory first). With an extractor, long media may exceed them (it drops
+        tokens as it reads, as `lyra longspeech` does), but the text still has to fit."""
+        turns = [(turn.user, turn.answer) for turn in conversation.turns] + [(parts, None)]
+        n_prompt = internals.prompt_tokens(engine, conversation.system, turns, media=not self.extracting)
+        context = internals.context_tokens(engine)
+        if n_prompt + self.sampling.max_new_tokens > context:
+            raise ApiError(400, f"this conversation takes about {n_prompt:,} tokens and `max_tokens` asks for "
+                                f"{self.sampling.max_new_tokens:,} more: the model has {context:,} positions; send "
+                                "a shorter conversation or a smaller `max_tokens`",
+                           param="messages", code="context_length_exceeded")  # fmt: skip
 
     def _parts(self, engine: "Engine", contents: Sequence["DecodedContent"], check: Callable[[], None]) -> list:
         from lyra_cli.serve.media import encode_content
@@ -111,9 +125,15 @@ def sampling_for(engine: "Engine", request: protocol.ChatRequest) -> "SamplingCo
     elif request.stop:  # a cut answer's token count comes from its logprobs (cheap: one log-softmax a step)
         overrides["logprobs"] = 0
     try:
-        return engine.sampling(**overrides)
+        sampling = engine.sampling(**overrides)
     except LyraError as exc:
         raise from_lyra_error(exc) from None
+    context = internals.context_tokens(engine)
+    if sampling.max_new_tokens >= context:
+        name = "max_completion_tokens" if "max_completion_tokens" in request.fields else "max_tokens"
+        raise ApiError(400, f"`{name}` is `{sampling.max_new_tokens:,}`: the model has {context:,} positions for "
+                            "the prompt and the answer together", param=name, code="context_length_exceeded")  # fmt: skip
+    return sampling
 
 
 @dataclass

@@ -60,6 +60,7 @@ class ChatRequest:
     audio: Mapping[str, Any] | None = None  # `audio` with "audio" in `modalities`: speak the answer
     lyra: Mapping[str, Any] = field(default_factory=dict)
     user: str | None = None
+    fields: frozenset[str] = frozenset()  # the fields the body set (errors name them as sent)
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -84,6 +85,7 @@ def parse_chat(body: Any) -> ChatRequest:
         audio=_audio(body),
         lyra=_lyra(body.get("lyra")),
         user=_str(body, "user"),
+        fields=frozenset(body),
     )
 
 
