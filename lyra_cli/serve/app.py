@@ -216,7 +216,6 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         body = _watched(chat.stream(job, answer, service.config.model_id, first, events), watcher)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
-
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
         upload = await read_upload(request)
