@@ -102,3 +102,14 @@ def _stream_in_background(url: str) -> dict:
 
     threading.Thread(target=read, daemon=True).start()
     return state
+
+
+def test_a_model_without_a_speech_generator_serves_text_only(tiny_copy: Path) -> None:
+    import lyra_cli.engine as api
+    from lyra_cli.commands.serve import _load_voice
+
+    (tiny_copy / "speech_generator.safetensors").unlink()
+    engine = api.load(tiny_copy, device="cpu")
+    note = _load_voice(engine, None, chunk_units=40, aligned=False, off=False)
+    assert engine.voice is None and note.startswith("speech out: off") and "speech generator" in note
+    assert _load_voice(engine, None, chunk_units=40, aligned=False, off=True) == "speech out: off (--no-voice)"
