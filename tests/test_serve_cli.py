@@ -113,3 +113,28 @@ def test_a_model_without_a_speech_generator_serves_text_only(tiny_copy: Path) ->
     note = _load_voice(engine, None, chunk_units=40, aligned=False, off=False)
     assert engine.voice is None and note.startswith("speech out: off") and "speech generator" in note
     assert _load_voice(engine, None, chunk_units=40, aligned=False, off=True) == "speech out: off (--no-voice)"
+
+
+def test_connections_to_the_bound_socket_have_nagle_off() -> None:
+    """asyncio (and so uvicorn) sets TCP_NODELAY only on sockets that say they are TCP; without it every
+    keep-alive response waits ~40 ms for the client's delayed ACK."""
+    import asyncio
+
+    from lyra_cli.commands.serve import bind
+
+    async def nodelay_of_accepted() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def accepted(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = bind("127.0.0.1", 0)
+        server = await asyncio.start_server(accepted, sock=sock)
+        async with server:
+            _reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(seen, STOP_TIMEOUT_S)
+            writer.close()
+        return value
+
+    assert asyncio.run(nodelay_of_accepted()) == 1
