@@ -242,7 +242,8 @@ async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
         if answer.done:
             break
     job.cancel()  # a stop sequence ended it early: the worker drops the rest at its next step
-    message = await run_in_threadpool(answer.message)  # encoding the audio file (mp3, opus…) takes a while
+    # encoding the audio file (mp3, opus…) takes a while: off the event loop
+    message = answer.message() if answer.spoken is None else await run_in_threadpool(answer.message)
     return protocol.completion(protocol.completion_id(), model, message, answer.finish_reason, answer.usage(),
                                answer.reported_logprobs())  # fmt: skip
 
