@@ -139,6 +139,33 @@ def test_streamed_deltas_are_the_answer(client: Any) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_the_raw_stream_is_server_sent_events_ending_in_done(server: RunningServer) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=IDLE_TIMEOUT_S)
+    body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1]) and len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+
+
+def test_a_temperature_samples_and_a_seed_repeats_it(client: Any) -> None:
+    """The release's generation config (top_k 1, top_p 0.001) would make any temperature greedy: a request that
+    sets one samples over the whole vocabulary, as OpenAI does, unless `lyra.top_k` says otherwise."""
+    answers = [ask(client, temperature=1.0, seed=seed, max_tokens=12).choices[0].message.content
+               for seed in (7, 7, 8)]  # fmt: skip
+    assert answers[0] == answers[1] != answers[2]
+    greedy = [ask(client, temperature=1.0, seed=seed, max_tokens=12, extra_body={"lyra": {"top_k": 1}})
+              for seed in (7, 8)]  # fmt: skip
+    plain = ask(client, max_tokens=12).choices[0].message.content
+    assert greedy[0].choices[0].message.content == greedy[1].choices[0].message.content == plain
+
+
 def test_logprobs_one_per_token_with_alternatives(client: Any) -> None:
     completion = ask(client, logprobs=True, top_logprobs=3)
     content = completion.choices[0].logprobs.content

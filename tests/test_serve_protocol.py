@@ -80,6 +80,16 @@ def test_bad_fields_are_400_naming_them(fields: dict, param: str) -> None:
     assert caught.value.status == 400 and caught.value.param == param
 
 
+def test_lyras_sampling_options_join_the_sampling_fields() -> None:
+    request = parse_chat({"model": "m", "messages": [user("q")], "temperature": 0.7,
+                          "lyra": {"top_k": 20, "repetition_penalty": 1.1}})  # fmt: skip
+    assert request.sampling == {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}
+    for bad in ({"top_k": 1.5}, {"repetition_penalty": "high"}):
+        with pytest.raises(ApiError) as caught:
+            parse_chat({"model": "m", "messages": [user("q")], "lyra": bad})
+        assert caught.value.param == f"lyra.{next(iter(bad))}"
+
+
 def test_no_op_values_of_unsupported_fields_are_accepted() -> None:
     request = parse_chat({"model": "m", "messages": [user("q")], "n": 1, "presence_penalty": 0, "store": False,
                           "response_format": {"type": "text"}, "modalities": ["text"]})  # fmt: skip

@@ -116,10 +116,16 @@ def _answer_text(message: protocol.Message, store: "AudioStore") -> str:
 
 def sampling_for(engine: "Engine", request: protocol.ChatRequest) -> "SamplingConfig":
     """The model's defaults with the request's fields on top (OpenAI's default temperature is 1; lyra keeps
-    the model's own, greedy for the release, so an answer repeats unless the client asks otherwise)."""
+    the model's own, greedy for the release, so an answer repeats unless the client asks otherwise).
+    `lyra.top_k` and `lyra.repetition_penalty` set what OpenAI's API has no field for."""
     from lyra_cli.errors import LyraError
 
     overrides = dict(request.sampling)
+    if "temperature" in overrides or "top_p" in overrides:
+        # OpenAI samples over the whole vocabulary (it has no top_k, and top_p is 1 unless sent); a release's
+        # generation config keeps top_k 1 and top_p 0.001, under which a request's temperature would change nothing
+        overrides.setdefault("top_k", 0)
+        overrides.setdefault("top_p", 1.0)
     if request.top_logprobs is not None:
         overrides["logprobs"] = request.top_logprobs
     elif request.stop:  # a cut answer's token count comes from its logprobs (cheap: one log-softmax a step)
