@@ -1,8 +1,8 @@
 """Many clients, one model: a single thread runs engine jobs one at a time, first come first served.
 
 A job is a function of the engine that yields events (the engine's own, in order); its `close()`, if it has
-one, runs once the job ran or was dropped. The worker hands each
-event to the job's asyncio queue as it comes, so an HTTP response streams while the model generates.
+one, runs once the job ran or was dropped. The worker hands each event to the job's asyncio queue as it
+comes, so an HTTP response streams while the model generates.
 Cancelling a job (its client went away, a stop sequence matched, the server stops) ends it at its next
 event or prefill chunk: the worker closes the engine's iterator itself, on its own thread, which runs
 `Engine.respond`'s clean-up there (the unfinished turn leaves its conversation) before the next job starts.
