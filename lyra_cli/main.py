@@ -22,6 +22,7 @@ from lyra_cli.commands.eval import eval_app
 from lyra_cli.commands.info import info
 from lyra_cli.commands.listen import listen
 from lyra_cli.commands.longspeech import longspeech
+from lyra_cli.commands.serve import serve
 from lyra_cli.commands.train import train_app
 from lyra_cli.errors import LyraError
 
@@ -58,6 +59,7 @@ app = typer.Typer(
 app.command(help="Ask about images, video and speech, one-shot or in a multi-turn REPL.")(chat)
 app.command(help="Ask questions about a long recording (minutes to hours), with a speech-token cache.")(longspeech)
 app.command(help="Talk with Lyra: spoken turns in, text and speech out, with barge-in.")(listen)
+app.command(help="Serve Lyra over an OpenAI-compatible HTTP API (chat completions, speech out) with a web page.")(serve)
 app.command(help="Describe a model folder: config, weights, where its towers and vocoder are found, memory needed.")(info)
 app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")

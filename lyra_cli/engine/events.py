@@ -75,6 +75,7 @@ class Prefilled:
     prompt_tokens: int
     kept_tokens: int  # prompt tokens left after the extractor (= prompt_tokens when it dropped nothing)
     prefill_s: float
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous prompt's cache (as `Done`'s)
 
 
 @dataclass(frozen=True)

@@ -300,7 +300,8 @@ class Engine:
                 first_token_s = time.perf_counter() - start
                 self._keep(inputs, adapter, plan, prefilled[0][0])  # the prefill completed: keep it for the next prompt
                 prefill_s = prefilled[0][1] if prefilled else first_token_s
-                yield Prefilled(prompt_tokens=inputs.n_tokens, kept_tokens=kept_tokens(), prefill_s=prefill_s)
+                yield Prefilled(prompt_tokens=inputs.n_tokens, kept_tokens=kept_tokens(), prefill_s=prefill_s,
+                                reused_tokens=plan.reused_tokens)
             if speaking is not None:
                 chunk = audio.chunk(speaking.push(step))
                 if chunk is not None:

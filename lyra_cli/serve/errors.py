@@ -30,6 +30,8 @@ REQUEST_FIELDS = {
     "image": "image_url",
     "video": "video_url",
     "text": "messages",
+    "extract": "lyra.extract",
+    "official_audio": "lyra.official_audio",
 }
 
 

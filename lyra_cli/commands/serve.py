@@ -1,0 +1,223 @@
+"""`lyra serve`: Lyra behind OpenAI's Chat Completions API (and a web page), on one port.
+
+Every option is checked and the port is bound before any weights load, so a typo or a busy port fails at
+once. The model loads once; requests take turns on it (`lyra_cli.serve.worker`). Ctrl-C cancels the
+answers under way, closes the connections and exits 130, as every command does when interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from lyra_cli.commands import common, speech_io
+from lyra_cli.engine.models import TINY
+from lyra_cli.errors import LyraError, UsageError
+
+if TYPE_CHECKING:
+    from lyra_cli.engine import Engine
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+API_KEY_ENV = "LYRA_API_KEY"
+LOOPBACK_NAMES = ("localhost",)
+SHUTDOWN_GRACE_S = 5  # after Ctrl-C, how long open connections may take to finish their cancelled answers
+
+
+class PortInUseError(LyraError):
+    """The port is taken by another program."""
+
+
+def serve(
+    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (anything but loopback needs --api-key)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on (0: any free port, printed at start)."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+        help="Require `Authorization: Bearer KEY` on /v1/ requests (read from $LYRA_API_KEY when not given).",
+    ),  # fmt: skip
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for the model; more get a 503."),
+    max_request_mb: float = typer.Option(50.0, "--max-request-mb", help="Largest request body, in MB (413 beyond)."),
+    cached_clients: int = typer.Option(
+        4, "--cached-clients", help="Clients whose last prompt's KV cache is kept for their next turn (0: none)."
+    ),
+    no_voice: bool = typer.Option(False, "--no-voice", help="Do not load the speech generator and vocoder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No header on stderr (the URL still prints)."),
+    chunk_units: int = speech_io.ChunkUnitsOption,
+    vocoder: Path | None = speech_io.VocoderOption,
+    ctc_aligned: bool = speech_io.CtcAlignedOption,
+    model: str = common.ModelOption,
+    vision_tower: Path | None = common.VisionTowerOption,
+    speech_tower: Path | None = common.SpeechTowerOption,
+    device: str = common.DeviceOption,
+    dtype: str = common.DtypeOption,
+    load_8bit: bool = common.Load8bitOption,
+    load_4bit: bool = common.Load4bitOption,
+    device_map: str = common.DeviceMapOption,
+    max_memory: str | None = common.MaxMemoryOption,
+) -> None:
+    """Serve Lyra over an OpenAI-compatible HTTP API."""
+    from lyra_cli.engine.models import resolve_model
+
+    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
+    require_server_packages()
+    request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
+    overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
+    if chunk_units < 1:
+        raise UsageError(f"--chunk-units must be ≥ 1, got `{chunk_units}`", "the authors use 40")
+    sock = bind(settings.host, settings.port)  # a busy port fails before the model loads
+    try:
+        model_dir = resolve_model(model)
+        engine = _load(model, model_dir, request, overrides, quiet)
+        voice_note = _load_voice(engine, vocoder, chunk_units, ctc_aligned, no_voice)
+        _run(engine, settings, sock, model_id(model, model_dir), voice_note, quiet)
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    api_key: str | None
+    max_queue: int
+    max_request_bytes: int
+    cached_clients: int
+
+    @classmethod
+    def checked(cls, host: str, port: int, api_key: str | None, max_queue: int, max_request_mb: float,
+                cached_clients: int) -> "ServerSettings":  # fmt: skip
+        api_key = api_key or None  # an empty $LYRA_API_KEY is no key
+        if not is_loopback(host) and api_key is None:
+            raise UsageError(f"--host `{host}` is reachable from other machines, and no API key is set",
+                             f"give --api-key KEY (or set ${API_KEY_ENV}), or keep the default --host {DEFAULT_HOST}")  # fmt: skip
+        checks = [(0 <= port <= 65535, "--port", port, "0..65535"), (max_queue >= 1, "--max-queue", max_queue, "≥ 1"),
+                  (max_request_mb > 0, "--max-request-mb", max_request_mb, "> 0"),
+                  (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0")]  # fmt: skip
+        for ok, flag, value, rule in checks:
+            if not ok:
+                raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be {rule}")
+        from lyra_cli.serve.app import MB
+
+        return cls(host, port, api_key, max_queue, int(max_request_mb * MB), cached_clients)
+
+
+def require_server_packages() -> None:
+    import importlib.util
+
+    from lyra_cli.errors import MissingDependencyError
+
+    for package in ("fastapi", "uvicorn", "multipart"):
+        if importlib.util.find_spec(package) is None:
+            name = "python-multipart" if package == "multipart" else package
+            raise MissingDependencyError(name, "`lyra serve`", extra="serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a busy port is a clear error (uvicorn serves on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98 or "in use" in str(exc).lower():
+            raise PortInUseError(f"port `{port}` on `{host}` is already in use",
+                                 "another program (or another `lyra serve`) listens there: pick another --port") from None  # fmt: skip
+        raise UsageError(f"cannot listen on `{host}:{port}`: {exc.strerror or exc}", "check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def model_id(spec: str, model_dir: Path) -> str:
+    """The name `/v1/models` lists: `tiny`, or the model folder's name."""
+    return TINY if spec == TINY else model_dir.name
+
+
+def _load(spec: str, model_dir: Path, request, overrides, quiet: bool) -> "Engine":  # noqa: ANN001
+    from lyra_cli.console import info
+    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine.runtime import resolve_runtime
+
+    engine = Engine.load(model_dir, resolve_runtime(request), overrides)
+    if not quiet:
+        for line in common.header_lines(engine.loaded, spec):
+            info(line)
+    return engine
+
+
+def _load_voice(engine: "Engine", vocoder: Path | None, chunk_units: int, aligned: bool, off: bool) -> str:
+    """Speech out when the model has a speech generator and a vocoder is found; what the header says."""
+    if off:
+        return "speech out: off (--no-voice)"
+    try:
+        engine.voice = speech_io.load_voice_for(engine.loaded, vocoder, chunk_units, aligned)
+    except LyraError as exc:
+        if vocoder is not None:  # asked for by name: its failure is the user's to fix
+            raise
+        return f"speech out: off ({exc.message})"
+    return f"speech out: on ({engine.voice.sample_rate_hz} Hz vocoder, {chunk_units} units per chunk)"
+
+
+def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, name: str, voice_note: str,
+         quiet: bool) -> None:  # fmt: skip
+    import logging
+
+    import uvicorn
+
+    from lyra_cli.console import info
+    from lyra_cli.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(model_id=name, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
+                         max_queue=settings.max_queue, cached_clients=settings.cached_clients)  # fmt: skip
+    app = create_app(engine, config)
+    service = app.state.service
+    verbose = logging.getLogger().level <= logging.INFO
+    server = _server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="off"),
+                     on_exit=service.worker.cancel_all)  # fmt: skip
+    if not quiet:
+        info(voice_note)
+        info(f"model id `{name}` · at most {settings.max_queue} waiting requests · "
+             f"API key {'required' if settings.api_key else 'off (loopback only)'}")  # fmt: skip
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    # on stdout, even with -q: the address is this command's output (with --port 0, the only way to learn it)
+    typer.echo(f"lyra serve: http://{shown}:{port} (OpenAI API at /v1, web page at /) · Ctrl-C stops")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        service.worker.stop()
+
+
+def _server(config, on_exit):  # noqa: ANN001, ANN202
+    """uvicorn's server, cancelling the answers under way when asked to stop (defined here: uvicorn is
+    imported only when a server starts)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server that also cancels the answers under way when asked to stop (Ctrl-C): streamed
+        answers end at their next step, so connections close within the grace period."""
+
+        def __init__(self, config: uvicorn.Config, on_exit) -> None:  # noqa: ANN001
+            super().__init__(config)
+            self._on_exit = on_exit
+
+        def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+            self._on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(config, on_exit)

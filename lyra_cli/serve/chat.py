@@ -1,0 +1,209 @@
+"""`POST /v1/chat/completions`: a `ChatRequest` becomes an engine job, and the job's events become OpenAI's
+answer: one `chat.completion`, or `chat.completion.chunk` server-sent events as they come.
+
+Each request builds its own `Conversation` from its messages (the history's media encoded again, so a turn
+renders exactly as it did the first time and the client's prefix cache matches); nothing of one request is
+visible to another. Streamed and non-streamed answers consume the same events through `Answer`, so their
+text, logprobs and usage are the same."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lyra_cli.serve import internals, protocol
+from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError, from_lyra_error
+from lyra_cli.serve.worker import Finished, Job
+
+if TYPE_CHECKING:
+    from lyra_cli.engine import Engine, Part, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """What the worker needs to answer a request: the conversation's content (text as `str`, media already
+    decoded on the request's side) and the generation settings, all checked before it is queued."""
+
+    system: str | None
+    history: tuple[tuple[tuple[Any, ...], str], ...]  # (user content, answer) per earlier turn
+    question: tuple[Any, ...]
+    sampling: "SamplingConfig"
+    extractor: Any = None
+    voice: Any = None  # the engine's `Voice` when the answer is spoken
+    encode: Callable[["Engine", Any], "Part"] | None = None  # media -> part (on the worker: it runs the towers)
+
+    def __call__(self, engine: "Engine", check: Callable[[], None]) -> Iterator[Any]:
+        from lyra_cli.engine import Conversation
+
+        conversation = Conversation() if self.system is None else Conversation(system=self.system)
+        for content, answer in self.history:
+            conversation.turns.append(internals.answered_turn(self._parts(engine, content), answer))
+        parts = self._parts(engine, self.question)
+        check()
+        yield from engine.respond(conversation, parts, self.sampling, extractor=self.extractor, voice=self.voice,
+                                  on_prefill_progress=lambda _done, _total: check())  # fmt: skip
+
+    def _parts(self, engine: "Engine", content: Sequence[Any]) -> list["Part"]:
+        from lyra_cli.engine import TextPart
+
+        return [TextPart(item) if isinstance(item, str) else self._media(engine, item) for item in content]
+
+    def _media(self, engine: "Engine", item: Any) -> "Part":
+        if self.encode is None:
+            raise AssertionError("media reached a job without an encoder")  # the request side checks
+        return self.encode(engine, item)
+
+
+def sampling_for(engine: "Engine", request: protocol.ChatRequest) -> "SamplingConfig":
+    """The model's defaults with the request's fields on top (OpenAI's default temperature is 1; lyra keeps
+    the model's own, greedy for the release, so an answer repeats unless the client asks otherwise)."""
+    from lyra_cli.errors import LyraError
+
+    overrides = dict(request.sampling)
+    if request.top_logprobs is not None:
+        overrides["logprobs"] = request.top_logprobs
+    elif request.stop:  # a cut answer's token count comes from its logprobs (cheap: one log-softmax a step)
+        overrides["logprobs"] = 0
+    try:
+        return engine.sampling(**overrides)
+    except LyraError as exc:
+        raise from_lyra_error(exc) from None
+
+
+@dataclass
+class Answer:
+    """The answer as its events arrive: each event's deltas for the client, and what the final object needs."""
+
+    request: protocol.ChatRequest
+    scanner: protocol.StopScanner = field(init=False)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    stop_reason: str = "length"
+    done: bool = False  # the engine finished, or a stop sequence ended the answer
+
+    def __post_init__(self) -> None:
+        self.scanner = protocol.StopScanner(self.request.stop)
+
+    def on_event(self, event: Any) -> list[dict[str, Any]]:
+        """The deltas this event adds (`{"content", "logprobs"}` pieces; speech adds `audio` ones)."""
+        from lyra_cli.engine import Done, Prefilled, TextDelta
+
+        if isinstance(event, Prefilled):
+            self.prompt_tokens, self.cached_tokens = event.prompt_tokens, event.reused_tokens
+        elif isinstance(event, TextDelta):
+            self.completion_tokens += len(event.logprobs)
+            return self._text(*self.scanner.push(event.text, event.logprobs))
+        elif isinstance(event, Done):
+            self.done = True
+            self.stop_reason = event.stop_reason
+            self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.new_tokens
+            self.cached_tokens = event.reused_tokens
+            return self._text(*self.scanner.flush())
+        return []
+
+    def _text(self, text: str, logprobs: list) -> list[dict[str, Any]]:
+        if self.scanner.stopped:
+            self.done = True
+        self.text.append(text)
+        self.logprobs += logprobs
+        if not text and not logprobs:
+            return []
+        return [{"content": text, "logprobs": logprobs if self.request.top_logprobs is not None else None}]
+
+    @property
+    def finish_reason(self) -> str:
+        return protocol.finish_reason(self.stop_reason, self.scanner.stopped)
+
+    def usage(self) -> dict[str, Any]:
+        return protocol.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+    def reported_logprobs(self) -> list[Any] | None:
+        return self.logprobs if self.request.top_logprobs is not None else None
+
+
+async def job_events(job: Job) -> AsyncIterator[Any]:
+    """The job's engine events in order; its failure raised as the `ApiError` the client gets."""
+    while True:
+        item = await job.events.get()
+        if isinstance(item, Finished):
+            if item.error is not None:
+                raise api_error(item.error)
+            if item.cancelled:
+                raise ApiError(503, "the answer was cancelled (the server is stopping)", code="cancelled")
+            return
+        yield item
+
+
+def api_error(error: BaseException) -> ApiError:
+    from lyra_cli.errors import LyraError
+
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, LyraError):
+        return from_lyra_error(error)
+    log.error("a request failed", exc_info=error)
+    return INTERNAL_ERROR
+
+
+async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
+    """The non-streamed answer: every event consumed, one `chat.completion`."""
+    async for event in job_events(job):
+        answer.on_event(event)
+        if answer.done:
+            break
+    job.cancel()  # a stop sequence ended it early: the worker drops the rest at its next step
+    message = {"content": "".join(answer.text)}
+    return protocol.completion(protocol.completion_id(), model, message, answer.finish_reason, answer.usage(),
+                               answer.reported_logprobs())  # fmt: skip
+
+
+async def first_event(job: Job) -> tuple[Any, AsyncIterator[Any]]:
+    """Wait for the job's first event, so that a request that fails before answering gets its status code
+    (headers are not sent yet); then the rest of the events."""
+    events = job_events(job)
+    first = await events.__anext__()  # a job always yields `Prefilled` before ending well
+    return first, events
+
+
+async def stream(job: Job, answer: Answer, model: str, first: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """The streamed answer as server-sent events; the job is cancelled if the client goes away."""
+    cid = protocol.completion_id()
+    usage_on = answer.request.include_usage
+
+    def sse(body: Mapping[str, Any]) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield sse(protocol.chunk(cid, model, {"role": "assistant", "content": ""}, include_usage=usage_on))
+        for delta in answer.on_event(first):
+            yield sse(_delta_chunk(cid, model, delta, usage_on))
+        async for event in events:
+            for delta in answer.on_event(event):
+                yield sse(_delta_chunk(cid, model, delta, usage_on))
+            if answer.done:
+                break
+        job.cancel()  # ended by a stop sequence: the worker drops the rest
+        yield sse(protocol.chunk(cid, model, {}, finish=answer.finish_reason, include_usage=usage_on))
+        if usage_on:
+            yield sse(protocol.usage_chunk(cid, model, answer.usage()))
+        yield SSE_DONE
+    except ApiError as exc:  # the status line is sent: the error goes in the stream, as OpenAI does
+        yield sse(exc.body())
+    finally:
+        job.cancel()  # the client went away (or the answer ended): nothing more to compute
+
+
+def _delta_chunk(cid: str, model: str, delta: Mapping[str, Any], usage_on: bool) -> dict[str, Any]:
+    logprobs = delta.get("logprobs")
+    body = {k: v for k, v in delta.items() if k != "logprobs"}
+    return protocol.chunk(cid, model, body, logprobs=logprobs, include_usage=usage_on)

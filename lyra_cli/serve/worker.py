@@ -1,0 +1,206 @@
+"""Many clients, one model: a single thread runs engine jobs one at a time, first come first served.
+
+A job is a function of the engine that yields events (the engine's own, in order). The worker hands each
+event to the job's asyncio queue as it comes, so an HTTP response streams while the model generates.
+Cancelling a job (its client went away, a stop sequence matched, the server stops) ends it at its next
+event or prefill chunk: the worker closes the engine's iterator itself, on its own thread, which runs
+`Engine.respond`'s clean-up there (the unfinished turn leaves its conversation) before the next job starts.
+
+Each client keeps the KV cache of its last prompt (`PrefixCache`), swapped into the engine around its jobs:
+a conversation continued by the same client prefills only what is new, whoever else was served between."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lyra_cli.serve import internals
+from lyra_cli.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from lyra_cli.engine import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_CACHED_CLIENTS = 4  # prefix caches kept (each holds a prompt's keys and values on the model's device)
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+
+
+class Cancelled(Exception):
+    """Raised inside a job's prefill when the job was cancelled (prefill has no events to stop at)."""
+
+
+# A job's work: given the engine and a check that raises `Cancelled` once the job is cancelled, its events.
+Work = Callable[["Engine", Callable[[], None]], Iterator[Any]]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of a job's queue: why it ended (None: ran to its end), and its error if it failed."""
+
+    cancelled: bool = False
+    error: BaseException | None = None
+
+
+class Job:
+    """One request's engine work and the queue its events arrive on (read from the event loop)."""
+
+    def __init__(self, work: Work, client: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.work = work
+        self.client = client
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = loop
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled()
+
+    def post(self, item: Any) -> None:
+        """From the worker thread: hand `item` to the request's coroutine."""
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
+            self.cancel()
+
+
+class PrefixCaches:
+    """Each client's last prompt cache, least recently used dropped first (`capacity` 0: no reuse)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._caches: OrderedDict[str, Any] = OrderedDict()
+
+    def swap_in(self, engine: "Engine", client: str) -> None:
+        internals.set_prefix(engine, self._caches.pop(client, None))
+
+    def swap_out(self, engine: "Engine", client: str) -> None:
+        cache = internals.take_prefix(engine)
+        if cache is not None and self.capacity > 0:  # None: this job's prefill never completed
+            self._caches[client] = cache
+            while len(self._caches) > self.capacity:
+                self._caches.popitem(last=False)
+
+    def clients(self) -> list[str]:
+        return list(self._caches)
+
+
+class Worker:
+    """The thread that owns the engine. `submit` refuses with a 503 when `max_queue` jobs already wait."""
+
+    def __init__(self, engine: "Engine", max_queue: int = DEFAULT_MAX_QUEUE,
+                 cached_clients: int = DEFAULT_CACHED_CLIENTS) -> None:  # fmt: skip
+        self.engine = engine
+        self.max_queue = max_queue
+        self.prefixes = PrefixCaches(cached_clients)
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._running: Job | None = None
+        self._lock = threading.Lock()
+        self._pending = 0  # jobs submitted and not yet finished
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._loop, name="lyra-serve-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def submit(self, job: Job) -> Job:
+        self._count(+1)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self._count(-1)
+            raise ApiError(503, f"the server is busy: {self.max_queue} requests are already waiting; retry later",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
+        return job
+
+    def _count(self, change: int) -> None:
+        with self._lock:
+            self._pending += change
+            if self._pending:
+                self._idle.clear()
+            else:
+                self._idle.set()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether the worker ran out of jobs within `timeout_s` (for shutdown and tests)."""
+        return self._idle.wait(timeout_s)
+
+    def cancel_all(self) -> None:
+        """Cancel the running job and every waiting one (the server is stopping)."""
+        running = self._running
+        if running is not None:
+            running.cancel()
+        for job in list(self._queue.queue):
+            if job is not None:
+                job.cancel()
+
+    def stop(self) -> None:
+        self.cancel_all()
+        try:
+            self._queue.put(None, timeout=1)
+        except queue.Full:  # cancelled jobs drain at once; a stuck queue is not worth waiting for
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self._running = job
+            try:
+                job.post(self._run(job))
+            finally:
+                self._running = None
+                self._count(-1)
+
+    def _run(self, job: Job) -> Finished:
+        if job.cancelled:  # its client left while it waited
+            return Finished(cancelled=True)
+        self.prefixes.swap_in(self.engine, job.client)
+        events = None
+        try:
+            events = job.work(self.engine, job.check)
+            for event in events:
+                if job.cancelled:
+                    return Finished(cancelled=True)
+                job.post(event)
+            return Finished(cancelled=job.cancelled)
+        except Cancelled:
+            return Finished(cancelled=True)
+        except Exception as exc:  # the request's coroutine turns it into its response (400 or 500)
+            return Finished(error=exc)
+        finally:
+            if events is not None:
+                _close(events)
+            self.prefixes.swap_out(self.engine, job.client)
+
+
+def _close(events: Iterator[Any]) -> None:
+    """Close the engine's iterator here, on the worker thread, so its clean-up runs before the next job."""
+    close = getattr(events, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # a failing clean-up must not kill the worker; the next job starts afresh
+            log.exception("closing a job's events failed")
