@@ -7,6 +7,7 @@ answers under way, closes the connections and exits 130, as every command does w
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,8 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, name: 
         server.run(sockets=[sock])
     finally:
         service.worker.stop()
+    if server.interrupted:  # uvicorn re-raises Ctrl-C itself, unless SIGINT was ignored when it started
+        raise KeyboardInterrupt
 
 
 def _server(config, on_exit):  # noqa: ANN001, ANN202
@@ -215,8 +218,10 @@ def _server(config, on_exit):  # noqa: ANN001, ANN202
         def __init__(self, config: uvicorn.Config, on_exit) -> None:  # noqa: ANN001
             super().__init__(config)
             self._on_exit = on_exit
+            self.interrupted = False
 
         def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+            self.interrupted = self.interrupted or sig == signal.SIGINT
             self._on_exit()
             super().handle_exit(sig, frame)
 

@@ -1,0 +1,374 @@
+"""`lyra serve` on the tiny model, talked to with the official `openai` SDK: answers equal the engine's own,
+streamed equals non-streamed, usage and logprobs as OpenAI shapes them, stop sequences, per-client prefix
+reuse, every error status, the queue's 503 and cancellation when a client goes away.
+
+One server for the module (in a thread of this process, so tests can reach its worker); answers are a few
+tokens long."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from helpers.serving import RunningServer, running_server  # noqa: E402
+from lyra_cli.serve.app import MB, ServeConfig  # noqa: E402
+from lyra_cli.serve.errors import INTERNAL_ERROR  # noqa: E402
+from lyra_cli.serve.worker import Job  # noqa: E402
+
+KEY = "test-key-123"
+MAX_QUEUE = 2
+MAX_REQUEST_MB = 1
+TOKENS = 6
+QUESTION = "What is in the picture?"
+IDLE_TIMEOUT_S = 30  # a wait, not a timing: the worker must become free, however slow the machine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir: Path) -> Any:
+    import lyra_cli.engine as api
+
+    return api.load(tiny_dir, device="cpu", voice=True)
+
+
+@pytest.fixture(scope="module")
+def server(engine: Any) -> Iterator[RunningServer]:
+    config = ServeConfig(model_id="tiny", api_key=KEY, max_request_bytes=MAX_REQUEST_MB * MB, max_queue=MAX_QUEUE)
+    with running_server(engine, config) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Any:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def ask(client: Any, content: str = QUESTION, **options: Any) -> Any:
+    options.setdefault("max_tokens", TOKENS)
+    options.setdefault("temperature", 0)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], **options)
+
+
+def reference_answer(engine: Any, server: RunningServer, question: str, tokens: int = TOKENS) -> str:
+    """The same question answered in-process by the engine (the worker is idle, so it is ours meanwhile)."""
+    from lyra_cli.engine import Conversation, TextPart
+
+    assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
+    sampling = engine.sampling(temperature=0, max_new_tokens=tokens)
+    return engine.generate(Conversation(), [TextPart(question)], sampling, voice=None).text
+
+
+def raw_post(server: RunningServer, path: str, body: bytes, headers: dict[str, str] | None = None,
+             *, chunked: bool = False) -> tuple[int, dict[str, str], Any]:  # fmt: skip
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=IDLE_TIMEOUT_S)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
+    try:
+        if chunked:
+            conn.request("POST", path, body=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
+                         headers=headers, encode_chunked=True)  # fmt: skip
+        else:
+            conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+# -- answers ----------------------------------------------------------------------------------------
+
+
+def test_models_health_and_page(server: RunningServer, client: Any) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with urlopen(f"{server.url}/health") as response:  # no key needed: load balancers poll it
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["queued"] == 0
+    page = Path(__file__).resolve().parent.parent / "lyra_cli" / "serve" / "static" / "index.html"
+    status, body = _get(f"{server.url}/")
+    if page.is_file():
+        assert status == 200 and body.startswith(b"<")
+    else:
+        assert status == 404 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_text_answer_is_the_engines(engine: Any, server: RunningServer, client: Any) -> None:
+    completion = ask(client)
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and completion.model == "tiny"
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == TOKENS
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + TOKENS
+    assert choice.message.content.strip() == reference_answer(engine, server, QUESTION)
+
+
+def test_any_model_name_is_answered_by_the_served_model(client: Any) -> None:
+    completion = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=2)  # fmt: skip
+    assert completion.model == "tiny"
+
+
+def test_streamed_deltas_are_the_answer(client: Any) -> None:
+    whole = ask(client, user="stream-ref")
+    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}, user="stream"))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["length"] and finishing[0] is chunks[-2]
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_logprobs_one_per_token_with_alternatives(client: Any) -> None:
+    completion = ask(client, logprobs=True, top_logprobs=3)
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens == TOKENS
+    for token in content:
+        assert token.logprob <= 0 and token.bytes == list(token.token.encode())
+        assert len(token.top_logprobs) == 3
+        assert token.top_logprobs[0].logprob >= token.logprob  # the greedy choice is the most likely
+    streamed = list(ask(client, logprobs=True, top_logprobs=3, stream=True))
+    tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert tokens == [t.token for t in content]
+    assert ask(client).choices[0].logprobs is None
+
+
+def test_stop_sequence_cuts_the_answer(client: Any) -> None:
+    answer = ask(client, max_tokens=12).choices[0].message.content
+    stop = answer[len(answer) // 2 : len(answer) // 2 + 3]
+    expected = answer[: answer.index(stop)]
+    completion = ask(client, max_tokens=12, stop=[stop, "never-said"])
+    assert completion.choices[0].message.content == expected
+    assert completion.choices[0].finish_reason == "stop"
+    assert 0 < completion.usage.completion_tokens <= 12
+    chunks = list(ask(client, max_tokens=12, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_continued_conversation_reuses_its_clients_prefix(client: Any) -> None:
+    first = ask(client, "hello there", user="alice")
+    ask(client, "something else entirely", user="bob")  # another client between alice's turns
+    history = [{"role": "user", "content": "hello there"},
+               {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "and again"}]  # fmt: skip
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=TOKENS, temperature=0,
+                                            user="alice")  # fmt: skip
+    fresh = client.chat.completions.create(model="tiny", messages=history, max_tokens=TOKENS, temperature=0,
+                                           user="carol")  # fmt: skip
+    assert second.usage.prompt_tokens_details.cached_tokens > 10
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.choices[0].message.content == fresh.choices[0].message.content  # reuse changes nothing
+    assert second.usage.prompt_tokens == fresh.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_system_message_replaces_the_default(client: Any) -> None:
+    default = ask(client, user="sys")
+    custom = client.chat.completions.create(
+        model="tiny", max_tokens=TOKENS, temperature=0,
+        messages=[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": QUESTION}],
+    )  # fmt: skip
+    assert custom.usage.prompt_tokens != default.usage.prompt_tokens
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"extra_body": {"lyra": {"bogus": 1}}}, "lyra.bogus"),
+        ({"extra_body": {"lyra": {"extract": "9x9"}}}, "lyra.extract"),
+        ({"extra_body": {"tools": []}}, "tools"),
+    ],
+)
+def test_bad_parameters_are_400_naming_the_field(client: Any, options: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, **options)
+    assert caught.value.body["param"] == param
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], "messages[0]"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages"),
+        ([{"role": "tool", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}],
+         "messages[0].content[0]"),
+    ],
+)  # fmt: skip
+def test_bad_messages_are_400(client: Any, messages: list, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert caught.value.body["param"].startswith(param)
+
+
+def test_malformed_json_is_400(server: RunningServer) -> None:
+    status, _headers, body = raw_post(server, "/v1/chat/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+def test_wrong_or_missing_key_is_401(server: RunningServer) -> None:
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        ask(wrong)
+    assert caught.value.response.headers["www-authenticate"].startswith("Bearer")
+    status, _headers, body = raw_post(server, "/v1/chat/completions", b"{}", {"Authorization": ""})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+
+
+def test_a_body_over_the_limit_is_413(server: RunningServer) -> None:
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (MAX_REQUEST_MB * MB)}]})
+    status, _headers, body = raw_post(server, "/v1/chat/completions", big.encode())  # Content-Length declared
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, _headers, body = raw_post(server, "/v1/chat/completions", big.encode(), chunked=True)  # counted
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_an_internal_fault_is_500_without_a_traceback(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lyra_cli.serve import chat
+
+    def broken(self: Any, engine: Any, check: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(chat.ChatJob, "__call__", broken)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as caught:
+            result = ask(client, stream=stream)
+            list(result) if stream else None
+        assert caught.value.status_code == 500
+        assert caught.value.body == INTERNAL_ERROR.body()["error"]
+        assert "secret" not in caught.value.response.text and "Traceback" not in caught.value.response.text
+
+
+def test_a_full_queue_is_503_with_retry_after(server: RunningServer, client: Any) -> None:
+    """The worker busy and MAX_QUEUE requests waiting: the next one is refused at once."""
+    release = threading.Event()
+
+    def blocking(_engine: Any, _check: Any) -> Iterator[Any]:
+        release.wait(IDLE_TIMEOUT_S)
+        yield from ()
+
+    worker = server.service.worker
+    loop = asyncio.new_event_loop()  # never run: nobody reads these jobs' events
+    try:
+        worker.submit(Job(blocking, "test", loop))
+        _wait(lambda: worker.busy)
+        for _ in range(MAX_QUEUE):
+            worker.submit(Job(blocking, "test", loop))
+        with pytest.raises(openai.APIStatusError) as caught:
+            ask(client)
+        assert caught.value.status_code == 503
+        assert int(caught.value.response.headers["retry-after"]) > 0
+        assert caught.value.body["code"] == "queue_full"
+    finally:
+        release.set()
+    assert worker.wait_idle(IDLE_TIMEOUT_S)
+    loop.close()
+    assert ask(client).choices[0].message.content  # served again
+
+
+# -- cancellation -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_engine(engine: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Each engine event takes a while, and the test sees how many came and whether the iterator was closed."""
+    seen: dict[str, Any] = {"events": 0, "closed": False}
+    respond = engine.respond
+
+    def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        inner = respond(*args, **kwargs)
+        try:
+            for event in inner:
+                seen["events"] += 1
+                time.sleep(0.02)
+                yield event
+        finally:
+            seen["closed"] = True
+            inner.close()
+
+    monkeypatch.setattr(engine, "respond", slow)
+    return seen
+
+
+LONG_ANSWER = 400  # tokens: ~8 s at the slowed pace, so the disconnect comes first
+
+
+def test_a_disconnected_stream_cancels_its_generation(engine: Any, server: RunningServer, client: Any,
+                                                      slow_engine: dict) -> None:  # fmt: skip
+    stream = ask(client, max_tokens=LONG_ANSWER, stream=True)
+    next(iter(stream))
+    next(iter(stream))
+    stream.close()
+    assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
+    assert slow_engine["closed"] and slow_engine["events"] < LONG_ANSWER
+    _assert_engine_intact(engine, server, client)
+
+
+def test_a_disconnected_request_cancels_its_generation(engine: Any, server: RunningServer,
+                                                       slow_engine: dict) -> None:  # fmt: skip
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": QUESTION}],
+                       "max_tokens": LONG_ANSWER}).encode()  # fmt: skip
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Authorization": f"Bearer {KEY}"})
+    _wait(lambda: slow_engine["events"] > 2)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
+    assert slow_engine["closed"] and slow_engine["events"] < LONG_ANSWER
+
+
+def _assert_engine_intact(engine: Any, server: RunningServer, client: Any) -> None:
+    """After a cancelled answer the next request is served, and answers as a fresh engine would."""
+    served = ask(client, user="after-cancel").choices[0].message.content
+    assert served.strip() == reference_answer(engine, server, QUESTION)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def urlopen(url: str) -> Any:
+    from urllib.request import urlopen as open_url
+
+    return open_url(url, timeout=IDLE_TIMEOUT_S)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    from urllib.error import HTTPError
+
+    try:
+        with urlopen(url) as response:
+            return response.status, response.read()
+    except HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait(condition: Any) -> None:
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
