@@ -167,3 +167,15 @@ def test_a_refused_microphone_is_said_plainly(server: str, mic_wav: Path) -> Non
         assert element(driver, "error").text.startswith("Microphone access was denied")
     finally:
         driver.quit()
+
+
+def test_a_refused_question_is_said_plainly_and_given_back(page, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"these bytes are not an image")
+    ask(page, image=broken, text="What is this?")
+    assert wait_answered(page) == "error"
+    assert element(page, "error").text.startswith("The server answered 400: ")
+    assert _js(page, "return conversation.length") == 0 and not _js(page, "return document.getElementById('answer')")
+    # the question is back in the composer, to send again
+    assert element(page, "text").get_attribute("value") == "What is this?"
+    assert "Image: broken.png" in element(page, "attachments").text
