@@ -8,7 +8,9 @@ tokens long."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
+import io
 import json
 import socket
 import threading
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -39,7 +42,7 @@ IDLE_TIMEOUT_S = 30  # a wait, not a timing: the worker must become free, howeve
 def engine(tiny_dir: Path) -> Any:
     import lyra_cli.engine as api
 
-    return api.load(tiny_dir, device="cpu", voice=True)
+    return api.load(tiny_dir, device="cpu", voice=api.VoiceConfig(chunk_units=7))  # several chunks per answer
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +186,90 @@ def test_system_message_replaces_the_default(client: Any) -> None:
         messages=[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": QUESTION}],
     )  # fmt: skip
     assert custom.usage.prompt_tokens != default.usage.prompt_tokens
+
+
+# -- media in, speech out -------------------------------------------------------------------------
+
+
+def data_url(path: Path, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def test_an_image_and_spoken_question_is_answered_as_the_engine_does(engine: Any, server: RunningServer,
+                                                                     client: Any, real: Path) -> None:  # fmt: skip
+    from lyra_cli.engine import Conversation, TextPart, read_media
+
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(real / "extreme_ironing.jpg", "image/jpeg")}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode((real / "extreme_ironing.mp3").read_bytes()).decode(),
+                                                "format": "mp3"}},
+        {"type": "text", "text": "Answer briefly."},
+    ]  # fmt: skip
+    completion = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                                max_tokens=TOKENS, temperature=0)  # fmt: skip
+    assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
+    parts = [engine.encode(read_media("image", real / "extreme_ironing.jpg")),
+             engine.encode(read_media("speech", real / "extreme_ironing.mp3")), TextPart("Answer briefly.")]  # fmt: skip
+    done = engine.generate(Conversation(), parts, engine.sampling(temperature=0, max_new_tokens=TOKENS), voice=None)
+    assert completion.choices[0].message.content.strip() == done.text
+    assert completion.usage.prompt_tokens == done.prompt_tokens > 300  # image tokens + 300 speech tokens
+
+
+def test_a_spoken_answer_is_a_wav_with_its_transcript(client: Any) -> None:
+    import soundfile as sf
+
+    completion = ask(client, modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    message = completion.choices[0].message
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(message.audio.data)), dtype="float32")
+    assert rate == 16_000 and len(samples) > 0 and np.isfinite(samples).all()
+    assert message.audio.transcript == message.content.strip() and message.audio.id.startswith("audio_")
+    assert message.audio.expires_at > time.time()
+
+
+def test_streamed_speech_arrives_in_chunks_before_the_text_ends(client: Any) -> None:
+    speech = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "pcm16"}, "max_tokens": 40}
+    whole = ask(client, **speech)
+    deltas = [c.choices[0].delta for c in ask(client, stream=True, **speech) if c.choices]
+    with_audio = [i for i, d in enumerate(deltas) if d.audio is not None and d.audio.data]
+    with_text = [i for i, d in enumerate(deltas) if d.content]
+    assert len(with_audio) >= 2 and with_audio[0] < with_text[-1]  # speech streams while the text does
+    joined = np.frombuffer(b"".join(base64.b64decode(deltas[i].audio.data) for i in with_audio), dtype="<i2")
+    expected = np.frombuffer(base64.b64decode(whole.choices[0].message.audio.data), dtype="<i2")
+    assert len(joined) == len(expected) > 0 and np.abs(joined.astype(int) - expected).max() <= 1  # int16 rounding
+    transcript = "".join(d.audio.transcript or "" for d in deltas if d.audio is not None)
+    assert transcript.strip() == whole.choices[0].message.audio.transcript
+    assert deltas[with_audio[0]].audio.id.startswith("audio_") and deltas[-2].audio.expires_at > time.time()
+
+
+def test_a_later_request_names_an_earlier_spoken_answer(client: Any) -> None:
+    spoken = ask(client, "hello there", modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    audio_id = spoken.choices[0].message.audio.id
+
+    def follow_up(assistant: dict) -> Any:
+        messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", **assistant},
+                    {"role": "user", "content": "and again"}]  # fmt: skip
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, temperature=0)
+
+    by_id = follow_up({"audio": {"id": audio_id}})
+    by_text = follow_up({"content": spoken.choices[0].message.audio.transcript})
+    assert by_id.choices[0].message.content == by_text.choices[0].message.content
+    assert by_id.usage.prompt_tokens == by_text.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        follow_up({"audio": {"id": "audio_unknown"}})
+    assert caught.value.body["param"] == "messages[1].audio.id"
+
+
+def test_speech_out_without_a_voice_is_400(engine: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "voice", None)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    assert caught.value.body["param"] == "modalities" and "--no-voice" in caught.value.body["message"]
+
+
+def test_streamed_speech_must_be_pcm16(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, stream=True, modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    assert caught.value.body["param"] == "audio.format"
 
 
 # -- errors -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import typer
 from lyra_cli.commands import common, speech_io
 from lyra_cli.engine.models import TINY
 from lyra_cli.errors import LyraError, UsageError
+from lyra_cli.serve import media  # its limits' defaults (light: no FastAPI, no torch)
 
 if TYPE_CHECKING:
     from lyra_cli.engine import Engine
@@ -46,6 +47,16 @@ def serve(
         4, "--cached-clients", help="Clients whose last prompt's KV cache is kept for their next turn (0: none)."
     ),
     no_voice: bool = typer.Option(False, "--no-voice", help="Do not load the speech generator and vocoder."),
+    max_media_mb: float = typer.Option(float(media.DEFAULT_MAX_PART_MB), "--max-media-mb", help="Largest media part (image, audio, video), in MB."),
+    max_audio_s: float = typer.Option(
+        media.DEFAULT_MAX_AUDIO_S, "--max-audio-s", help="Longest audio part, in seconds (beyond 30 s: the long-speech path)."
+    ),
+    max_image_pixels: int = typer.Option(media.DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Largest image, in pixels."),
+    max_video_s: float = typer.Option(media.DEFAULT_MAX_VIDEO_S, "--max-video-s", help="Longest video part, in seconds."),
+    max_video_frames: int = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video part."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Neither read nor write the speech-token cache for long recordings."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No header on stderr (the URL still prints)."),
     chunk_units: int = speech_io.ChunkUnitsOption,
     vocoder: Path | None = speech_io.VocoderOption,
@@ -65,6 +76,8 @@ def serve(
 
     settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
     require_server_packages()
+    limits = media_limits(max_media_mb, max_audio_s, max_image_pixels, max_video_s, max_video_frames)
+    cache_dir = speech_cache_dir(no_cache)
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
     if chunk_units < 1:
@@ -74,7 +87,7 @@ def serve(
         model_dir = resolve_model(model)
         engine = _load(model, model_dir, request, overrides, quiet)
         voice_note = _load_voice(engine, vocoder, chunk_units, ctc_aligned, no_voice)
-        _run(engine, settings, sock, model_id(model, model_dir), voice_note, quiet)
+        _run(engine, settings, sock, ServedModel(model_id(model, model_dir), limits, cache_dir, voice_note), quiet)
     finally:
         sock.close()
 
@@ -173,7 +186,42 @@ def _load_voice(engine: "Engine", vocoder: Path | None, chunk_units: int, aligne
     return f"speech out: on ({engine.voice.sample_rate_hz} Hz vocoder, {chunk_units} units per chunk)"
 
 
-def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, name: str, voice_note: str,
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server says and checks about the model it serves."""
+
+    name: str
+    limits: media.MediaLimits
+    speech_cache_dir: Path | None
+    voice_note: str
+
+
+def media_limits(max_media_mb: float, max_audio_s: float, max_image_pixels: int, max_video_s: float,
+                 max_video_frames: int) -> media.MediaLimits:  # fmt: skip
+    checks = [(max_media_mb > 0, "--max-media-mb", max_media_mb), (max_audio_s > 0, "--max-audio-s", max_audio_s),
+              (max_image_pixels > 0, "--max-image-pixels", max_image_pixels),
+              (max_video_s > 0, "--max-video-s", max_video_s),
+              (max_video_frames > 0, "--max-video-frames", max_video_frames)]  # fmt: skip
+    for ok, flag, value in checks:
+        if not ok:
+            raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be > 0")
+    return media.MediaLimits(int(max_media_mb * media.MIB), max_audio_s, max_image_pixels, max_video_s, max_video_frames)
+
+
+def speech_cache_dir(no_cache: bool) -> Path | None:
+    """Where long recordings' speech tokens are cached (`lyra longspeech`'s cache), checked writable."""
+    if no_cache:
+        return None
+    from lyra_cli.audio.cache import default_cache_dir
+    from lyra_cli.fileio import CACHE_DIR_ENV
+    from lyra_cli.outputs import check_cache_dir
+
+    root = default_cache_dir()
+    check_cache_dir(root, env=CACHE_DIR_ENV, can_do_without="--no-cache")
+    return root
+
+
+def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, served: ServedModel,
          quiet: bool) -> None:  # fmt: skip
     import logging
 
@@ -182,8 +230,10 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, name: 
     from lyra_cli.console import info
     from lyra_cli.serve.app import ServeConfig, create_app
 
+    name = served.name
     config = ServeConfig(model_id=name, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
-                         max_queue=settings.max_queue, cached_clients=settings.cached_clients)  # fmt: skip
+                         max_queue=settings.max_queue, cached_clients=settings.cached_clients,
+                         media_limits=served.limits, speech_cache_dir=served.speech_cache_dir)  # fmt: skip
     app = create_app(engine, config)
     service = app.state.service
     verbose = logging.getLogger().level <= logging.INFO
@@ -191,7 +241,7 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, name: 
                                     timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="off"),
                      on_exit=service.worker.cancel_all)  # fmt: skip
     if not quiet:
-        info(voice_note)
+        info(served.voice_note)
         info(f"model id `{name}` · at most {settings.max_queue} waiting requests · "
              f"API key {'required' if settings.api_key else 'off (loopback only)'}")  # fmt: skip
     host, port = sock.getsockname()[:2]

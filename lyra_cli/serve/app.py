@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,8 @@ from starlette.exceptions import HTTPException
 
 from lyra_cli.serve import chat, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
+from lyra_cli.serve.media import MediaLimits
+from lyra_cli.serve.speech import AudioStore
 from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, Job, Worker
 
 if TYPE_CHECKING:
@@ -50,6 +53,8 @@ class ServeConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_MB * MB
     max_queue: int = DEFAULT_MAX_QUEUE
     cached_clients: int = DEFAULT_CACHED_CLIENTS
+    media_limits: MediaLimits = MediaLimits()
+    speech_cache_dir: Path | None = None  # long recordings' speech tokens are cached here (None: not cached)
 
 
 class Service:
@@ -59,10 +64,20 @@ class Service:
         self.engine = engine
         self.config = config
         self.worker = Worker(engine, config.max_queue, config.cached_clients)
+        self.audio_store = AudioStore()  # spoken answers a later request may name by id
+        self.speech_cache = _speech_cache(config.speech_cache_dir)
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "lyra"}
+
+
+def _speech_cache(root: Path | None) -> Any:
+    if root is None:
+        return None
+    from lyra_cli.audio.cache import SpeechTokenCache
+
+    return SpeechTokenCache(root)
 
 
 def create_app(engine: "Engine", config: ServeConfig) -> FastAPI:
@@ -193,9 +208,13 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def chat_completions(request: Request) -> Response:
         parsed = protocol.parse_chat(await read_json(request))
         spec = await run_in_threadpool(chat_job, service, parsed)  # media decoding stays off the event loop
-        job = service.worker.submit(Job(spec, client_key(request, parsed, service), asyncio.get_running_loop()))
+        try:
+            job = service.worker.submit(Job(spec, client_key(request, parsed, service), asyncio.get_running_loop()))
+        except ApiError:
+            spec.close()
+            raise
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        answer = chat.Answer(parsed)
+        answer = chat.Answer(parsed, spoken_answer(service, parsed))
         try:
             if not parsed.stream:
                 return JSONResponse(await chat.complete(job, answer, service.config.model_id))
@@ -256,15 +275,30 @@ def chat_job(service: Service, parsed: protocol.ChatRequest) -> chat.ChatJob:
         extractor = internals.extractor(engine, parsed.lyra.get("extract"))
     except LyraError as exc:
         raise from_lyra_error(exc, param="lyra.extract") from None
-    if parsed.audio is not None:
-        raise ApiError(400, "speech out is not available on this server yet", param="modalities")
-    history = tuple((_content(m.parts), m.answer or "") for m in parsed.turns[:-1])
-    return chat.ChatJob(system=parsed.system, history=history, question=_content(parsed.turns[-1].parts),
-                        sampling=chat.sampling_for(engine, parsed), extractor=extractor)  # fmt: skip
+    sampling = chat.sampling_for(engine, parsed)
+    voice = _voice(service, parsed)
+    history, question = chat.decode_turns(parsed, service.config.media_limits, service.audio_store)
+    return chat.ChatJob(system=parsed.system, history=history, question=question, sampling=sampling,
+                        extractor=extractor, extracting=internals.extracting(engine, extractor), voice=voice,
+                        speech_cache=service.speech_cache)  # fmt: skip
 
 
-def _content(parts: tuple[Any, ...]) -> tuple[Any, ...]:
-    for part in parts:
-        if not isinstance(part, str):
-            raise ApiError(400, f"content part type `{part['type']}` is not supported yet", param=part["_param"])
-    return parts
+def _voice(service: Service, parsed: protocol.ChatRequest) -> Any:
+    """The engine's voice when the request asks for a spoken answer (its `audio` checked)."""
+    from lyra_cli.serve.speech import AudioRequest
+
+    if parsed.audio is None:
+        return None
+    AudioRequest.from_request(parsed.audio, stream=parsed.stream)
+    if service.engine.voice is None:
+        raise ApiError(400, "this server gives no spoken answers: its model has no speech generator, or it was "
+                            "started with `--no-voice`; ask for `modalities: [\"text\"]`", param="modalities")  # fmt: skip
+    return service.engine.voice
+
+
+def spoken_answer(service: Service, parsed: protocol.ChatRequest) -> Any:
+    from lyra_cli.serve.speech import AudioRequest, SpokenAnswer
+
+    if parsed.audio is None:
+        return None
+    return SpokenAnswer(service.audio_store, AudioRequest.from_request(parsed.audio, stream=parsed.stream).format)

@@ -19,7 +19,9 @@ from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError, from_lyra_error
 from lyra_cli.serve.worker import Finished, Job
 
 if TYPE_CHECKING:
-    from lyra_cli.engine import Engine, Part, SamplingConfig
+    from lyra_cli.engine import Engine, SamplingConfig
+    from lyra_cli.serve.media import DecodedContent, MediaLimits
+    from lyra_cli.serve.speech import AudioStore, SpokenAnswer
 
 log = logging.getLogger(__name__)
 
@@ -28,37 +30,72 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(frozen=True)
 class ChatJob:
-    """What the worker needs to answer a request: the conversation's content (text as `str`, media already
-    decoded on the request's side) and the generation settings, all checked before it is queued."""
+    """What the worker needs to answer a request: the conversation's content, decoded and checked on the
+    request's side (`media.decode_content`), and the generation settings. The worker encodes the media (the
+    towers run on its thread) and calls `close` when done, which removes the decoded files."""
 
     system: str | None
-    history: tuple[tuple[tuple[Any, ...], str], ...]  # (user content, answer) per earlier turn
-    question: tuple[Any, ...]
+    history: tuple[tuple[tuple["DecodedContent", ...], str], ...]  # (user content, answer) per earlier turn
+    question: tuple["DecodedContent", ...]
     sampling: "SamplingConfig"
-    extractor: Any = None
+    extractor: Any = None  # the request's `lyra.extract` (None: the model's config decides)
+    extracting: bool = False  # whether an extractor runs (the request's, or the config's)
     voice: Any = None  # the engine's `Voice` when the answer is spoken
-    encode: Callable[["Engine", Any], "Part"] | None = None  # media -> part (on the worker: it runs the towers)
+    speech_cache: Any = None  # the speech-token cache long recordings are encoded through
 
     def __call__(self, engine: "Engine", check: Callable[[], None]) -> Iterator[Any]:
         from lyra_cli.engine import Conversation
 
         conversation = Conversation() if self.system is None else Conversation(system=self.system)
-        for content, answer in self.history:
-            conversation.turns.append(internals.answered_turn(self._parts(engine, content), answer))
-        parts = self._parts(engine, self.question)
+        for contents, answer in self.history:
+            conversation.turns.append(internals.answered_turn(self._parts(engine, contents, check), answer))
+        parts = self._parts(engine, self.question, check)
         check()
         yield from engine.respond(conversation, parts, self.sampling, extractor=self.extractor, voice=self.voice,
                                   on_prefill_progress=lambda _done, _total: check())  # fmt: skip
 
-    def _parts(self, engine: "Engine", content: Sequence[Any]) -> list["Part"]:
-        from lyra_cli.engine import TextPart
+    def _parts(self, engine: "Engine", contents: Sequence["DecodedContent"], check: Callable[[], None]) -> list:
+        from lyra_cli.serve.media import encode_content
 
-        return [TextPart(item) if isinstance(item, str) else self._media(engine, item) for item in content]
+        return [part for decoded in contents
+                for part in encode_content(engine, decoded, cache=self.speech_cache, extract=self.extracting,
+                                           on_progress=lambda _progress: check())]  # fmt: skip
 
-    def _media(self, engine: "Engine", item: Any) -> "Part":
-        if self.encode is None:
-            raise AssertionError("media reached a job without an encoder")  # the request side checks
-        return self.encode(engine, item)
+    def close(self) -> None:
+        for contents in (*(c for c, _ in self.history), self.question):
+            for decoded in contents:
+                decoded.close()
+
+
+def decode_turns(request: protocol.ChatRequest, limits: "MediaLimits", store: "AudioStore") -> tuple[tuple, tuple]:
+    """Every user message's content decoded (limits checked first), and each earlier turn's answer text
+    (an answer named by its audio id stands for its transcript). On an error nothing decoded is left."""
+    from lyra_cli.serve.media import MediaOptions, decode_content
+
+    options = MediaOptions.from_request(request.lyra)
+    decoded: list = []
+    turns = []
+    try:
+        for message in request.turns:
+            contents = []
+            for content, param in message.contents:
+                contents.append(decode_content(content, limits, param=param, options=options))
+                decoded.append(contents[-1])
+            turns.append((tuple(contents), _answer_text(message, store)))
+    except BaseException:
+        for item in decoded:
+            item.close()
+        raise
+    history = tuple(turns[:-1])
+    return history, turns[-1][0]
+
+
+def _answer_text(message: protocol.Message, store: "AudioStore") -> str:
+    if message.answer is not None:
+        return message.answer
+    if message.answer_audio_id is not None:
+        return store.transcript(message.answer_audio_id, param=f"{message.answer_param}.audio.id").strip()
+    return ""
 
 
 def sampling_for(engine: "Engine", request: protocol.ChatRequest) -> "SamplingConfig":
@@ -79,9 +116,14 @@ def sampling_for(engine: "Engine", request: protocol.ChatRequest) -> "SamplingCo
 
 @dataclass
 class Answer:
-    """The answer as its events arrive: each event's deltas for the client, and what the final object needs."""
+    """The answer as its events arrive: each event's deltas for the client, and what the final object needs.
+
+    Text goes out as `content` deltas as soon as it is known not to start a stop sequence; with speech on,
+    `audio` deltas (speech.py's `SpokenAnswer`) go out as the vocoder gives them, and their transcripts carry
+    the same text again, as OpenAI's do."""
 
     request: protocol.ChatRequest
+    spoken: "SpokenAnswer | None" = None
     scanner: protocol.StopScanner = field(init=False)
     text: list[str] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
@@ -95,30 +137,46 @@ class Answer:
         self.scanner = protocol.StopScanner(self.request.stop)
 
     def on_event(self, event: Any) -> list[dict[str, Any]]:
-        """The deltas this event adds (`{"content", "logprobs"}` pieces; speech adds `audio` ones)."""
-        from lyra_cli.engine import Done, Prefilled, TextDelta
+        """The deltas this event adds: `{"content", "logprobs"}` and `{"audio"}` pieces, in order."""
+        from lyra_cli.engine import AudioChunk, Done, Prefilled, TextDelta
 
+        if self.done:
+            return []
         if isinstance(event, Prefilled):
             self.prompt_tokens, self.cached_tokens = event.prompt_tokens, event.reused_tokens
         elif isinstance(event, TextDelta):
             self.completion_tokens += len(event.logprobs)
             return self._text(*self.scanner.push(event.text, event.logprobs))
+        elif isinstance(event, AudioChunk) and self.spoken is not None:
+            audio = self.spoken.on_audio(event)
+            return [{"audio": audio}] if audio is not None else []
         elif isinstance(event, Done):
-            self.done = True
             self.stop_reason = event.stop_reason
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.new_tokens
             self.cached_tokens = event.reused_tokens
-            return self._text(*self.scanner.flush())
+            return self._text(*self.scanner.flush(), last=True)
         return []
 
-    def _text(self, text: str, logprobs: list) -> list[dict[str, Any]]:
-        if self.scanner.stopped:
-            self.done = True
+    def _text(self, text: str, logprobs: list, *, last: bool = False) -> list[dict[str, Any]]:
         self.text.append(text)
         self.logprobs += logprobs
-        if not text and not logprobs:
-            return []
-        return [{"content": text, "logprobs": logprobs if self.request.top_logprobs is not None else None}]
+        deltas = []
+        if text or logprobs:
+            deltas.append({"content": text, "logprobs": logprobs if self.request.top_logprobs is not None else None})
+        if text and self.spoken is not None:
+            self.spoken.on_text(text)
+        if last or self.scanner.stopped:
+            self.done = True
+            if self.spoken is not None and self.request.stream:
+                deltas += [{"audio": audio} for audio in self.spoken.finish()]
+        return deltas
+
+    def message(self) -> dict[str, Any]:
+        """The non-streamed `message`: the text, and the spoken answer when asked for."""
+        message: dict[str, Any] = {"content": "".join(self.text)}
+        if self.spoken is not None:
+            message["audio"] = self.spoken.message_audio()
+        return message
 
     @property
     def finish_reason(self) -> str:
@@ -162,8 +220,7 @@ async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
         if answer.done:
             break
     job.cancel()  # a stop sequence ended it early: the worker drops the rest at its next step
-    message = {"content": "".join(answer.text)}
-    return protocol.completion(protocol.completion_id(), model, message, answer.finish_reason, answer.usage(),
+    return protocol.completion(protocol.completion_id(), model, answer.message(), answer.finish_reason, answer.usage(),
                                answer.reported_logprobs())  # fmt: skip
 
 

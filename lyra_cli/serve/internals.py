@@ -5,7 +5,6 @@
   it in and out around each job (`worker.PrefixCaches`).
 - An earlier turn of a request's history is an engine `Turn` with its answer already given.
 - `extract` in a request is the `--extract BLOCKSxRATIO` spec, parsed as the CLI parses it.
-- `official_audio` picks the authors' audio front end, as `--official-audio` does.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.engine import Engine
 
 
@@ -36,10 +34,9 @@ def extractor(engine: "Engine", spec: str | None) -> Any:
     return parse_extract(spec, engine.loaded.config.text.num_layers)
 
 
-def front_end(official: bool) -> "AudioFrontEnd":
-    from lyra_cli.audio.frontend import AudioFrontEnd
-
-    return AudioFrontEnd.choose(official)
+def extracting(engine: "Engine", requested: Any) -> bool:
+    """Whether an extractor runs for this request: its own, or the model config's (on in no release)."""
+    return requested is not None or engine.loaded.config.extractor.enabled
 
 
 def answered_turn(parts: list, answer: str) -> Any:

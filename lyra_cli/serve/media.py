@@ -165,16 +165,24 @@ def decode_content(
         return DecodedContent(items=[_text_part(content)])
     if not isinstance(content, list):
         raise ApiError(400, f"`{param}` must be a string or a list of content parts", param=param)
-    decoded = DecodedContent(folder=Path(tempfile.mkdtemp(prefix="lyra-serve-")))  # private: mode 0700
-    try:
+    with _new_content() as decoded:
         for index, part in enumerate(content):
             decoded.items.append(_decode_part(part, limits, f"{param}[{index}]", decoded.folder, options))
+    return decoded
+
+
+@contextmanager
+def _new_content() -> Iterator[DecodedContent]:
+    """A content with a fresh private folder (mode 0700): removed on any error, and at the end unless a
+    `Recording` still needs its file (then the caller's `close()` removes it)."""
+    decoded = DecodedContent(folder=Path(tempfile.mkdtemp(prefix="lyra-serve-")))
+    try:
+        yield decoded
     except BaseException:
         decoded.close()
         raise
     if not decoded.recordings:  # every medium is in memory: the files are no longer needed
         decoded.close()
-    return decoded
 
 
 def _decode_part(part: Any, limits: MediaLimits, param: str, folder: Path, options: MediaOptions) -> Any:
@@ -272,14 +280,31 @@ def _decode_audio(body: Mapping[str, Any], limits: MediaLimits, param: str, fold
         raise ApiError(400, f"`{param}.format` is `{audio_format}`; lyra reads {_listed(list(AUDIO_FORMATS))}",
                        param=f"{param}.format", code="unsupported_format")  # fmt: skip
     data = base64_bytes(_field(body, "data", str, param), limits, param=f"{param}.data")
-    path = _write(folder, data, AUDIO_FORMATS[audio_format])
+    return _audio_item(_write(folder, data, AUDIO_FORMATS[audio_format]), limits, f"{param}.data", options)
+
+
+def _audio_item(path: Path, limits: MediaLimits, param: str, options: MediaOptions) -> Any:
+    """An audio file, its length checked first: decoded (`DecodedSpeech`), or a `Recording` when long."""
     front_end = options.front_end
-    label = f"{param}.data"
-    with lyra_errors(path, label):
-        duration_s = _audio_duration_s(path, front_end, limits, label)
+    with lyra_errors(path, param):
+        duration_s = _audio_duration_s(path, front_end, limits, param)
         if duration_s > LONG_SPEECH_MIN_S:
-            return Recording(path, duration_s, front_end, label)
-        return replace(_read_media("speech", path, front_end), source=label)
+            return Recording(path, duration_s, front_end, param)
+        return replace(_read_media("speech", path, front_end), source=param)
+
+
+def decode_audio_file(
+    data: bytes, suffix: str, limits: MediaLimits, *, param: str, options: MediaOptions = MediaOptions()
+) -> DecodedContent:
+    """An uploaded audio file (a multipart form's bytes) as a content of one item, decoded as an
+    `input_audio` part is; `suffix` (`.mp3`, or `""`) is a hint, the decoders read the content itself."""
+    if len(data) > limits.max_part_bytes:
+        raise too_large(param, f"{len(data) / MIB:.1f} MB", f"{limits.max_part_bytes / MIB:g} MB", "max_part_bytes")
+    if not data:
+        raise ApiError(400, f"`{param}` is empty", param=param)
+    with _new_content() as decoded:
+        decoded.items.append(_audio_item(_write(decoded.folder, data, suffix), limits, param, options))
+    return decoded
 
 
 def _audio_duration_s(path: Path, front_end: AudioFrontEnd, limits: MediaLimits, param: str) -> float:

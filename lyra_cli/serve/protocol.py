@@ -35,15 +35,14 @@ MODALITIES = ("text", "audio")
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of the request's history: a user's content parts (`str` text, or the raw part object for
-    media, decoded later) and the assistant's answer to it (None for the question being asked).
+    """One turn of the request's history: the user's content as sent (a string or a list of parts, decoded
+    later by `media.decode_content`) with where it sits in the request (`messages[2].content`), one pair per
+    user message of the turn, and the assistant's answer (None for the question being asked)."""
 
-    `param` is where the user message sits in the request, for errors about its parts."""
-
-    parts: tuple[str | Mapping[str, Any], ...]
-    param: str
+    contents: tuple[tuple[Any, str], ...]
     answer: str | None = None
     answer_audio_id: str | None = None  # an earlier spoken answer named by its audio id
+    answer_param: str | None = None  # where the answer sits (`messages[3]`)
 
 
 @dataclass(frozen=True)
@@ -111,26 +110,24 @@ def parse_messages(messages: Any) -> tuple[str | None, tuple[Message, ...]]:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
     system: list[str] = []
     turns: list[Message] = []
-    open_parts: list[str | Mapping[str, Any]] = []  # the user turn being collected
-    open_param = ""
+    contents: list[tuple[Any, str]] = []  # the user turn being collected
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         role = _role(message, param)
         if role in SYSTEM_ROLES:
-            if turns or open_parts:
+            if turns or contents:
                 raise ApiError(400, "a system message must come before the conversation's turns", param=param)
             system.append(_text_only(message.get("content"), f"{param}.content"))
         elif role == "user":
-            open_param = open_param or param
-            open_parts += user_parts(message.get("content"), f"{param}.content")
+            contents.append((_user_content(message.get("content"), f"{param}.content"), f"{param}.content"))
         else:
-            if not open_parts:
+            if not contents:
                 raise ApiError(400, "an assistant message must follow a user message", param=param)
-            turns.append(_answered(open_parts, open_param, message, param))
-            open_parts, open_param = [], ""
-    if not open_parts:
+            turns.append(_answered(tuple(contents), message, param))
+            contents = []
+    if not contents:
         raise ApiError(400, "the last message must be the user's (the question to answer)", param="messages")
-    turns.append(Message(tuple(open_parts), open_param))
+    turns.append(Message(tuple(contents)))
     return ("\n".join(system) if system else None), tuple(turns)
 
 
@@ -144,7 +141,14 @@ def _role(message: Any, param: str) -> str:
     return role
 
 
-def _answered(parts: list, param: str, message: Mapping[str, Any], at: str) -> Message:
+def _user_content(content: Any, param: str) -> Any:
+    """A user message's content, its parts checked when decoded (`media.decode_content`)."""
+    if isinstance(content, str) or (isinstance(content, list) and content):
+        return content
+    raise ApiError(400, "`content` must be a string or a non-empty list of parts", param=param)
+
+
+def _answered(contents: tuple[tuple[Any, str], ...], message: Mapping[str, Any], at: str) -> Message:
     """The user turn with the assistant's answer: its text, or an earlier spoken answer by audio id."""
     audio = message.get("audio")
     audio_id = None
@@ -155,27 +159,9 @@ def _answered(parts: list, param: str, message: Mapping[str, Any], at: str) -> M
     content = message.get("content")
     if content is None and audio_id is None:
         raise ApiError(400, "an assistant message needs `content` or `audio`", param=f"{at}.content")
-    text = _text_only(content, f"{at}.content") if content is not None else ""
     # the engine keeps its own answers stripped: the same text renders the same prompt
-    return Message(tuple(parts), param, answer=text.strip(), answer_audio_id=audio_id)
-
-
-def user_parts(content: Any, param: str) -> list[str | Mapping[str, Any]]:
-    """A user message's content: a string, or a list of parts (text as `str`, media parts as given)."""
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list) or not content:
-        raise ApiError(400, "`content` must be a string or a non-empty list of parts", param=param)
-    parts: list[str | Mapping[str, Any]] = []
-    for j, part in enumerate(content):
-        at = f"{param}[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise ApiError(400, "each content part must be an object with a `type`", param=at)
-        if part["type"] == "text":
-            parts.append(_part_text(part, at))
-        else:
-            parts.append({**part, "_param": at})  # decoded later (media), where its errors name `at`
-    return parts
+    text = _text_only(content, f"{at}.content").strip() if content is not None else None
+    return Message(contents, answer=text, answer_audio_id=audio_id, answer_param=at)
 
 
 def _text_only(content: Any, param: str) -> str:

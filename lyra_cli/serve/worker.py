@@ -1,6 +1,7 @@
 """Many clients, one model: a single thread runs engine jobs one at a time, first come first served.
 
-A job is a function of the engine that yields events (the engine's own, in order). The worker hands each
+A job is a function of the engine that yields events (the engine's own, in order); its `close()`, if it has
+one, runs once the job ran or was dropped. The worker hands each
 event to the job's asyncio queue as it comes, so an HTTP response streams while the model generates.
 Cancelling a job (its client went away, a stop sequence matched, the server stops) ends it at its next
 event or prefill chunk: the worker closes the engine's iterator itself, on its own thread, which runs
@@ -175,6 +176,12 @@ class Worker:
                 self._count(-1)
 
     def _run(self, job: Job) -> Finished:
+        try:
+            return self._answer(job)
+        finally:
+            _release(job.work)
+
+    def _answer(self, job: Job) -> Finished:
         if job.cancelled:  # its client left while it waited
             return Finished(cancelled=True)
         self.prefixes.swap_in(self.engine, job.client)
@@ -194,6 +201,16 @@ class Worker:
             if events is not None:
                 _close(events)
             self.prefixes.swap_out(self.engine, job.client)
+
+
+def _release(work: Work) -> None:
+    """A job's `close()`, if it has one (its decoded media files), once it ran or was dropped."""
+    close = getattr(work, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("releasing a job failed")
 
 
 def _close(events: Iterator[Any]) -> None:
