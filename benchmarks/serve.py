@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--requests", type=int, default=10, help="measured requests per client")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests first (of each kind)")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128, help="the tiny model speaks its first chunk after 72 tokens of this answer")
     parser.add_argument("--threads", type=int, help="torch CPU threads of both the server and the in-process engine "
                         "(default: torch's, one per core)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
