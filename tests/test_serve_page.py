@@ -26,8 +26,7 @@ from helpers.browser import (
     wait_for,
 )
 
-pytestmark = needs_chromium
-
+PAGE = Path(__file__).resolve().parent.parent / "lyra_cli" / "serve" / "static" / "index.html"
 API_KEY = "page-test-key"
 RECORD_S = 2.0
 SHORT_ANSWER_TOKENS = 24  # enough for several audio chunks from the tiny model, quick to generate
@@ -73,6 +72,7 @@ def _js(driver, script: str, *args: object) -> object:
     return driver.execute_script(script, *args)
 
 
+@needs_chromium
 def test_the_key_is_asked_for_then_kept(browser, server: str) -> None:
     from selenium.webdriver.common.keys import Keys
 
@@ -113,7 +113,8 @@ def _best_match(signal: np.ndarray, piece: np.ndarray) -> float:
     return float((dots / (energies * np.linalg.norm(piece) + 1e-9)).max())
 
 
-def test_a_spoken_question_about_an_image_streams_text_and_speech(page, real, mic_wav) -> None:
+@needs_chromium
+def test_a_spoken_question_about_an_image_streams_text_and_speech(page, server, real, mic_wav) -> None:
     set_max_tokens(page, SHORT_ANSWER_TOKENS)
     element(page, "image").send_keys(str(real / "extreme_ironing.jpg"))
     record(page, RECORD_S)
@@ -129,12 +130,16 @@ def test_a_spoken_question_about_an_image_streams_text_and_speech(page, real, mi
     sent = _js(page, "return conversation")
     assert [part["type"] for part in sent[0]["content"]] == ["image_url", "input_audio", "text"]
     assert sent[0]["content"][1]["input_audio"]["format"] == "wav"
+    # everything the page loaded and asked came from the server itself
+    loaded = _js(page, "return performance.getEntriesByType('resource').map((entry) => entry.name)")
+    assert loaded and all(url.startswith((server + "/", "data:")) for url in loaded), loaded
     assert sent[1] == {
         "role": "assistant",
         "content": _js(page, "return document.getElementById('answer').textContent"),
     }
 
 
+@needs_chromium
 def test_stop_cancels_the_answer_and_the_conversation_goes_on(page) -> None:
     set_max_tokens(page, SHORT_ANSWER_TOKENS)
     ask(page, text="Hello.")
@@ -157,6 +162,7 @@ def test_stop_cancels_the_answer_and_the_conversation_goes_on(page) -> None:
     assert roles == ["user", "assistant", "user", "assistant"]
 
 
+@needs_chromium
 def test_a_refused_microphone_is_said_plainly(server: str, mic_wav: Path) -> None:
     driver = start_browser(mic_wav, allow_mic=False)
     try:
@@ -171,6 +177,7 @@ def test_a_refused_microphone_is_said_plainly(server: str, mic_wav: Path) -> Non
         driver.quit()
 
 
+@needs_chromium
 def test_a_refused_question_is_said_plainly_and_given_back(page, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"these bytes are not an image")
@@ -181,3 +188,10 @@ def test_a_refused_question_is_said_plainly_and_given_back(page, tmp_path: Path)
     # the question is back in the composer, to send again
     assert element(page, "text").get_attribute("value") == "What is this?"
     assert "Image: broken.png" in element(page, "attachments").text
+
+
+def test_the_page_is_one_file_that_names_nothing_elsewhere() -> None:
+    html = PAGE.read_text(encoding="utf-8")
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.IGNORECASE)
+    assert not re.search(r"""<(script|link|img|iframe)[^>]+(src|href)=["'](?!data:)""", html, re.IGNORECASE)
+    assert html.count("<script>") == 1 and html.count("<style>") == 1  # inline: no build step, nothing to fetch

@@ -93,18 +93,19 @@ def lyra_serve(model: str | Path, *extra: str, log: Path | None = None) -> Itera
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_until_healthy(url, proc)
+            wait_until_healthy(url, proc, log)
             yield url
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
 
-def wait_until_healthy(url: str, proc: subprocess.Popen) -> None:
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path | None = None) -> None:
+    output = f"; its output is in {log}" if log else ""
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"`lyra serve` exited with {proc.returncode} before answering /health")
+            raise RuntimeError(f"`lyra serve` exited with {proc.returncode} before answering /health{output}")
         with (
             contextlib.suppress(urllib.error.URLError, ConnectionError),
             urllib.request.urlopen(f"{url}/health", timeout=1) as response,
@@ -112,7 +113,7 @@ def wait_until_healthy(url: str, proc: subprocess.Popen) -> None:
             if response.status == 200:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"`lyra serve` did not answer {url}/health within {SERVER_START_S:.0f} s")
+    raise RuntimeError(f"`lyra serve` did not answer {url}/health within {SERVER_START_S:.0f} s{output}")
 
 
 # -- the page ----------------------------------------------------------------------------------------
