@@ -45,6 +45,7 @@ SKIPS = [
     (r"--judge-url", "needs a judge endpoint on the network"),
     (r"^lyra eval needle\b", "builds 10-60 minute recordings (tests/test_needle.py runs it at small sizes)"),
     (r"^torchrun\b", "starts several processes (tests/test_train_distributed.py runs two)"),
+    (r"^(\S+=\S+ )?lyra serve\b", "serves until stopped (tests/test_serve_cli.py starts it and stops it with Ctrl-C)"),
 ]
 
 # (pattern, reason): commands that run, but too long for the default suite (`pytest -m slow` runs them).

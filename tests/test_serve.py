@@ -21,13 +21,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from helpers.serving import RunningServer, running_server  # noqa: E402
-from lyra_cli.serve.app import MB, ServeConfig  # noqa: E402
+
+from lyra_cli.serve.app import ServeConfig  # noqa: E402
 from lyra_cli.serve.errors import INTERNAL_ERROR  # noqa: E402
+from lyra_cli.serve.protocol import MB  # noqa: E402
 from lyra_cli.serve.worker import Job  # noqa: E402
 
 KEY = "test-key-123"
@@ -136,6 +139,33 @@ def test_streamed_deltas_are_the_answer(client: Any) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_the_raw_stream_is_server_sent_events_ending_in_done(server: RunningServer) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=IDLE_TIMEOUT_S)
+    body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1]) and len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+
+
+def test_a_temperature_samples_and_a_seed_repeats_it(client: Any) -> None:
+    """The release's generation config (top_k 1, top_p 0.001) would make any temperature greedy: a request that
+    sets one samples over the whole vocabulary, as OpenAI does, unless `lyra.top_k` says otherwise."""
+    answers = [ask(client, temperature=1.0, seed=seed, max_tokens=12).choices[0].message.content
+               for seed in (7, 7, 8)]  # fmt: skip
+    assert answers[0] == answers[1] != answers[2]
+    greedy = [ask(client, temperature=1.0, seed=seed, max_tokens=12, extra_body={"lyra": {"top_k": 1}})
+              for seed in (7, 8)]  # fmt: skip
+    plain = ask(client, max_tokens=12).choices[0].message.content
+    assert greedy[0].choices[0].message.content == greedy[1].choices[0].message.content == plain
+
+
 def test_logprobs_one_per_token_with_alternatives(client: Any) -> None:
     completion = ask(client, logprobs=True, top_logprobs=3)
     content = completion.choices[0].logprobs.content
@@ -215,6 +245,36 @@ def test_an_image_and_spoken_question_is_answered_as_the_engine_does(engine: Any
     assert completion.usage.prompt_tokens == done.prompt_tokens > 300  # image tokens + 300 speech tokens
 
 
+def test_lyra_options_reach_the_engine(engine: Any, server: RunningServer, client: Any, real: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`lyra.extract` runs the extractor and `lyra.official_audio` the authors' audio front end, as the flags do."""
+    from lyra_cli.audio.frontend import AudioFrontEnd
+    from lyra_cli.engine import read_media
+    from lyra_cli.serve import internals
+
+    asked: list[tuple[list, dict]] = []
+    respond = engine.respond
+
+    def spy(conversation: Any, parts: Any, sampling: Any, **options: Any) -> Any:
+        asked.append((list(parts), options))
+        return respond(conversation, parts, sampling, **options)
+
+    monkeypatch.setattr(engine, "respond", spy)
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode((real / "Hi.mp3").read_bytes()).decode(),
+                                                    "format": "mp3"}}  # fmt: skip
+    for lyra in ({}, {"extract": "4x0.7", "official_audio": True}):
+        client.chat.completions.create(model="tiny", max_tokens=2, extra_body={"lyra": lyra},
+                                       messages=[{"role": "user", "content": [audio]}])  # fmt: skip
+    (plain, plain_options), (tuned, tuned_options) = asked
+    official = engine.encode(read_media("speech", real / "Hi.mp3", AudioFrontEnd.official()))
+    default = engine.encode(read_media("speech", real / "Hi.mp3"))
+    assert torch.equal(tuned[0].frames, official.frames) and torch.equal(plain[0].frames, default.frames)
+    assert not torch.equal(official.frames, default.frames)  # the two front ends differ on this file
+    assert tuned_options["extractor"] == internals.extractor(engine, "4x0.7")  # the CLI's parsing of `--extract`
+    assert tuned_options["extractor"].enabled
+    assert plain_options["extractor"] is None
+
+
 def test_a_spoken_answer_is_a_wav_with_its_transcript(client: Any) -> None:
     import soundfile as sf
 
@@ -272,6 +332,38 @@ def test_streamed_speech_must_be_pcm16(client: Any) -> None:
     assert caught.value.body["param"] == "audio.format"
 
 
+def test_a_transcription_is_the_recogniser_run_in_process(engine: Any, server: RunningServer, client: Any,
+                                                           real: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from lyra_cli.serve import transcribe as asr
+    from lyra_cli.serve.media import MediaLimits
+    from lyra_cli.serve.transcribe import decode_upload, transcribe
+
+    monkeypatch.setattr(asr, "asr_max_new_tokens", lambda: TOKENS)  # random weights talk until the budget
+
+    path = real / "Hi.mp3"
+    with path.open("rb") as file:
+        served = client.audio.transcriptions.create(model="whisper-1", file=file)
+    assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
+    with decode_upload(path.read_bytes(), path.name, MediaLimits()) as decoded:
+        expected = transcribe(engine, decoded).text
+    assert served.text == expected
+    with path.open("rb") as file:
+        assert client.audio.transcriptions.create(model="x", file=file, response_format="text").strip() == expected
+    with path.open("rb") as file:
+        verbose = client.audio.transcriptions.create(model="x", file=file, response_format="verbose_json",
+                                                     language="en")  # fmt: skip
+    assert verbose.text == expected and verbose.language == "en" and verbose.duration > 0
+
+
+@pytest.mark.parametrize(("options", "param"), [({"response_format": "srt"}, "response_format"),
+                                                ({"prompt": "spell it"}, "prompt"),
+                                                ({"temperature": -1}, "temperature")])  # fmt: skip
+def test_bad_transcription_requests_are_400(client: Any, real: Path, options: dict, param: str) -> None:
+    with (real / "Hi.mp3").open("rb") as file, pytest.raises(openai.BadRequestError) as caught:
+        client.audio.transcriptions.create(model="x", file=file, **options)
+    assert caught.value.body["param"] == param
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 
@@ -303,13 +395,33 @@ def test_bad_parameters_are_400_naming_the_field(client: Any, options: dict, par
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages"),
         ([{"role": "tool", "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}],
-         "messages[0].content[0]"),
+         "messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "text", "text": "x"},
+                                       {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}],
+         "messages[0].content[1].image_url.url"),
+        ([{"role": "user", "content": [{"type": "text", "text": "x"},
+                                       {"type": "video_url", "video_url": {"url": "/etc/passwd"}}]}],
+         "messages[0].content[1].video_url.url"),
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "bm90IGF1ZGlv", "format": "wav"}}]}],
+         "messages[0].content[0].input_audio.data"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}],
+         "messages[0].content[0].image_url.url"),
     ],
 )  # fmt: skip
 def test_bad_messages_are_400(client: Any, messages: list, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
-    assert caught.value.body["param"].startswith(param)
+    assert caught.value.body["param"] == param
+
+
+def test_a_prompt_or_answer_beyond_the_models_positions_is_400(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, max_tokens=10**9)  # refused before any cache is reserved for it
+    assert caught.value.body["param"] == "max_tokens" and caught.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, "word " * 40_000)  # 200 kB of text: within the body limit, over 32,768 positions
+    assert caught.value.body["param"] == "messages" and caught.value.body["code"] == "context_length_exceeded"
+    assert ask(client).choices[0].message.content  # served again
 
 
 def test_malformed_json_is_400(server: RunningServer) -> None:
@@ -348,6 +460,19 @@ def test_an_internal_fault_is_500_without_a_traceback(client: Any, monkeypatch: 
         assert caught.value.status_code == 500
         assert caught.value.body == INTERNAL_ERROR.body()["error"]
         assert "secret" not in caught.value.response.text and "Traceback" not in caught.value.response.text
+
+
+def test_a_fault_mid_stream_ends_it_with_the_500_error_object(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lyra_cli.serve import protocol
+
+    def broken(_logprobs: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(protocol, "logprobs_content", broken)
+    stream = ask(client, stream=True, logprobs=True)
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert caught.value.body == INTERNAL_ERROR.body()["error"] and "secret" not in str(caught.value)
 
 
 def test_a_full_queue_is_503_with_retry_after(server: RunningServer, client: Any) -> None:
@@ -427,6 +552,7 @@ def test_a_disconnected_request_cancels_its_generation(engine: Any, server: Runn
     conn.close()
     assert server.service.worker.wait_idle(IDLE_TIMEOUT_S)
     assert slow_engine["closed"] and slow_engine["events"] < LONG_ANSWER
+    _assert_engine_intact(engine, server, openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0))
 
 
 def _assert_engine_intact(engine: Any, server: RunningServer, client: Any) -> None:

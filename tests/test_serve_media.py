@@ -4,6 +4,7 @@ line's decoders and messages) -> the engine's parts, long recordings through the
 from __future__ import annotations
 
 import base64
+import math
 import tempfile
 from pathlib import Path
 
@@ -208,6 +209,35 @@ def test_audio_without_a_stated_length_is_counted_and_cut_at_the_limit(real: Pat
         assert d.items[0].duration_s == pytest.approx(streams[1].position_s)  # under it: counted, then decoded
 
 
+def claiming(monkeypatch: pytest.MonkeyPatch, duration_s: float) -> None:
+    """Every audio header claims `duration_s` (as an mp3's estimate may, far from the truth)."""
+    opened = AudioFrontEnd.open_stream
+
+    def claim(self: AudioFrontEnd, path: Path, **kwargs: object) -> object:
+        stream = opened(self, path, **kwargs)
+        stream.duration_s = duration_s
+        return stream
+
+    monkeypatch.setattr(AudioFrontEnd, "open_stream", claim)
+
+
+def test_audio_longer_than_its_header_says_is_still_held_to_the_limit(real: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    claiming(monkeypatch, 2.0)
+    error = refused([audio_part(real / "jfk.flac", "flac")], MediaLimits(max_audio_s=5))
+    assert error.code == media.MEDIA_TOO_LARGE and "`00:00:11`" in error.message
+
+
+def test_a_recording_shorter_than_its_header_says_is_encoded_as_a_clip(engine: api.Engine, real: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    claiming(monkeypatch, 45.0)
+    with decode_content([audio_part(real / "jfk.flac", "flac")], MediaLimits(), param=PARAM) as decoded:
+        assert isinstance(decoded.items[0], Recording)
+        (part,) = encode_content(engine, decoded)
+    clip = engine.encode(api.read_media("speech", real / "jfk.flac"))
+    assert part.n_windows == 1 and part.adapter is None and torch.equal(part.frames, clip.frames)
+    assert part.source == f"{PARAM}[0].input_audio.data"  # frames: any later turn's adapter can project it
+
+
 def test_images_and_videos_over_their_limits_are_refused_from_the_header(real: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(media, "_read_media", never_called)
     image = [url_part("image_url", real / "extreme_ironing.jpg", "image/jpeg")]
@@ -221,10 +251,10 @@ def test_images_and_videos_over_their_limits_are_refused_from_the_header(real: P
 
 
 def test_default_limits_are_derived_from_the_engine() -> None:
-    from lyra_cli.audio.io import SAMPLE_RATE_HZ
-    from lyra_cli.audio.windows import WINDOW_SECONDS
     from dataclasses import fields
 
+    from lyra_cli.audio.io import SAMPLE_RATE_HZ
+    from lyra_cli.audio.windows import WINDOW_SECONDS
     from lyra_cli.engine.config import TextModelConfig
     from lyra_cli.engine.longspeech import longest_fitting_s
 
@@ -239,8 +269,8 @@ def test_default_limits_are_derived_from_the_engine() -> None:
 
 @pytest.fixture(scope="module")
 def long_recording(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 100 s of real speech: jfk.flac and the spoken questions, one after another, as a 16 kHz wav."""
-    names = ["jfk.flac", "Hi.mp3", "movement.mp3", "extreme_ironing.mp3", "Chinese_painting.mp3"] * 4
+    """About 3 minutes of real speech: jfk.flac and the spoken questions, again and again, as a 16 kHz wav."""
+    names = ["jfk.flac", "Hi.mp3", "movement.mp3", "extreme_ironing.mp3", "Chinese_painting.mp3"] * 8
     wav = np.concatenate([api.read_media("speech", real / name).wav for name in names])
     path = tmp_path_factory.mktemp("long") / "long.wav"
     sf.write(path, wav, 16_000, subtype="PCM_16")
@@ -261,7 +291,7 @@ def test_a_long_recording_takes_the_long_speech_path(engine: api.Engine, long_re
         part, _text = encode_content(engine, decoded, cache=cache)
         again, _ = encode_content(engine, decoded, cache=cache)  # the same audio resent: from the cache
     assert not folder.exists() and not any(private_tmp.iterdir())
-    assert part.adapter is Adapter.LONG_SPEECH and part.frames is None and part.n_windows == 4
+    assert part.adapter is Adapter.LONG_SPEECH and part.frames is None and part.n_windows == math.ceil(sf.info(long_recording).duration / 30) == 7
     assert part.source == f"{PARAM}[0].input_audio.data"
     assert len(list((tmp_path / "cache").iterdir())) == 1 and torch.equal(again.tokens, part.tokens)
     # the same tokens as the in-memory path projected by the long-speech adapter's projector
@@ -288,3 +318,14 @@ def test_the_temporary_folder_goes_when_encoding_fails(engine: api.Engine, long_
     with pytest.raises(RuntimeError), decoded:
         encode_content(engine, decoded)
     assert not any(private_tmp.iterdir())
+
+
+def test_the_media_speech_and_transcription_modules_import_no_torch() -> None:
+    """`lyra serve --help` reads the limits' defaults: importing them must not load torch (or numpy)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lyra_cli.serve.media, lyra_cli.serve.speech, lyra_cli.serve.transcribe; "
+            "print(sorted({'torch', 'numpy'} & set(sys.modules)))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def pcm(data: str) -> np.ndarray:
 
 def chunks_of(wav: np.ndarray, sizes: list[int], rate_hz: int = 16_000) -> list[api.AudioChunk]:
     bounds = np.cumsum([0, *sizes])
-    return [api.AudioChunk(wav[a:b], rate_hz, a / rate_hz) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [api.AudioChunk(wav[a:b], rate_hz, a / rate_hz) for a, b in pairwise(bounds) if b > a]
 
 
 def stream(answer: SpokenAnswer, events: list[object]) -> list[dict]:
@@ -66,9 +67,24 @@ def test_streamed_deltas_join_to_the_answer_resampled_at_once(real: Path) -> Non
     assert streamed.store.transcript(streamed.id, param="x") == streamed.transcript
 
 
+def test_the_openai_sdk_accumulates_the_deltas_into_the_whole_answer(real: Path) -> None:
+    """The SDK's stream helper joins each string field of successive deltas: one id, one decodable base64."""
+    deltas_module = pytest.importorskip("openai.lib.streaming._deltas")
+    wav, rate = sf.read(real / "pred_round1.wav", dtype="float32")
+    events = [event for chunk in chunks_of(wav, [1001, 3333, 7, 20000, 20000, 40000], rate)
+              for event in (api.TextDelta("la "), chunk)]  # fmt: skip
+    answer = SpokenAnswer(AudioStore(), "pcm16")
+    accumulated: dict = {}
+    for delta in stream(answer, events):
+        accumulated = deltas_module.accumulate_delta(accumulated, {"audio": delta})
+    audio = accumulated["audio"]
+    assert audio["id"] == answer.id and audio["transcript"] == "la " * 6 and audio["expires_at"] == answer.expires_at
+    assert len(pcm(audio["data"])) == round(len(wav) * STREAM_RATE_HZ / rate)
+
+
 def test_a_spoken_answer_streams_as_the_engine_speaks(speaking: api.Engine) -> None:
     events = list(speaking.respond(api.Conversation(), [api.TextPart("tell me a story")],
-                                   speaking.sampling(max_new_tokens=60), voice=speaking.voice))  # fmt: skip
+                                   speaking.sampling(max_new_tokens=30), voice=speaking.voice))  # fmt: skip
     done = events[-1]
     chunks = [e for e in events if isinstance(e, api.AudioChunk)]
     assert len(chunks) >= 2, "the tiny voice speaks in several chunks"
@@ -93,7 +109,7 @@ def test_a_spoken_answer_streams_as_the_engine_speaks(speaking: api.Engine) -> N
     assert store.transcript(answer.id, param="messages[2].audio.id") == done.text
 
 
-def SpokenAnswer_from(events: list[object], store: AudioStore, audio_format: str) -> dict:  # noqa: N802
+def SpokenAnswer_from(events: list[object], store: AudioStore, audio_format: str) -> dict:
     answer = SpokenAnswer(store, audio_format)
     for event in events:
         if isinstance(event, api.TextDelta):

@@ -22,7 +22,7 @@ from lyra_cli.serve.transcribe import check_response_format, decode_upload, resp
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir: Path) -> api.Engine:
-    return api.load(tiny_dir, voice=True)  # a speaking engine: a transcription must still not speak
+    return api.load(tiny_dir)
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def asked(engine: api.Engine, monkeypatch: pytest.MonkeyPatch) -> list:
     calls = []
     generate = engine.generate
 
-    def spy(conversation, parts, sampling, **options):  # noqa: ANN001, ANN003, ANN202
+    def spy(conversation, parts, sampling, **options):
         calls.append((list(parts), sampling, options))
         return generate(conversation, parts, replace(sampling, max_new_tokens=min(3, sampling.max_new_tokens)),
                         **options)  # fmt: skip

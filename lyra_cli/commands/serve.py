@@ -6,6 +6,7 @@ answers under way, closes the connections and exits 130, as every command does w
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import signal
 import socket
@@ -16,9 +17,9 @@ from typing import TYPE_CHECKING
 import typer
 
 from lyra_cli.commands import common, speech_io
-from lyra_cli.engine.models import TINY
+from lyra_cli.engine import TINY
 from lyra_cli.errors import LyraError, UsageError
-from lyra_cli.serve import media  # its limits' defaults (light: no FastAPI, no torch)
+from lyra_cli.serve import media, protocol, worker  # defaults of the limits (light: no FastAPI, no torch)
 
 if TYPE_CHECKING:
     from lyra_cli.engine import Engine
@@ -27,7 +28,35 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "LYRA_API_KEY"
 LOOPBACK_NAMES = ("localhost",)
+LISTEN_BACKLOG = 2048  # uvicorn's default
 SHUTDOWN_GRACE_S = 5  # after Ctrl-C, how long open connections may take to finish their cancelled answers
+
+
+HostOption = typer.Option(
+    DEFAULT_HOST, "--host", help="Address to listen on (anything but loopback needs --api-key)."
+)
+PortOption = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on (0: any free port, printed at start).")
+ApiKeyOption = typer.Option(
+    None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+    help="Require `Authorization: Bearer KEY` on /v1/ requests (read from $LYRA_API_KEY when not given).",
+)  # fmt: skip
+MaxMediaOption = typer.Option(
+    float(media.DEFAULT_MAX_PART_MB), "--max-media-mb", help="Largest media part (image, audio, video), in MB."
+)
+MaxAudioOption = typer.Option(
+    media.DEFAULT_MAX_AUDIO_S, "--max-audio-s", help="Longest audio part, in seconds (over 30 s: the long-speech path)."
+)
+MaxQueueOption = typer.Option(
+    worker.DEFAULT_MAX_QUEUE, "--max-queue", help="Requests that may wait for the model; more get a 503."
+)
+MaxRequestOption = typer.Option(
+    float(protocol.DEFAULT_MAX_REQUEST_MB), "--max-request-mb", help="Largest request body, in MB (413 beyond)."
+)
+CachedClientsOption = typer.Option(
+    worker.DEFAULT_CACHED_CLIENTS, "--cached-clients",
+    help="Clients whose last prompt's KV cache is kept for their next turn (0: none).",
+)  # fmt: skip
+MaxFramesOption = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video.")
 
 
 class PortInUseError(LyraError):
@@ -35,25 +64,18 @@ class PortInUseError(LyraError):
 
 
 def serve(
-    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (anything but loopback needs --api-key)."),
-    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on (0: any free port, printed at start)."),
-    api_key: str | None = typer.Option(
-        None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
-        help="Require `Authorization: Bearer KEY` on /v1/ requests (read from $LYRA_API_KEY when not given).",
-    ),  # fmt: skip
-    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait for the model; more get a 503."),
-    max_request_mb: float = typer.Option(50.0, "--max-request-mb", help="Largest request body, in MB (413 beyond)."),
-    cached_clients: int = typer.Option(
-        4, "--cached-clients", help="Clients whose last prompt's KV cache is kept for their next turn (0: none)."
-    ),
+    host: str = HostOption,
+    port: int = PortOption,
+    api_key: str | None = ApiKeyOption,
+    max_queue: int = MaxQueueOption,
+    max_request_mb: float = MaxRequestOption,
+    cached_clients: int = CachedClientsOption,
     no_voice: bool = typer.Option(False, "--no-voice", help="Do not load the speech generator and vocoder."),
-    max_media_mb: float = typer.Option(float(media.DEFAULT_MAX_PART_MB), "--max-media-mb", help="Largest media part (image, audio, video), in MB."),
-    max_audio_s: float = typer.Option(
-        media.DEFAULT_MAX_AUDIO_S, "--max-audio-s", help="Longest audio part, in seconds (beyond 30 s: the long-speech path)."
-    ),
-    max_image_pixels: int = typer.Option(media.DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Largest image, in pixels."),
-    max_video_s: float = typer.Option(media.DEFAULT_MAX_VIDEO_S, "--max-video-s", help="Longest video part, in seconds."),
-    max_video_frames: int = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video part."),
+    max_media_mb: float = MaxMediaOption,
+    max_audio_s: float = MaxAudioOption,
+    max_image_pixels: int = typer.Option(media.DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Largest image."),
+    max_video_s: float = typer.Option(media.DEFAULT_MAX_VIDEO_S, "--max-video-s", help="Longest video, in seconds."),
+    max_video_frames: int = MaxFramesOption,
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Neither read nor write the speech-token cache for long recordings."
     ),
@@ -72,7 +94,7 @@ def serve(
     max_memory: str | None = common.MaxMemoryOption,
 ) -> None:
     """Serve Lyra over an OpenAI-compatible HTTP API."""
-    from lyra_cli.engine.models import resolve_model
+    from lyra_cli.engine import resolve_model
 
     settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
     require_server_packages()
@@ -106,17 +128,18 @@ class ServerSettings:
                 cached_clients: int) -> "ServerSettings":  # fmt: skip
         api_key = api_key or None  # an empty $LYRA_API_KEY is no key
         if not is_loopback(host) and api_key is None:
-            raise UsageError(f"--host `{host}` is reachable from other machines, and no API key is set",
-                             f"give --api-key KEY (or set ${API_KEY_ENV}), or keep the default --host {DEFAULT_HOST}")  # fmt: skip
-        checks = [(0 <= port <= 65535, "--port", port, "0..65535"), (max_queue >= 1, "--max-queue", max_queue, "≥ 1"),
+            raise UsageError(
+                f"--host `{host}` is reachable from other machines, and no API key is set",
+                f"give --api-key KEY (or set ${API_KEY_ENV}), or keep the default --host {DEFAULT_HOST}",
+            )
+        checks = [(0 <= port <= 65535, "--port", port, "0..65535"),
+                  (max_queue >= 1, "--max-queue", max_queue, "≥ 1"),
                   (max_request_mb > 0, "--max-request-mb", max_request_mb, "> 0"),
                   (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0")]  # fmt: skip
         for ok, flag, value, rule in checks:
             if not ok:
                 raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be {rule}")
-        from lyra_cli.serve.app import MB
-
-        return cls(host, port, api_key, max_queue, int(max_request_mb * MB), cached_clients)
+        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients)
 
 
 def require_server_packages() -> None:
@@ -142,17 +165,20 @@ def is_loopback(host: str) -> bool:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound now so that a busy port is a clear error (uvicorn serves on it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say they are TCP;
+    # with it on, a response's second write waits for the client's delayed ACK (40 ms per keep-alive request)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        if exc.errno == 98 or "in use" in str(exc).lower():
+        if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(f"port `{port}` on `{host}` is already in use",
-                                 "another program (or another `lyra serve`) listens there: pick another --port") from None  # fmt: skip
-        raise UsageError(f"cannot listen on `{host}:{port}`: {exc.strerror or exc}", "check --host and --port") from None
-    sock.set_inheritable(True)
+                                 "another program (or `lyra serve`) listens there: pick another --port") from None
+        raise UsageError(f"cannot listen on `{host}:{port}`: {exc.strerror or exc}",
+                         "check --host and --port") from None
+    sock.listen(LISTEN_BACKLOG)  # from now on connections wait in the backlog until uvicorn accepts them
     return sock
 
 
@@ -163,7 +189,7 @@ def model_id(spec: str, model_dir: Path) -> str:
 
 def _load(spec: str, model_dir: Path, request, overrides, quiet: bool) -> "Engine":  # noqa: ANN001
     from lyra_cli.console import info
-    from lyra_cli.engine.pipeline import Engine
+    from lyra_cli.engine import Engine
     from lyra_cli.engine.runtime import resolve_runtime
 
     engine = Engine.load(model_dir, resolve_runtime(request), overrides)
@@ -205,7 +231,8 @@ def media_limits(max_media_mb: float, max_audio_s: float, max_image_pixels: int,
     for ok, flag, value in checks:
         if not ok:
             raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be > 0")
-    return media.MediaLimits(int(max_media_mb * media.MIB), max_audio_s, max_image_pixels, max_video_s, max_video_frames)
+    return media.MediaLimits(int(max_media_mb * media.MIB), max_audio_s, max_image_pixels, max_video_s,
+                             max_video_frames)
 
 
 def speech_cache_dir(no_cache: bool) -> Path | None:

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from lyra_cli.serve import chat, protocol
+from lyra_cli.serve import chat, internals, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
 from lyra_cli.serve.media import MediaLimits
 from lyra_cli.serve.speech import AudioStore
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
-DEFAULT_MAX_REQUEST_MB = 50  # a few minutes of wav, or a handful of large images, base64-encoded
 API_PREFIX = "/v1/"
 PAGE = ("static", "index.html")  # inside this package
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold the stream back
@@ -50,7 +48,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 class ServeConfig:
     model_id: str  # what `/v1/models` lists and every response names
     api_key: str | None = None  # None: no key asked for (loopback only; the command enforces it)
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_MB * MB
+    max_request_bytes: int = protocol.DEFAULT_MAX_REQUEST_MB * protocol.MB
     max_queue: int = DEFAULT_MAX_QUEUE
     cached_clients: int = DEFAULT_CACHED_CLIENTS
     media_limits: MediaLimits = MediaLimits()
@@ -65,19 +63,11 @@ class Service:
         self.config = config
         self.worker = Worker(engine, config.max_queue, config.cached_clients)
         self.audio_store = AudioStore()  # spoken answers a later request may name by id
-        self.speech_cache = _speech_cache(config.speech_cache_dir)
+        self.speech_cache = internals.speech_cache(config.speech_cache_dir)
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "lyra"}
-
-
-def _speech_cache(root: Path | None) -> Any:
-    if root is None:
-        return None
-    from lyra_cli.audio.cache import SpeechTokenCache
-
-    return SpeechTokenCache(root)
 
 
 def create_app(engine: "Engine", config: ServeConfig) -> FastAPI:
@@ -127,7 +117,7 @@ class Guard:
         return hmac.compare_digest(given, self.api_key.encode())  # type: ignore[union-attr]
 
     def _too_large(self) -> ApiError:
-        limit_mb = self.max_body_bytes / MB
+        limit_mb = self.max_body_bytes / protocol.MB
         return ApiError(413, f"the request body is larger than the server's limit of {limit_mb:g} MB",
                         code="request_too_large")  # fmt: skip
 
@@ -226,6 +216,26 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         body = _watched(chat.stream(job, answer, service.config.model_id, first, events), watcher)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        upload = await read_upload(request)
+        decoded = await run_in_threadpool(_decode_upload, service, upload)
+        work = TranscriptionJob(decoded, upload.temperature, service.speech_cache)
+        try:
+            job = service.worker.submit(Job(work, None, asyncio.get_running_loop()))  # keeps no prefix cache
+        except ApiError:
+            work.close()
+            raise
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        try:
+            (result,) = [event async for event in chat.job_events(job)]
+        finally:
+            watcher.cancel()
+        from lyra_cli.serve.transcribe import response_body
+
+        body = response_body(result, upload.response_format, language=upload.language)
+        return PlainTextResponse(body) if isinstance(body, str) else JSONResponse(body)
+
 
 async def _watched(body: Any, watcher: asyncio.Task) -> Any:
     try:
@@ -267,7 +277,6 @@ def client_key(request: Request, parsed: protocol.ChatRequest, service: Service)
 def chat_job(service: Service, parsed: protocol.ChatRequest) -> chat.ChatJob:
     """Everything checked and decoded before the request waits in the queue."""
     from lyra_cli.errors import LyraError
-    from lyra_cli.serve import internals
     from lyra_cli.serve.errors import from_lyra_error
 
     engine = service.engine
@@ -292,7 +301,8 @@ def _voice(service: Service, parsed: protocol.ChatRequest) -> Any:
     AudioRequest.from_request(parsed.audio, stream=parsed.stream)
     if service.engine.voice is None:
         raise ApiError(400, "this server gives no spoken answers: its model has no speech generator, or it was "
-                            "started with `--no-voice`; ask for `modalities: [\"text\"]`", param="modalities")  # fmt: skip
+                            "started with `--no-voice`; ask for `modalities: [\"text\"]`",
+                       param="modalities")  # fmt: skip
     return service.engine.voice
 
 
@@ -302,3 +312,78 @@ def spoken_answer(service: Service, parsed: protocol.ChatRequest) -> Any:
     if parsed.audio is None:
         return None
     return SpokenAnswer(service.audio_store, AudioRequest.from_request(parsed.audio, stream=parsed.stream).format)
+
+
+# -- transcriptions ---------------------------------------------------------------------------------
+
+# OpenAI's transcription fields lyra cannot honour: refused rather than ignored
+UNSUPPORTED_UPLOAD_FIELDS = ("prompt", "timestamp_granularities[]", "timestamp_granularities", "stream", "include[]",
+                             "chunking_strategy")  # fmt: skip
+UPLOAD_FIELDS = ("file", "model", "response_format", "language", "temperature")
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    filename: str | None
+    response_format: str
+    language: str | None
+    temperature: float | None
+
+
+async def read_upload(request: Request) -> Upload:
+    """The multipart form of `/v1/audio/transcriptions`, checked (its size is capped by `Guard`)."""
+    from lyra_cli.serve.transcribe import check_response_format
+
+    form = await request.form()
+    for name in form:
+        if name not in UPLOAD_FIELDS:
+            why = "not supported by lyra" if name in UNSUPPORTED_UPLOAD_FIELDS else "unknown"
+            raise ApiError(400, f"parameter `{name}` is {why}", param=name, code="unsupported_parameter")
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "`file` must be an uploaded audio file (multipart/form-data)", param="file")
+    if not isinstance(form.get("model"), str):
+        raise ApiError(400, "`model` is required", param="model")
+    return Upload(await upload.read(), upload.filename, check_response_format(form.get("response_format")),
+                  _form_text(form.get("language"), "language"), _temperature(form.get("temperature")))  # fmt: skip
+
+
+def _form_text(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"`{name}` must be text", param=name)
+    return value or None
+
+
+def _temperature(value: Any) -> float | None:
+    text = _form_text(value, "temperature")
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ApiError(400, f"`temperature` must be a number, got `{text}`", param="temperature") from None
+
+
+def _decode_upload(service: Service, upload: Upload) -> Any:
+    from lyra_cli.serve.transcribe import decode_upload
+
+    return decode_upload(upload.data, upload.filename, service.config.media_limits)
+
+
+class TranscriptionJob:
+    """The worker's side of a transcription: one event, the `Transcription`; `close` removes the upload."""
+
+    def __init__(self, decoded: Any, temperature: float | None, cache: Any) -> None:
+        self.decoded = decoded
+        self.temperature = temperature
+        self.cache = cache
+
+    def __call__(self, engine: "Engine", check: Any) -> Any:
+        from lyra_cli.serve.transcribe import transcribe
+
+        check()
+        yield transcribe(engine, self.decoded, temperature=self.temperature, cache=self.cache)
+
+    def close(self) -> None:
+        self.decoded.close()

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
+
 from lyra_cli.serve import internals, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError, from_lyra_error
 from lyra_cli.serve.worker import Finished, Job
@@ -50,9 +52,23 @@ class ChatJob:
         for contents, answer in self.history:
             conversation.turns.append(internals.answered_turn(self._parts(engine, contents, check), answer))
         parts = self._parts(engine, self.question, check)
+        self._check_fits(engine, conversation, parts)
         check()
-        yield from engine.respond(conversation, parts, self.sampling, extractor=self.extractor, voice=self.voice,
-                                  on_prefill_progress=lambda _done, _total: check())  # fmt: skip
+        yield from internals.respond(engine, conversation, parts, self.sampling, extractor=self.extractor,
+                                     voice=self.voice, on_prefill_progress=lambda _done, _total: check())  # fmt: skip
+
+    def _check_fits(self, engine: "Engine", conversation: Any, parts: list) -> None:
+        """Refuse a prompt that with its answer would not fit the model's positions, before it is prefilled
+        (a huge one would exhaust memory first). With an extractor, long media may exceed them (it drops
+        tokens as it reads, as `lyra longspeech` does), but the text still has to fit."""
+        turns = [(turn.user, turn.answer) for turn in conversation.turns] + [(parts, None)]
+        n_prompt = internals.prompt_tokens(engine, conversation.system, turns, media=not self.extracting)
+        context = internals.context_tokens(engine)
+        if n_prompt + self.sampling.max_new_tokens > context:
+            raise ApiError(400, f"this conversation takes about {n_prompt:,} tokens and `max_tokens` asks for "
+                                f"{self.sampling.max_new_tokens:,} more: the model has {context:,} positions; send "
+                                "a shorter conversation or a smaller `max_tokens`",
+                           param="messages", code="context_length_exceeded")  # fmt: skip
 
     def _parts(self, engine: "Engine", contents: Sequence["DecodedContent"], check: Callable[[], None]) -> list:
         from lyra_cli.serve.media import encode_content
@@ -100,18 +116,30 @@ def _answer_text(message: protocol.Message, store: "AudioStore") -> str:
 
 def sampling_for(engine: "Engine", request: protocol.ChatRequest) -> "SamplingConfig":
     """The model's defaults with the request's fields on top (OpenAI's default temperature is 1; lyra keeps
-    the model's own, greedy for the release, so an answer repeats unless the client asks otherwise)."""
+    the model's own, greedy for the release, so an answer repeats unless the client asks otherwise).
+    `lyra.top_k` and `lyra.repetition_penalty` set what OpenAI's API has no field for."""
     from lyra_cli.errors import LyraError
 
     overrides = dict(request.sampling)
+    if "temperature" in overrides or "top_p" in overrides:
+        # OpenAI samples over the whole vocabulary (it has no top_k, and top_p is 1 unless sent); a release's
+        # generation config keeps top_k 1 and top_p 0.001, under which a request's temperature would change nothing
+        overrides.setdefault("top_k", 0)
+        overrides.setdefault("top_p", 1.0)
     if request.top_logprobs is not None:
         overrides["logprobs"] = request.top_logprobs
     elif request.stop:  # a cut answer's token count comes from its logprobs (cheap: one log-softmax a step)
         overrides["logprobs"] = 0
     try:
-        return engine.sampling(**overrides)
+        sampling = engine.sampling(**overrides)
     except LyraError as exc:
         raise from_lyra_error(exc) from None
+    context = internals.context_tokens(engine)
+    if sampling.max_new_tokens >= context:
+        name = "max_completion_tokens" if "max_completion_tokens" in request.fields else "max_tokens"
+        raise ApiError(400, f"`{name}` is `{sampling.max_new_tokens:,}`: the model has {context:,} positions for "
+                            "the prompt and the answer together", param=name, code="context_length_exceeded")  # fmt: skip
+    return sampling
 
 
 @dataclass
@@ -220,7 +248,9 @@ async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
         if answer.done:
             break
     job.cancel()  # a stop sequence ended it early: the worker drops the rest at its next step
-    return protocol.completion(protocol.completion_id(), model, answer.message(), answer.finish_reason, answer.usage(),
+    # encoding the audio file (mp3, opus…) takes a while: off the event loop
+    message = answer.message() if answer.spoken is None else await run_in_threadpool(answer.message)
+    return protocol.completion(protocol.completion_id(), model, message, answer.finish_reason, answer.usage(),
                                answer.reported_logprobs())  # fmt: skip
 
 
@@ -256,6 +286,8 @@ async def stream(job: Job, answer: Answer, model: str, first: Any, events: Async
         yield SSE_DONE
     except ApiError as exc:  # the status line is sent: the error goes in the stream, as OpenAI does
         yield sse(exc.body())
+    except Exception as exc:  # a fault of ours mid-stream: logged, and the client told, never the traceback
+        yield sse(api_error(exc).body())
     finally:
         job.cancel()  # the client went away (or the answer ended): nothing more to compute
 

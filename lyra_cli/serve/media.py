@@ -116,7 +116,8 @@ class MediaOptions:
 
 @dataclass(frozen=True)
 class Recording:
-    """A recording longer than one window, still a file: `encode_content` streams it (long-speech path)."""
+    """A recording longer than one window (by its header), still a file: `encode_content` streams it through
+    the long-speech path (or, should it hold one window after all, encodes it as a clip)."""
 
     path: Path
     duration_s: float
@@ -253,8 +254,9 @@ def data_url_bytes(url: str, limits: MediaLimits, *, param: str) -> tuple[str, b
     """The media type and bytes of a `data:[type];base64,DATA` URL. Any other URL is refused: the server
     fetches nothing and reads no file a request names."""
     if not url.startswith("data:"):
-        scheme = url.split(":", 1)[0] if ":" in url[:16] else "no scheme"
-        raise ApiError(400, f"`{param}` must be a `data:` URL with the file in base64, not `{scheme}`: "
+        scheme, colon, _ = url.partition(":")
+        given = f"a `{scheme}:` URL" if colon and scheme.isalnum() else "a path or other text"
+        raise ApiError(400, f"`{param}` must be a `data:` URL with the file in base64, not {given}: "
                             "lyra serve never fetches URLs or reads files on the server",
                        param=param, code="unsupported_url")  # fmt: skip
     header, comma, payload = url.partition(",")
@@ -290,7 +292,9 @@ def _audio_item(path: Path, limits: MediaLimits, param: str, options: MediaOptio
         duration_s = _audio_duration_s(path, front_end, limits, param)
         if duration_s > LONG_SPEECH_MIN_S:
             return Recording(path, duration_s, front_end, param)
-        return replace(_read_media("speech", path, front_end), source=param)
+        speech = _read_media("speech", path, front_end)
+        _check_audio_s(speech.duration_s, limits, param)  # a header can understate (an mp3's estimate)
+        return replace(speech, source=param)
 
 
 def decode_audio_file(
@@ -472,4 +476,7 @@ def _encode_recording(
                        param=recording.source, code="context_length_exceeded")  # fmt: skip
     settings = LongSpeechSettings(front_end=recording.front_end, use_cache=cache is not None)
     part, _cached = RecordingEncoder(engine, settings, cache).encode(recording.path, on_progress)
+    if part.n_windows == 1:  # its header overstated it: a clip after all, kept as frames like every clip
+        clip = _read_media("speech", recording.path, recording.front_end)
+        return engine.encode(replace(clip, source=recording.source))
     return replace(part, source=recording.source)

@@ -18,6 +18,8 @@ from lyra_cli.serve.errors import ApiError
 if TYPE_CHECKING:
     from lyra_cli.engine import TokenLogprob
 
+MB = 1024 * 1024
+DEFAULT_MAX_REQUEST_MB = 50  # a request body: a few minutes of wav, or a handful of large images, in base64
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20
 SYSTEM_ROLES = ("system", "developer")  # `developer` is OpenAI's newer name for the system message
@@ -29,7 +31,8 @@ CHAT_FIELDS = frozenset({
     "frequency_penalty", "presence_penalty", "modalities", "audio", "response_format", "lyra",
     *SAMPLING_FIELDS, *IGNORED_FIELDS,
 })  # fmt: skip
-LYRA_FIELDS = ("extract", "official_audio")
+LYRA_SAMPLING = ("top_k", "repetition_penalty")  # sampling settings OpenAI's API has no field for
+LYRA_FIELDS = ("extract", "official_audio", *LYRA_SAMPLING)
 MODALITIES = ("text", "audio")
 
 
@@ -58,6 +61,7 @@ class ChatRequest:
     audio: Mapping[str, Any] | None = None  # `audio` with "audio" in `modalities`: speak the answer
     lyra: Mapping[str, Any] = field(default_factory=dict)
     user: str | None = None
+    fields: frozenset[str] = frozenset()  # the fields the body set (errors name them as sent)
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -70,18 +74,20 @@ def parse_chat(body: Any) -> ChatRequest:
     _refuse_unsupported(body)
     system, turns = parse_messages(body.get("messages"))
     stream = _bool(body, "stream")
+    lyra = _lyra(body.get("lyra"))
     return ChatRequest(
         model=_str(body, "model", required=True),
         system=system,
         turns=turns,
-        sampling=_sampling(body),
+        sampling={**_sampling(body), **{k: lyra[k] for k in LYRA_SAMPLING if k in lyra}},
         stream=stream,
         include_usage=_include_usage(body, stream),
         top_logprobs=_logprobs(body),
         stop=_stop(body.get("stop")),
         audio=_audio(body),
-        lyra=_lyra(body.get("lyra")),
+        lyra=lyra,
         user=_str(body, "user"),
+        fields=frozenset(body),
     )
 
 
@@ -271,6 +277,10 @@ def _lyra(options: Any) -> dict[str, Any]:
         raise ApiError(400, "`lyra.extract` must be a string like `4x0.7`", param="lyra.extract")
     if "official_audio" in options:
         _bool(options, "official_audio", param="lyra.official_audio")
+    if "top_k" in options:
+        _typed(options["top_k"], int, "lyra.top_k")
+    if "repetition_penalty" in options:
+        _typed(options["repetition_penalty"], (int, float), "lyra.repetition_penalty")
     return dict(options)
 
 

@@ -1,8 +1,8 @@
 """Many clients, one model: a single thread runs engine jobs one at a time, first come first served.
 
 A job is a function of the engine that yields events (the engine's own, in order); its `close()`, if it has
-one, runs once the job ran or was dropped. The worker hands each
-event to the job's asyncio queue as it comes, so an HTTP response streams while the model generates.
+one, runs once the job ran or was dropped. The worker hands each event to the job's asyncio queue as it
+comes, so an HTTP response streams while the model generates.
 Cancelling a job (its client went away, a stop sequence matched, the server stops) ends it at its next
 event or prefill chunk: the worker closes the engine's iterator itself, on its own thread, which runs
 `Engine.respond`'s clean-up there (the unfinished turn leaves its conversation) before the next job starts.
@@ -53,7 +53,8 @@ class Finished:
 class Job:
     """One request's engine work and the queue its events arrive on (read from the event loop)."""
 
-    def __init__(self, work: Work, client: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, work: Work, client: str | None, loop: asyncio.AbstractEventLoop) -> None:
+        """`client` names whose prefix cache the job continues (None: it starts and keeps none)."""
         self.work = work
         self.client = client
         self.events: asyncio.Queue[Any] = asyncio.Queue()
@@ -86,12 +87,13 @@ class PrefixCaches:
         self.capacity = capacity
         self._caches: OrderedDict[str, Any] = OrderedDict()
 
-    def swap_in(self, engine: "Engine", client: str) -> None:
-        internals.set_prefix(engine, self._caches.pop(client, None))
+    def swap_in(self, engine: "Engine", client: str | None) -> None:
+        internals.set_prefix(engine, self._caches.pop(client, None) if client is not None else None)
 
-    def swap_out(self, engine: "Engine", client: str) -> None:
+    def swap_out(self, engine: "Engine", client: str | None) -> None:
         cache = internals.take_prefix(engine)
-        if cache is not None and self.capacity > 0:  # None: this job's prefill never completed
+        # None: this job's prefill never completed, or it keeps no cache (a transcription)
+        if cache is not None and client is not None and self.capacity > 0:
             self._caches[client] = cache
             while len(self._caches) > self.capacity:
                 self._caches.popitem(last=False)

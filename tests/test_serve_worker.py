@@ -1,0 +1,155 @@
+"""The server's worker on a stand-in engine: jobs run one at a time in order, a cancelled job stops at its
+next event and its iterator is closed on the worker's thread, every job is released, and each client's prefix
+cache comes back to it (least recently used dropped first)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from lyra_cli.serve.errors import ApiError
+from lyra_cli.serve.worker import Finished, Job, PrefixCaches, Worker
+
+WAIT_S = 30  # a wait, not a timing
+
+
+class Recorder:
+    """A job that yields `n` events, each after `gate` lets it (when given), and records what happened."""
+
+    def __init__(self, n: int, gate: threading.Semaphore | None = None, prefix: str | None = None) -> None:
+        self.n, self.gate, self.prefix = n, gate, prefix
+        self.yielded = 0
+        self.closed_on: str | None = None
+        self.released = False
+        self.saw_prefix: Any = "unset"
+
+    def __call__(self, engine: Any, check: Any) -> Iterator[int]:
+        self.saw_prefix = engine._prefix
+        try:
+            for i in range(self.n):
+                if self.gate is not None:
+                    assert self.gate.acquire(timeout=WAIT_S)
+                self.yielded += 1
+                yield i
+            if self.prefix is not None:
+                engine._prefix = self.prefix  # as a completed prefill leaves it
+        finally:
+            self.closed_on = threading.current_thread().name
+
+    def close(self) -> None:
+        self.released = True
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def drain(loop: asyncio.AbstractEventLoop, job: Job) -> list[Any]:
+    async def collect() -> list[Any]:
+        items = []
+        while True:
+            item = await asyncio.wait_for(job.events.get(), WAIT_S)
+            items.append(item)
+            if isinstance(item, Finished):
+                return items
+
+    return loop.run_until_complete(collect())
+
+
+def test_jobs_run_in_order_and_are_released(loop: asyncio.AbstractEventLoop) -> None:
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4)
+    works = [Recorder(3), Recorder(2)]
+    jobs = [worker.submit(Job(w, "a", loop)) for w in works]
+    assert drain(loop, jobs[0]) == [0, 1, 2, Finished()]
+    assert drain(loop, jobs[1]) == [0, 1, Finished()]
+    assert worker.wait_idle(WAIT_S) and all(w.released and w.closed_on == "lyra-serve-worker" for w in works)
+    worker.stop()
+
+
+def test_a_cancelled_job_stops_at_its_next_event_and_is_closed_by_the_worker(loop: asyncio.AbstractEventLoop) -> None:
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4)
+    gate = threading.Semaphore(0)
+    work = Recorder(100, gate)
+    job = worker.submit(Job(work, "a", loop))
+    gate.release()
+    assert loop.run_until_complete(asyncio.wait_for(job.events.get(), WAIT_S)) == 0
+    job.cancel()
+    gate.release()  # the worker takes one more event, sees the cancellation and closes the iterator
+    assert worker.wait_idle(WAIT_S)
+    assert work.yielded <= 2 and work.closed_on == "lyra-serve-worker" and work.released
+    items = drain(loop, job)
+    assert items[-1] == Finished(cancelled=True)
+    worker.stop()
+
+
+def test_a_job_cancelled_while_waiting_never_runs(loop: asyncio.AbstractEventLoop) -> None:
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4)
+    gate = threading.Semaphore(0)
+    first, waiting = Recorder(1, gate), Recorder(1)
+    worker.submit(Job(first, "a", loop))
+    job = worker.submit(Job(waiting, "b", loop))
+    job.cancel()
+    gate.release()
+    assert worker.wait_idle(WAIT_S)
+    assert waiting.yielded == 0 and waiting.released and drain(loop, job) == [Finished(cancelled=True)]
+    worker.stop()
+
+
+def test_a_failing_job_reports_its_error_and_the_worker_goes_on(loop: asyncio.AbstractEventLoop) -> None:
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4)
+
+    def broken(_engine: Any, _check: Any) -> Iterator[int]:
+        raise ValueError("boom")
+        yield 0
+
+    failed = drain(loop, worker.submit(Job(broken, "a", loop)))[-1]
+    assert isinstance(failed.error, ValueError)
+    assert drain(loop, worker.submit(Job(Recorder(1), "a", loop))) == [0, Finished()]
+    worker.stop()
+
+
+def test_the_queue_refuses_beyond_its_size_with_a_503(loop: asyncio.AbstractEventLoop) -> None:
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=1)
+    gate = threading.Semaphore(0)
+    worker.submit(Job(Recorder(1, gate), "a", loop))
+    while not worker.busy:
+        threading.Event().wait(0.005)
+    worker.submit(Job(Recorder(1), "b", loop))
+    with pytest.raises(ApiError) as refused:
+        worker.submit(Job(Recorder(1), "c", loop))
+    assert refused.value.status == 503 and int(refused.value.headers["Retry-After"]) > 0
+    gate.release()
+    assert worker.wait_idle(WAIT_S)
+    worker.stop()
+
+
+def test_each_client_gets_its_own_prefix_back(loop: asyncio.AbstractEventLoop) -> None:
+    engine = SimpleNamespace(_prefix=None)
+    worker = Worker(engine, max_queue=8, cached_clients=2)
+    for client in ("alice", "bob"):
+        drain(loop, worker.submit(Job(Recorder(0, prefix=f"{client}'s cache"), client, loop)))
+    alice, nobody = Recorder(0), Recorder(0)
+    drain(loop, worker.submit(Job(alice, "alice", loop)))  # bob ran in between
+    drain(loop, worker.submit(Job(nobody, None, loop)))  # a job keeping no cache (a transcription)
+    assert alice.saw_prefix == "alice's cache" and nobody.saw_prefix is None
+    assert engine._prefix is None  # between jobs the engine holds no client's cache
+    worker.stop()
+
+
+def test_the_least_recently_used_client_is_dropped_first() -> None:
+    caches = PrefixCaches(capacity=2)
+    engine = SimpleNamespace(_prefix=None)
+    for client in ("a", "b", "a", "c"):  # `a` used again after `b`: `b` is the oldest when `c` comes
+        caches.swap_in(engine, client)
+        engine._prefix = f"{client}-cache"
+        caches.swap_out(engine, client)
+    assert caches.clients() == ["a", "c"]
+    assert PrefixCaches(capacity=0).clients() == []
