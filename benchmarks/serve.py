@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -93,7 +92,7 @@ def start_server(model: str, device: str, port: int, log: Path, threads: int | N
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                 return proc
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, or accepted but not answered while the model loads
             time.sleep(0.1)
     proc.terminate()
     raise RuntimeError(f"`lyra serve` did not answer /health within {SERVER_START_S:.0f} s; see {log}")

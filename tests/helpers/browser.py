@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,7 +106,7 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path | None = None
         if proc.poll() is not None:
             raise RuntimeError(f"`lyra serve` exited with {proc.returncode} before answering /health{output}")
         with (
-            contextlib.suppress(urllib.error.URLError, ConnectionError),
+            contextlib.suppress(OSError),  # refused, or accepted but not answered while the model loads
             urllib.request.urlopen(f"{url}/health", timeout=1) as response,
         ):
             if response.status == 200:
