@@ -34,7 +34,7 @@ from lyra_cli.engine.model.towers import (
     resolve_sources,
     tower_folder_keys,
 )
-from lyra_cli.errors import CheckpointError
+from lyra_cli.errors import CheckpointError, setting
 
 if TYPE_CHECKING:  # torch and accelerate are imported where weights are loaded: `lyra info` reads headers only
     import torch
@@ -121,7 +121,7 @@ def main_weight_source(model_dir: Path) -> WeightSource:
     files = weight_files(model_dir)
     if files is None:
         raise CheckpointError(
-            f"`{model_dir}` holds no `{INDEX_FILE}` or `{SINGLE_FILE}`", "point --model at a Lyra release folder"
+            f"`{model_dir}` holds no `{INDEX_FILE}` or `{SINGLE_FILE}`", f"point {setting('model')} at a Lyra release folder"
         )
     folders = sorted({p.name for p in files.values() if p.is_dir()})
     if folders:

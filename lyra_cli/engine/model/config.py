@@ -239,7 +239,7 @@ def read_json(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"`{path}` is a folder, not a JSON file", "re-download or re-export the model")
     if not path.is_file():
-        raise CheckpointError(f"`{path}` is missing", "point --model at a folder in the Lyra release layout")
+        raise CheckpointError(f"`{path}` is missing", f"point {setting('model')} at a folder in the Lyra release layout")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from lyra_cli.errors import CheckpointError, InputError
+from lyra_cli.errors import CheckpointError, InputError, setting
 from lyra_cli.inputs import require_input_file
 
 log = logging.getLogger(__name__)
@@ -296,9 +296,9 @@ def _probe_video(path: Path) -> _VideoProbe:
 
     with _open_container(path) as container:
         if not container.streams.video:
-            raise InputError(f"`{path}` has no video stream", "pass audio with `--speech`")
+            raise InputError(f"`{path}` has no video stream", f"pass audio with {setting('speech')}")
         if _is_still_image_format(container.format.name):
-            raise InputError(f"`{path}` is a still image, not a video", "pass it with `--image`")
+            raise InputError(f"`{path}` is a still image, not a video", f"pass it with {setting('image')}")
         stream = container.streams.video[0]
         if stream.codec_context is None:  # a codec tag FFmpeg does not know
             raise InputError(f"video `{path}` uses a codec FFmpeg cannot decode", "re-encode it as h264 mp4")
