@@ -44,21 +44,22 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
 
 
 @pytest.mark.parametrize("flags", [["--max-queue", "0"], ["--port", "70000"], ["--max-request-mb", "0"],
-                                   ["--max-audio-s", "-1"], ["--cached-clients", "-1"],
-                                   ["--cached-media", "-1"]])  # fmt: skip
+                                   ["--max-audio-s", "-1"], ["--cached-clients", "-1"]])  # fmt: skip
 def test_bad_settings_are_usage_errors(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["serve", *flags]) == 2
     assert flags[0] in capsys.readouterr().err
 
 
-def test_cached_media_reaches_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_media_reaches_the_server(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from lyra_cli.commands import serve
 
     seen = []
-    monkeypatch.setattr(serve, "_run", lambda _engine, settings, *_rest: seen.append(settings.cached_media))
+    monkeypatch.setattr(serve, "_run", lambda _engine, _settings, _sock, served, _q: seen.append(served.cached_media))
     assert run(["serve", "--port", "0", "--no-voice", "-q", "--cached-media", "0"]) == 0
     assert run(["serve", "--port", "0", "--no-voice", "-q"]) == 0
     assert seen == [0, serve.media_cache.DEFAULT_CACHED_MEDIA]
+    assert run(["serve", "--cached-media", "-1"]) == 2
+    assert "--cached-media" in capsys.readouterr().err
 
 
 def test_a_busy_port_is_an_error_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:

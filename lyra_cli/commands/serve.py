@@ -19,7 +19,7 @@ import typer
 from lyra_cli.commands import common, speech_io
 from lyra_cli.engine import TINY
 from lyra_cli.errors import LyraError, UsageError
-from lyra_cli.serve import media, media_cache, protocol, worker  # defaults of the limits (light: no FastAPI, no torch)
+from lyra_cli.serve import media, media_cache, protocol, worker  # defaults (light: no FastAPI, no torch)
 
 if TYPE_CHECKING:
     from lyra_cli.engine import Engine
@@ -56,11 +56,11 @@ CachedClientsOption = typer.Option(
     worker.DEFAULT_CACHED_CLIENTS, "--cached-clients",
     help="Clients whose last prompt's KV cache is kept for their next turn (0: none).",
 )  # fmt: skip
+MaxFramesOption = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video.")
 CachedMediaOption = typer.Option(
     media_cache.DEFAULT_CACHED_MEDIA, "--cached-media",
     help="Encoded images and audio clips kept for a conversation's later turns, by content (0: none).",
 )  # fmt: skip
-MaxFramesOption = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video.")
 
 
 class PortInUseError(LyraError):
@@ -74,13 +74,13 @@ def serve(
     max_queue: int = MaxQueueOption,
     max_request_mb: float = MaxRequestOption,
     cached_clients: int = CachedClientsOption,
-    cached_media: int = CachedMediaOption,
     no_voice: bool = typer.Option(False, "--no-voice", help="Do not load the speech generator and vocoder."),
     max_media_mb: float = MaxMediaOption,
     max_audio_s: float = MaxAudioOption,
     max_image_pixels: int = typer.Option(media.DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Largest image."),
     max_video_s: float = typer.Option(media.DEFAULT_MAX_VIDEO_S, "--max-video-s", help="Longest video, in seconds."),
     max_video_frames: int = MaxFramesOption,
+    cached_media: int = CachedMediaOption,
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Neither read nor write the speech-token cache for long recordings."
     ),
@@ -101,9 +101,11 @@ def serve(
     """Serve Lyra over an OpenAI-compatible HTTP API."""
     from lyra_cli.engine import resolve_model
 
-    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients, cached_media)
+    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
     require_server_packages()
     limits = media_limits(max_media_mb, max_audio_s, max_image_pixels, max_video_s, max_video_frames)
+    if cached_media < 0:
+        raise UsageError(f"bad --cached-media value `{cached_media}`", "--cached-media must be ≥ 0 (0: no cache)")
     cache_dir = speech_cache_dir(no_cache)
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
@@ -114,7 +116,8 @@ def serve(
         model_dir = resolve_model(model)
         engine = _load(model, model_dir, request, overrides, quiet)
         voice_note = _load_voice(engine, vocoder, chunk_units, ctc_aligned, no_voice)
-        _run(engine, settings, sock, ServedModel(model_id(model, model_dir), limits, cache_dir, voice_note), quiet)
+        served = ServedModel(model_id(model, model_dir), limits, cache_dir, voice_note, cached_media)
+        _run(engine, settings, sock, served, quiet)
     finally:
         sock.close()
 
@@ -127,12 +130,10 @@ class ServerSettings:
     max_queue: int
     max_request_bytes: int
     cached_clients: int
-    cached_media: int = media_cache.DEFAULT_CACHED_MEDIA
 
     @classmethod
     def checked(cls, host: str, port: int, api_key: str | None, max_queue: int, max_request_mb: float,
-                cached_clients: int, cached_media: int = media_cache.DEFAULT_CACHED_MEDIA,
-                ) -> "ServerSettings":  # fmt: skip
+                cached_clients: int) -> "ServerSettings":  # fmt: skip
         api_key = api_key or None  # an empty $LYRA_API_KEY is no key
         if not is_loopback(host) and api_key is None:
             raise UsageError(
@@ -142,12 +143,11 @@ class ServerSettings:
         checks = [(0 <= port <= 65535, "--port", port, "0..65535"),
                   (max_queue >= 1, "--max-queue", max_queue, "≥ 1"),
                   (max_request_mb > 0, "--max-request-mb", max_request_mb, "> 0"),
-                  (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0"),
-                  (cached_media >= 0, "--cached-media", cached_media, "≥ 0")]  # fmt: skip
+                  (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0")]  # fmt: skip
         for ok, flag, value, rule in checks:
             if not ok:
                 raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be {rule}")
-        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients, cached_media)
+        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients)
 
 
 def require_server_packages() -> None:
@@ -228,6 +228,7 @@ class ServedModel:
     limits: media.MediaLimits
     speech_cache_dir: Path | None
     voice_note: str
+    cached_media: int = media_cache.DEFAULT_CACHED_MEDIA  # encoded media parts kept for later turns
 
 
 def media_limits(max_media_mb: float, max_audio_s: float, max_image_pixels: int, max_video_s: float,
@@ -269,7 +270,7 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, served
     config = ServeConfig(model_id=name, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
                          max_queue=settings.max_queue, cached_clients=settings.cached_clients,
                          media_limits=served.limits, speech_cache_dir=served.speech_cache_dir,
-                         cached_media=settings.cached_media)  # fmt: skip
+                         cached_media=served.cached_media)  # fmt: skip
     app = create_app(engine, config)
     service = app.state.service
     verbose = logging.getLogger().level <= logging.INFO
