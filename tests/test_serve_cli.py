@@ -50,6 +50,18 @@ def test_bad_settings_are_usage_errors(flags: list[str], capsys: pytest.CaptureF
     assert flags[0] in capsys.readouterr().err
 
 
+def test_cached_media_reaches_the_server(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from lyra_cli.commands import serve
+
+    seen = []
+    monkeypatch.setattr(serve, "_run", lambda _engine, _settings, _sock, served, _q: seen.append(served.cached_media))
+    assert run(["serve", "--port", "0", "--no-voice", "-q", "--cached-media", "0"]) == 0
+    assert run(["serve", "--port", "0", "--no-voice", "-q"]) == 0
+    assert seen == [0, serve.media_cache.DEFAULT_CACHED_MEDIA]
+    assert run(["serve", "--cached-media", "-1"]) == 2
+    assert "--cached-media" in capsys.readouterr().err
+
+
 def test_a_busy_port_is_an_error_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ import typer
 from lyra_cli.commands import common, speech_io
 from lyra_cli.engine import TINY
 from lyra_cli.errors import LyraError, UsageError
-from lyra_cli.serve import media, protocol, worker  # defaults of the limits (light: no FastAPI, no torch)
+from lyra_cli.serve import media, media_cache, protocol, worker  # defaults (light: no FastAPI, no torch)
 
 if TYPE_CHECKING:
     from lyra_cli.engine import Engine
@@ -57,6 +57,10 @@ CachedClientsOption = typer.Option(
     help="Clients whose last prompt's KV cache is kept for their next turn (0: none).",
 )  # fmt: skip
 MaxFramesOption = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video.")
+CachedMediaOption = typer.Option(
+    media_cache.DEFAULT_CACHED_MEDIA, "--cached-media",
+    help="Encoded images and audio clips kept for a conversation's later turns, by content (0: none).",
+)  # fmt: skip
 
 
 class PortInUseError(LyraError):
@@ -76,6 +80,7 @@ def serve(
     max_image_pixels: int = typer.Option(media.DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Largest image."),
     max_video_s: float = typer.Option(media.DEFAULT_MAX_VIDEO_S, "--max-video-s", help="Longest video, in seconds."),
     max_video_frames: int = MaxFramesOption,
+    cached_media: int = CachedMediaOption,
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Neither read nor write the speech-token cache for long recordings."
     ),
@@ -99,6 +104,8 @@ def serve(
     settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
     require_server_packages()
     limits = media_limits(max_media_mb, max_audio_s, max_image_pixels, max_video_s, max_video_frames)
+    if cached_media < 0:
+        raise UsageError(f"bad --cached-media value `{cached_media}`", "--cached-media must be ≥ 0 (0: no cache)")
     cache_dir = speech_cache_dir(no_cache)
     request = common.runtime_request(device, dtype, load_8bit, load_4bit, device_map, max_memory)
     overrides = common.tower_overrides(vision_tower, speech_tower, vocoder)
@@ -109,7 +116,8 @@ def serve(
         model_dir = resolve_model(model)
         engine = _load(model, model_dir, request, overrides, quiet)
         voice_note = _load_voice(engine, vocoder, chunk_units, ctc_aligned, no_voice)
-        _run(engine, settings, sock, ServedModel(model_id(model, model_dir), limits, cache_dir, voice_note), quiet)
+        served = ServedModel(model_id(model, model_dir), limits, cache_dir, voice_note, cached_media)
+        _run(engine, settings, sock, served, quiet)
     finally:
         sock.close()
 
@@ -220,6 +228,7 @@ class ServedModel:
     limits: media.MediaLimits
     speech_cache_dir: Path | None
     voice_note: str
+    cached_media: int = media_cache.DEFAULT_CACHED_MEDIA  # encoded media parts kept for later turns
 
 
 def media_limits(max_media_mb: float, max_audio_s: float, max_image_pixels: int, max_video_s: float,
@@ -260,7 +269,8 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, served
     name = served.name
     config = ServeConfig(model_id=name, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
                          max_queue=settings.max_queue, cached_clients=settings.cached_clients,
-                         media_limits=served.limits, speech_cache_dir=served.speech_cache_dir)  # fmt: skip
+                         media_limits=served.limits, speech_cache_dir=served.speech_cache_dir,
+                         cached_media=served.cached_media)  # fmt: skip
     app = create_app(engine, config)
     service = app.state.service
     verbose = logging.getLogger().level <= logging.INFO

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from lyra_cli.serve import chat, internals, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
 from lyra_cli.serve.media import MediaLimits
+from lyra_cli.serve.media_cache import DEFAULT_CACHED_MEDIA, MediaCache
 from lyra_cli.serve.speech import AudioStore
 from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, Job, Worker
 
@@ -53,6 +54,7 @@ class ServeConfig:
     cached_clients: int = DEFAULT_CACHED_CLIENTS
     media_limits: MediaLimits = MediaLimits()
     speech_cache_dir: Path | None = None  # long recordings' speech tokens are cached here (None: not cached)
+    cached_media: int = DEFAULT_CACHED_MEDIA  # encoded images and clips kept for later turns (0: none)
 
 
 class Service:
@@ -64,6 +66,7 @@ class Service:
         self.worker = Worker(engine, config.max_queue, config.cached_clients)
         self.audio_store = AudioStore()  # spoken answers a later request may name by id
         self.speech_cache = internals.speech_cache(config.speech_cache_dir)
+        self.media_cache = MediaCache(config.cached_media) if config.cached_media > 0 else None
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
@@ -180,8 +183,9 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         worker = service.worker
+        cache = service.media_cache.stats() if service.media_cache is not None else MediaCache(0).stats()
         return {"status": "ok", "model": service.config.model_id, "queued": worker.queued, "busy": worker.busy,
-                "max_queue": worker.max_queue}  # fmt: skip
+                "max_queue": worker.max_queue, "media_cache": cache}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -286,10 +290,11 @@ def chat_job(service: Service, parsed: protocol.ChatRequest) -> chat.ChatJob:
         raise from_lyra_error(exc, param="lyra.extract") from None
     sampling = chat.sampling_for(engine, parsed)
     voice = _voice(service, parsed)
-    history, question = chat.decode_turns(parsed, service.config.media_limits, service.audio_store)
+    history, question = chat.decode_turns(parsed, service.config.media_limits, service.audio_store,
+                                          service.media_cache)  # fmt: skip
     return chat.ChatJob(system=parsed.system, history=history, question=question, sampling=sampling,
                         extractor=extractor, extracting=internals.extracting(engine, extractor), voice=voice,
-                        speech_cache=service.speech_cache)  # fmt: skip
+                        speech_cache=service.speech_cache, media_cache=service.media_cache)  # fmt: skip
 
 
 def _voice(service: Service, parsed: protocol.ChatRequest) -> Any:

@@ -23,6 +23,7 @@ from lyra_cli.serve.worker import Finished, Job
 if TYPE_CHECKING:
     from lyra_cli.engine import Engine, SamplingConfig
     from lyra_cli.serve.media import DecodedContent, MediaLimits
+    from lyra_cli.serve.media_cache import MediaCache
     from lyra_cli.serve.speech import AudioStore, SpokenAnswer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ChatJob:
     extracting: bool = False  # whether an extractor runs (the request's, or the config's)
     voice: Any = None  # the engine's `Voice` when the answer is spoken
     speech_cache: Any = None  # the speech-token cache long recordings are encoded through
+    media_cache: Any = None  # the server's `MediaCache`, where the media encoded here are kept for later turns
 
     def __call__(self, engine: "Engine", check: Callable[[], None]) -> Iterator[Any]:
         from lyra_cli.engine import Conversation
@@ -74,8 +76,8 @@ class ChatJob:
         from lyra_cli.serve.media import encode_content
 
         return [part for decoded in contents
-                for part in encode_content(engine, decoded, cache=self.speech_cache, extract=self.extracting,
-                                           on_progress=lambda _progress: check())]  # fmt: skip
+                for part in encode_content(engine, decoded, cache=self.speech_cache, media_cache=self.media_cache,
+                                           extract=self.extracting, on_progress=lambda _progress: check())]  # fmt: skip
 
     def close(self) -> None:
         for contents in (*(c for c, _ in self.history), self.question):
@@ -83,9 +85,11 @@ class ChatJob:
                 decoded.close()
 
 
-def decode_turns(request: protocol.ChatRequest, limits: "MediaLimits", store: "AudioStore") -> tuple[tuple, tuple]:
+def decode_turns(request: protocol.ChatRequest, limits: "MediaLimits", store: "AudioStore",
+                 media_cache: "MediaCache | None" = None) -> tuple[tuple, tuple]:  # fmt: skip
     """Every user message's content decoded (limits checked first), and each earlier turn's answer text
-    (an answer named by its audio id stands for its transcript). On an error nothing decoded is left."""
+    (an answer named by its audio id stands for its transcript). On an error nothing decoded is left.
+    Media found in `media_cache` (earlier turns, usually) are neither decoded nor encoded again."""
     from lyra_cli.serve.media import MediaOptions, decode_content
 
     options = MediaOptions.from_request(request.lyra)
@@ -95,7 +99,7 @@ def decode_turns(request: protocol.ChatRequest, limits: "MediaLimits", store: "A
         for message in request.turns:
             contents = []
             for content, param in message.contents:
-                contents.append(decode_content(content, limits, param=param, options=options))
+                contents.append(decode_content(content, limits, param=param, options=options, cache=media_cache))
                 decoded.append(contents[-1])
             turns.append((tuple(contents), _answer_text(message, store)))
     except BaseException:

@@ -46,6 +46,7 @@ from lyra_cli.serve.errors import ApiError, from_lyra_error
 
 if TYPE_CHECKING:
     from lyra_cli.engine.run.speech_cache import SpeechTokenCache
+    from lyra_cli.serve.media_cache import MediaCache
     from lyra_cli.audio.frontend import AudioFrontEnd
     from lyra_cli.engine import Engine, Part, Progress
 
@@ -135,6 +136,7 @@ class DecodedContent:
 
     items: list[Any] = field(default_factory=list)
     folder: Path | None = None
+    cache_keys: dict[int, str] = field(default_factory=dict)  # item index -> its `MediaCache` key, once encoded
 
     def close(self) -> None:
         if self.folder is not None:
@@ -157,18 +159,30 @@ class DecodedContent:
 
 
 def decode_content(
-    content: Any, limits: MediaLimits, *, param: str, options: MediaOptions = MediaOptions()
+    content: Any,
+    limits: MediaLimits,
+    *,
+    param: str,
+    options: MediaOptions = MediaOptions(),
+    cache: MediaCache | None = None,
 ) -> DecodedContent:
     """A message's `content` (a string or a list of parts) decoded in order; `param` names it in errors
     (`messages[1].content`). Raises `ApiError` (400) for a malformed part, a medium over `limits` (before
-    decoding it) or one the decoders refuse (`read_media`'s message). The caller closes the result."""
+    decoding it) or one the decoders refuse (`read_media`'s message). The caller closes the result.
+
+    With a `cache`, a medium encoded before (the same bytes and options) is neither decoded nor checked
+    again: it becomes a `CachedMedium`, its limits passed when it was first seen (they are the server's,
+    fixed). Every other medium gets its key in `cache_keys`, for `encode_content` to store its part."""
     if isinstance(content, str):
         return DecodedContent(items=[_text_part(content)])
     if not isinstance(content, list):
         raise ApiError(400, f"`{param}` must be a string or a list of content parts", param=param)
     with _new_content() as decoded:
         for index, part in enumerate(content):
-            decoded.items.append(_decode_part(part, limits, f"{param}[{index}]", decoded.folder, options))
+            item, key = _decode_part(part, limits, f"{param}[{index}]", decoded.folder, options, cache)
+            decoded.items.append(item)
+            if key is not None and not isinstance(item, Recording):  # recordings have the on-disk cache
+                decoded.cache_keys[index] = key
     return decoded
 
 
@@ -186,23 +200,50 @@ def _new_content() -> Iterator[DecodedContent]:
         decoded.close()
 
 
-def _decode_part(part: Any, limits: MediaLimits, param: str, folder: Path, options: MediaOptions) -> Any:
+def _decode_part(
+    part: Any, limits: MediaLimits, param: str, folder: Path, options: MediaOptions, cache: MediaCache | None
+) -> tuple[Any, str | None]:
+    """The part's item, and its cache key (None: no cache, or text)."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind not in PART_TYPES:
         got = f"`{kind}`" if isinstance(kind, str) else "no type"
         raise ApiError(400, f"`{param}` has {got}; content parts are of type {_listed(PART_TYPES)}",
                        param=f"{param}.type", code="invalid_type")  # fmt: skip
     if kind == "text":
-        return _text_part(_field(part, "text", str, param))
+        return _text_part(_field(part, "text", str, param)), None
     body = _field(part, kind, dict, param)
     if kind == "input_audio":
-        return _decode_audio(body, limits, f"{param}.input_audio", folder, options)
-    url = _field(body, "url", str, f"{param}.{kind}")
-    media_type, data = data_url_bytes(url, limits, param=f"{param}.{kind}.url")
-    path = _write(folder, data, MEDIA_TYPE_SUFFIXES.get(media_type, ".bin"))
+        param = f"{param}.input_audio"
+        audio_format = _audio_format(body, param)
+        payload = _field(body, "data", str, param)
+        # the front end changes the samples, so the encoding
+        key = _cache_key(cache, kind, audio_format, options.official_audio, payload=payload)
+        if (hit := _cached(cache, key, f"{param}.data")) is not None:
+            return hit, key
+        data = base64_bytes(payload, limits, param=f"{param}.data")
+        return _audio_item(_write(folder, data, AUDIO_FORMATS[audio_format]), limits, f"{param}.data", options), key
+    param = f"{param}.{kind}.url"
+    media_type, payload = data_url_payload(_field(body, "url", str, param.removesuffix(".url")), param=param)
+    key = _cache_key(cache, kind, media_type, payload=payload)
+    if (hit := _cached(cache, key, param)) is not None:
+        return hit, key
+    path = _write(folder, base64_bytes(payload, limits, param=param), MEDIA_TYPE_SUFFIXES.get(media_type, ".bin"))
     if kind == "image_url":
-        return _decode_image(path, limits, f"{param}.image_url.url")
-    return _decode_video(path, limits, f"{param}.video_url.url")
+        return _decode_image(path, limits, param), key
+    return _decode_video(path, limits, param), key
+
+
+def _cache_key(cache: MediaCache | None, *options: object, payload: str) -> str | None:
+    return None if cache is None else cache.key(*options, payload=payload)
+
+
+def _cached(cache: MediaCache | None, key: str | None, source: str) -> Any:
+    """A `CachedMedium` for `source` when the cache holds `key`, else None."""
+    if cache is None or key is None or (part := cache.get(key)) is None:
+        return None
+    from lyra_cli.serve.media_cache import CachedMedium
+
+    return CachedMedium(part, source)
 
 
 def _field(body: Mapping[str, Any], name: str, kind: type, param: str) -> Any:
@@ -250,9 +291,9 @@ def _b64decode(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def data_url_bytes(url: str, limits: MediaLimits, *, param: str) -> tuple[str, bytes]:
-    """The media type and bytes of a `data:[type];base64,DATA` URL. Any other URL is refused: the server
-    fetches nothing and reads no file a request names."""
+def data_url_payload(url: str, *, param: str) -> tuple[str, str]:
+    """The media type and base64 text (still encoded: `base64_bytes` decodes it) of a `data:[type];base64,DATA`
+    URL. Any other URL is refused: the server fetches nothing and reads no file a request names."""
     if not url.startswith("data:"):
         scheme, colon, _ = url.partition(":")
         given = f"a `{scheme}:` URL" if colon and scheme.isalnum() else "a path or other text"
@@ -264,7 +305,7 @@ def data_url_bytes(url: str, limits: MediaLimits, *, param: str) -> tuple[str, b
         raise ApiError(400, f"`{param}` must be a base64 `data:` URL (`data:image/png;base64,...`)",
                        param=param, code="invalid_data_url")  # fmt: skip
     media_type = header[len("data:") : -len(";base64")].split(";", 1)[0].strip().lower()
-    return media_type, base64_bytes(payload, limits, param=param)
+    return media_type, payload
 
 
 def too_large(param: str, actual: str, limit: str, name: str) -> ApiError:
@@ -276,13 +317,12 @@ def too_large(param: str, actual: str, limit: str, name: str) -> ApiError:
 # -- audio ------------------------------------------------------------------------------------------------
 
 
-def _decode_audio(body: Mapping[str, Any], limits: MediaLimits, param: str, folder: Path, options: MediaOptions) -> Any:
+def _audio_format(body: Mapping[str, Any], param: str) -> str:
     audio_format = _field(body, "format", str, param).lower()
     if audio_format not in AUDIO_FORMATS:
         raise ApiError(400, f"`{param}.format` is `{audio_format}`; lyra reads {_listed(list(AUDIO_FORMATS))}",
                        param=f"{param}.format", code="unsupported_format")  # fmt: skip
-    data = base64_bytes(_field(body, "data", str, param), limits, param=f"{param}.data")
-    return _audio_item(_write(folder, data, AUDIO_FORMATS[audio_format]), limits, f"{param}.data", options)
+    return audio_format
 
 
 def _audio_item(path: Path, limits: MediaLimits, param: str, options: MediaOptions) -> Any:
@@ -423,6 +463,7 @@ def encode_content(
     decoded: DecodedContent,
     *,
     cache: SpeechTokenCache | None = None,
+    media_cache: MediaCache | None = None,
     extract: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> list[Part]:
@@ -430,21 +471,29 @@ def encode_content(
     `Recording` through the long-speech path (`RecordingEncoder`, the speech-token `cache` when given,
     `on_progress` following its encoding in seconds of audio).
 
+    A `CachedMedium` is its part as stored, renamed for this request's field; each medium with a key in
+    `decoded.cache_keys` is stored in `media_cache` once encoded.
+
     A recording whose prompt would exceed the model's positions is refused (400) unless `extract` (the
     extractor is on for this request), as `lyra longspeech` refuses it. Raises `ApiError` (400) for media
     this model cannot take (no vision or speech tower)."""
     from lyra_cli.engine import TextPart
+    from lyra_cli.serve.media_cache import CachedMedium
 
     parts: list[Part] = []
-    for item in decoded.items:
+    for index, item in enumerate(decoded.items):
         if isinstance(item, TextPart):
             parts.append(item)
+        elif isinstance(item, CachedMedium):
+            parts.append(replace(item.part, source=item.source))  # the same tensors, never changed
         elif isinstance(item, Recording):
             with lyra_errors(item.path, item.source):  # damage found only while decoding surfaces here
                 parts.append(_encode_recording(engine, item, cache, extract, on_progress))
         else:
             with lyra_errors(None, item.source):
                 parts.append(engine.encode(item))
+            if media_cache is not None and index in decoded.cache_keys:
+                media_cache.put(decoded.cache_keys[index], parts[-1])
     return parts
 
 
