@@ -208,12 +208,12 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         try:
             if not parsed.stream:
                 return JSONResponse(await chat.complete(job, answer, service.config.model_id))
-            first, events = await chat.first_event(job)
+            first, batches = await chat.first_event(job)
         except BaseException:
             watcher.cancel()
             job.cancel()
             raise
-        body = _watched(chat.stream(job, answer, service.config.model_id, first, events), watcher)
+        body = _watched(chat.stream(job, answer, service.config.model_id, first, batches), watcher)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/audio/transcriptions")

@@ -1,8 +1,10 @@
 """Many clients, one model: a single thread runs engine jobs one at a time, first come first served.
 
 A job is a function of the engine that yields events (the engine's own, in order); its `close()`, if it has
-one, runs once the job ran or was dropped. The worker hands each event to the job's asyncio queue as it
-comes, so an HTTP response streams while the model generates.
+one, runs once the job ran or was dropped. The worker hands each event to the job's `Inbox` as it comes, so
+an HTTP response streams while the model generates; the event loop is woken only when the request's
+coroutine waits for events, and takes every event that arrived meanwhile at once (a wake-up per token, on
+the thread that decodes, was most of the server's cost per token).
 Cancelling a job (its client went away, a stop sequence matched, the server stops) ends it at its next
 event or prefill chunk: the worker closes the engine's iterator itself, on its own thread, which runs
 `Engine.respond`'s clean-up there (the unfinished turn leaves its conversation) before the next job starts.
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,15 +52,72 @@ class Finished:
     error: BaseException | None = None
 
 
+class Inbox:
+    """Items put by one thread, taken in order by coroutines of one event loop. `put` never blocks and
+    wakes the loop (`call_soon_threadsafe`: a self-pipe write) only when a coroutine waits and no wake-up is
+    on its way; while the reader is busy, items pile up without costing the writer anything, and `take`
+    returns them all at once. Nothing waits for more: a reader gets whatever has arrived."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None  # set while a coroutine waits and nothing woke it yet
+
+    def put(self, item: Any) -> None:
+        """From any thread. Raises `RuntimeError` when the event loop is closed (nobody will ever read)."""
+        if self._loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    async def take(self) -> list[Any]:
+        """Every item not taken yet, in order; waits for the first when there is none."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+            await self._wait()
+
+    async def get(self) -> Any:
+        """The next item (waits for it), as `asyncio.Queue.get`."""
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+            await self._wait()
+
+    async def _wait(self) -> None:
+        with self._lock:
+            if self._items:
+                return
+            waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            with self._lock:
+                if self._waiter is waiter:
+                    self._waiter = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # its coroutine may have been cancelled meanwhile
+        waiter.set_result(None)
+
+
 class Job:
-    """One request's engine work and the queue its events arrive on (read from the event loop)."""
+    """One request's engine work and the inbox its events arrive on (read from the event loop)."""
 
     def __init__(self, work: Work, client: str | None, loop: asyncio.AbstractEventLoop) -> None:
         """`client` names whose prefix cache the job continues (None: it starts and keeps none)."""
         self.work = work
         self.client = client
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = loop
+        self.events = Inbox(loop)
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -75,7 +134,7 @@ class Job:
     def post(self, item: Any) -> None:
         """From the worker thread: hand `item` to the request's coroutine."""
         try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.events.put(item)
         except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
             self.cancel()
 
