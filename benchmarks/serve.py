@@ -80,7 +80,8 @@ class Timing:
 def start_server(model: str, device: str, port: int, log: Path, threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lyra_cli.main", "serve", "--model", model, "--device", device,
            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # this checkout first; the caller's path after it (e.g. optional packages to compare, such as uvloop)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if threads is not None:  # torch sizes its CPU thread pool from this when it starts
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "wb") as sink:
