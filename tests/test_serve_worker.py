@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from lyra_cli.serve.errors import ApiError
@@ -236,3 +237,42 @@ def test_a_job_whose_event_loop_closed_is_cancelled() -> None:
     job = Job(Recorder(1), "a", closed)
     job.post(0)
     assert job.cancelled
+
+
+def test_the_pacer_wakes_for_the_first_text_every_nth_and_everything_else() -> None:
+    from lyra_cli.engine.run.events import AudioChunk, Prefilled, TextDelta
+    from lyra_cli.serve.worker import _Pacer
+
+    audio = AudioChunk(np.zeros(4, dtype=np.float32), 16_000, 0.0)
+    events = [Prefilled(3, 3, 0.0), *[TextDelta(f"t{i}") for i in range(6)], audio, TextDelta("u0"), TextDelta("u1")]
+    pacer = _Pacer(3)
+    woken = [event.text if isinstance(event, TextDelta) else type(event).__name__
+             for event in events if pacer.wake(event)]  # fmt: skip
+    # t1, t2 wait for t3; t4, t5 go with the audio chunk, which restarts the count; u0, u1 wait for what follows
+    assert woken == ["Prefilled", "t0", "t3", "AudioChunk"]
+    assert all(_Pacer(1).wake(event) for event in events)
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_with_a_stream_interval_every_event_still_arrives_in_order(loop: asyncio.AbstractEventLoop,
+                                                                    interval: int) -> None:  # fmt: skip
+    from lyra_cli.engine.run.events import TextDelta
+
+    def texts(_engine: Any, _check: Any) -> Iterator[Any]:
+        yield from (TextDelta(f"t{i}") for i in range(10))  # the last two held: the end brings them
+
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4, stream_interval=interval)
+    calls = counting_wakeups(loop)
+    job = worker.submit(Job(texts, "a", loop))
+
+    async def collect() -> list[Any]:
+        items: list[Any] = []
+        while not items or not isinstance(items[-1], Finished):
+            items += await asyncio.wait_for(job.events.take(), WAIT_S)
+        return items
+
+    items = loop.run_until_complete(collect())
+    assert [i.text for i in items[:-1]] == [f"t{i}" for i in range(10)] and items[-1] == Finished()
+    # only the posts that may wake can: t0, t4, t8 and the end with 4; all 11 with 1
+    assert len(calls) <= (4 if interval == 4 else 11)
+    worker.stop()

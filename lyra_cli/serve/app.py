@@ -30,7 +30,7 @@ from lyra_cli.serve import chat, internals, protocol
 from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
 from lyra_cli.serve.media import MediaLimits
 from lyra_cli.serve.speech import AudioStore
-from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, Job, Worker
+from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL, Job, Worker
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,6 +51,7 @@ class ServeConfig:
     max_request_bytes: int = protocol.DEFAULT_MAX_REQUEST_MB * protocol.MB
     max_queue: int = DEFAULT_MAX_QUEUE
     cached_clients: int = DEFAULT_CACHED_CLIENTS
+    stream_interval: int = DEFAULT_STREAM_INTERVAL  # text deltas per wake-up of the event loop (worker.py)
     media_limits: MediaLimits = MediaLimits()
     speech_cache_dir: Path | None = None  # long recordings' speech tokens are cached here (None: not cached)
 
@@ -61,7 +62,7 @@ class Service:
     def __init__(self, engine: "Engine", config: ServeConfig) -> None:
         self.engine = engine
         self.config = config
-        self.worker = Worker(engine, config.max_queue, config.cached_clients)
+        self.worker = Worker(engine, config.max_queue, config.cached_clients, config.stream_interval)
         self.audio_store = AudioStore()  # spoken answers a later request may name by id
         self.speech_cache = internals.speech_cache(config.speech_cache_dir)
         self.created = int(time.time())

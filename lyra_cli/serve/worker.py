@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_CACHED_CLIENTS = 4  # prefix caches kept (each holds a prompt's keys and values on the model's device)
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+# text deltas per wake-up of the event loop: 1 sends every token as it comes; N > 1 lets N - 1 tokens wait
+# for the next, sent together (each wake-up costs the decoding thread ~0.2-0.3 ms on a busy 2-core CPU:
+# benchmarks/RESULTS.md). The first token, every audio chunk and the end are always sent at once.
+DEFAULT_STREAM_INTERVAL = 1
 
 
 class Cancelled(Exception):
@@ -64,12 +68,15 @@ class Inbox:
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None  # set while a coroutine waits and nothing woke it yet
 
-    def put(self, item: Any) -> None:
-        """From any thread. Raises `RuntimeError` when the event loop is closed (nobody will ever read)."""
+    def put(self, item: Any, *, wake: bool = True) -> None:
+        """From any thread. `wake` False: a waiting reader gets the item with the next one put with `wake`.
+        Raises `RuntimeError` when the event loop is closed (nobody will ever read)."""
         if self._loop.is_closed():
             raise RuntimeError("the event loop is closed")
         with self._lock:
             self._items.append(item)
+            if not wake:
+                return
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             self._loop.call_soon_threadsafe(_wake, waiter)
@@ -131,10 +138,10 @@ class Job:
         if self.cancelled:
             raise Cancelled()
 
-    def post(self, item: Any) -> None:
-        """From the worker thread: hand `item` to the request's coroutine."""
+    def post(self, item: Any, *, wake: bool = True) -> None:
+        """From the worker thread: hand `item` to the request's coroutine (`wake` False: with the next)."""
         try:
-            self.events.put(item)
+            self.events.put(item, wake=wake)
         except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
             self.cancel()
 
@@ -165,9 +172,11 @@ class Worker:
     """The thread that owns the engine. `submit` refuses with a 503 when `max_queue` jobs already wait."""
 
     def __init__(self, engine: "Engine", max_queue: int = DEFAULT_MAX_QUEUE,
-                 cached_clients: int = DEFAULT_CACHED_CLIENTS) -> None:  # fmt: skip
+                 cached_clients: int = DEFAULT_CACHED_CLIENTS,
+                 stream_interval: int = DEFAULT_STREAM_INTERVAL) -> None:  # fmt: skip
         self.engine = engine
         self.max_queue = max_queue
+        self.stream_interval = stream_interval
         self.prefixes = PrefixCaches(cached_clients)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._running: Job | None = None
@@ -249,10 +258,11 @@ class Worker:
         events = None
         try:
             events = job.work(self.engine, job.check)
+            pacer = _Pacer(self.stream_interval)
             for event in events:
                 if job.cancelled:
                     return Finished(cancelled=True)
-                job.post(event)
+                job.post(event, wake=pacer.wake(event))
             return Finished(cancelled=job.cancelled)
         except Cancelled:
             return Finished(cancelled=True)
@@ -262,6 +272,28 @@ class Worker:
             if events is not None:
                 _close(events)
             self.prefixes.swap_out(self.engine, job.client)
+
+
+class _Pacer:
+    """Whether an event wakes the event loop: all but text deltas do, and the first text delta and then one
+    in every `interval` (the ones between wait for it)."""
+
+    def __init__(self, interval: int) -> None:
+        from lyra_cli.engine.run.events import TextDelta
+
+        self._text = TextDelta
+        self.interval = interval
+        self._held = -1  # text deltas since the last wake-up (-1: no text yet)
+
+    def wake(self, event: Any) -> bool:
+        if self.interval <= 1 or not isinstance(event, self._text):
+            self._held = min(self._held, 0)  # the texts held so far go with it (-1 stays: no text yet)
+            return True
+        self._held += 1
+        if self._held == 0 or self._held >= self.interval:  # the first text, or the interval's last
+            self._held = 0
+            return True
+        return False
 
 
 def _release(work: Work) -> None:
