@@ -244,11 +244,12 @@ def test_the_pacer_wakes_for_the_first_text_every_nth_and_everything_else() -> N
     from lyra_cli.serve.worker import _Pacer
 
     audio = AudioChunk(np.zeros(4, dtype=np.float32), 16_000, 0.0)
-    events = [Prefilled(3, 3, 0.0), *[TextDelta(f"t{i}") for i in range(6)], audio, TextDelta("u0"), TextDelta("u1")]
+    events = [Prefilled(3, 3, 0.0), TextDelta(""), *[TextDelta(f"t{i}") for i in range(6)], audio, TextDelta("u0"),
+              TextDelta("u1")]  # fmt: skip
     pacer = _Pacer(3)
     woken = [event.text if isinstance(event, TextDelta) else type(event).__name__
              for event in events if pacer.wake(event)]  # fmt: skip
-    # t1, t2 wait for t3; t4, t5 go with the audio chunk, which restarts the count; u0, u1 wait for what follows
+    # a token of no text yet waits for t0; t1, t2 wait for t3; t4, t5 go with the audio chunk, which restarts the count; u0, u1 wait for what follows
     assert woken == ["Prefilled", "t0", "t3", "AudioChunk"]
     assert all(_Pacer(1).wake(event) for event in events)
 

@@ -275,8 +275,8 @@ class Worker:
 
 
 class _Pacer:
-    """Whether an event wakes the event loop: all but text deltas do, and the first text delta and then one
-    in every `interval` (the ones between wait for it)."""
+    """Whether an event wakes the event loop: all but text deltas do, and the first text delta with text and
+    then one in every `interval` (the ones between wait for it)."""
 
     def __init__(self, interval: int) -> None:
         from lyra_cli.engine.run.events import TextDelta
@@ -289,8 +289,11 @@ class _Pacer:
         if self.interval <= 1 or not isinstance(event, self._text):
             self._held = min(self._held, 0)  # the texts held so far go with it (-1 stays: no text yet)
             return True
+        if self._held < 0:  # the answer's first text wakes at once (a token of no text yet waits with it)
+            self._held = 0 if event.text else -1
+            return bool(event.text)
         self._held += 1
-        if self._held == 0 or self._held >= self.interval:  # the first text, or the interval's last
+        if self._held >= self.interval:
             self._held = 0
             return True
         return False
