@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from lyra_cli.engine.run.events import TokenLogprob, TopLogprob
 from lyra_cli.serve.errors import ApiError
-from lyra_cli.serve.protocol import StopScanner, parse_chat, parse_messages
+from lyra_cli.serve.protocol import (
+    DeltaChunks,
+    StopScanner,
+    chunk,
+    parse_chat,
+    parse_messages,
+    sse,
+)
 
 
 def user(content: object) -> dict:
@@ -127,3 +137,20 @@ def test_logprobs_wait_with_held_back_text() -> None:
     scanner = StopScanner(["xyz"])
     assert scanner.push("ab x", ["t1", "t2"]) == ("ab ", [])  # `x` may start the stop sequence
     assert scanner.push("q", ["t3"]) == ("xq", ["t1", "t2", "t3"])
+
+
+@pytest.mark.parametrize("usage_on", [False, True])
+@pytest.mark.parametrize("delta, logprobs", [
+    ({"role": "assistant", "content": ""}, None),
+    ({"content": "ü \"quoted\" \\ \n 猫"}, None),
+    ({"content": "Hi"}, [TokenLogprob("Hi", 7, -0.25, (TopLogprob("Hi", 7, -0.25), TopLogprob("Ho", 8, -1.5)))]),
+    ({"audio": {"id": "audio_1", "data": "AAAA", "transcript": "Hi"}}, None),
+])  # fmt: skip
+def test_pre_rendered_delta_chunks_are_the_chunks_json(delta: dict, logprobs: list | None, usage_on: bool) -> None:
+    model = 'a "model" named {"delta": 1}'  # whatever the model id holds stays a string
+    chunks = DeltaChunks("chatcmpl-1", model, include_usage=usage_on, created=1_700_000_000)
+    expected = chunk("chatcmpl-1", model, delta, logprobs=logprobs, include_usage=usage_on, created=1_700_000_000)
+    rendered = chunks.sse(delta, logprobs)
+    assert rendered == sse(expected)  # byte for byte what rendering the whole chunk gives
+    assert rendered.startswith("data: ") and rendered.endswith("\n\n")
+    assert json.loads(rendered[len("data: "):]) == expected

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from lyra_cli.serve.errors import ApiError
-from lyra_cli.serve.worker import Finished, Job, PrefixCaches, Worker
+from lyra_cli.serve.worker import Finished, Inbox, Job, PrefixCaches, Worker
 
 WAIT_S = 30  # a wait, not a timing
 
@@ -153,3 +154,126 @@ def test_the_least_recently_used_client_is_dropped_first() -> None:
         caches.swap_out(engine, client)
     assert caches.clients() == ["a", "c"]
     assert PrefixCaches(capacity=0).clients() == []
+
+
+# -- the inbox: events handed from the worker's thread to the event loop in batches --------------------------
+
+
+def counting_wakeups(loop: asyncio.AbstractEventLoop) -> list[Any]:
+    """Every `call_soon_threadsafe` the loop gets from now on (each one a self-pipe write and a wake-up)."""
+    calls: list[Any] = []
+    real = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_events_posted_while_nobody_waits_arrive_in_order_in_one_take_without_a_wakeup(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    inbox = Inbox(loop)
+    wakeups = counting_wakeups(loop)
+    writer = threading.Thread(target=lambda: [inbox.put(i) for i in range(50)])
+    writer.start()
+    writer.join()
+    assert loop.run_until_complete(inbox.take()) == list(range(50))
+    assert wakeups == []  # the reader was busy (not waiting): nothing to wake
+
+
+def test_a_waiting_reader_is_woken_once_for_what_arrives_before_it_runs(loop: asyncio.AbstractEventLoop) -> None:
+    inbox = Inbox(loop)
+    wakeups = counting_wakeups(loop)
+
+    async def read() -> list[Any]:
+        reader = asyncio.ensure_future(inbox.take())
+        await asyncio.sleep(0)  # the reader now waits
+        writer = threading.Thread(target=lambda: [inbox.put(i) for i in range(5)])
+        writer.start()
+        writer.join()  # all 5 are in before the loop runs the wake-up
+        return await asyncio.wait_for(reader, WAIT_S)
+
+    assert loop.run_until_complete(read()) == [0, 1, 2, 3, 4]
+    assert len(wakeups) == 1
+
+
+def test_a_reader_cancelled_while_waiting_loses_nothing(loop: asyncio.AbstractEventLoop) -> None:
+    inbox = Inbox(loop)
+
+    async def read() -> list[Any]:
+        reader = asyncio.ensure_future(inbox.take())
+        await asyncio.sleep(0)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        threading.Thread(target=inbox.put, args=("after",)).start()
+        return await asyncio.wait_for(inbox.take(), WAIT_S)
+
+    assert loop.run_until_complete(read()) == ["after"]
+
+
+def test_batches_from_a_running_job_join_to_every_event_in_order(loop: asyncio.AbstractEventLoop) -> None:
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4)
+    job = worker.submit(Job(Recorder(300), "a", loop))
+
+    async def collect() -> list[list[Any]]:
+        batches = []
+        while not batches or not isinstance(batches[-1][-1], Finished):
+            batches.append(await asyncio.wait_for(job.events.take(), WAIT_S))
+        return batches
+
+    batches = loop.run_until_complete(collect())
+    assert [item for batch in batches for item in batch] == [*range(300), Finished()]
+    assert all(batch for batch in batches)  # a take never comes back empty
+    worker.stop()
+
+
+def test_a_job_whose_event_loop_closed_is_cancelled() -> None:
+    closed = asyncio.new_event_loop()
+    closed.close()
+    job = Job(Recorder(1), "a", closed)
+    job.post(0)
+    assert job.cancelled
+
+
+def test_the_pacer_wakes_for_the_first_text_every_nth_and_everything_else() -> None:
+    from lyra_cli.engine.run.events import AudioChunk, Prefilled, TextDelta
+    from lyra_cli.serve.worker import _Pacer
+
+    audio = AudioChunk(np.zeros(4, dtype=np.float32), 16_000, 0.0)
+    events = [Prefilled(3, 3, 0.0), TextDelta(""), *[TextDelta(f"t{i}") for i in range(6)], audio, TextDelta("u0"),
+              TextDelta("u1")]  # fmt: skip
+    pacer = _Pacer(3)
+    woken = [event.text if isinstance(event, TextDelta) else type(event).__name__
+             for event in events if pacer.wake(event)]  # fmt: skip
+    # a token of no text yet waits for t0; t1, t2 wait for t3; t4, t5 go with the audio chunk, which restarts the count; u0, u1 wait for what follows
+    assert woken == ["Prefilled", "t0", "t3", "AudioChunk"]
+    assert all(_Pacer(1).wake(event) for event in events)
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_with_a_stream_interval_every_event_still_arrives_in_order(loop: asyncio.AbstractEventLoop,
+                                                                    interval: int) -> None:  # fmt: skip
+    from lyra_cli.engine.run.events import TextDelta
+
+    def texts(_engine: Any, _check: Any) -> Iterator[Any]:
+        yield from (TextDelta(f"t{i}") for i in range(10))  # the last two held: the end brings them
+
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4, stream_interval=interval)
+    calls = counting_wakeups(loop)
+    job = worker.submit(Job(texts, "a", loop))
+
+    async def collect() -> list[Any]:
+        items: list[Any] = []
+        while not items or not isinstance(items[-1], Finished):
+            items += await asyncio.wait_for(job.events.take(), WAIT_S)
+        return items
+
+    items = loop.run_until_complete(collect())
+    assert [i.text for i in items[:-1]] == [f"t{i}" for i in range(10)] and items[-1] == Finished()
+    # only the posts that may wake can: t0, t4, t8 and the end with 4; all 11 with 1
+    assert len(calls) <= (4 if interval == 4 else 11)
+    worker.stop()

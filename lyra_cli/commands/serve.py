@@ -56,6 +56,11 @@ CachedClientsOption = typer.Option(
     worker.DEFAULT_CACHED_CLIENTS, "--cached-clients",
     help="Clients whose last prompt's KV cache is kept for their next turn (0: none).",
 )  # fmt: skip
+StreamIntervalOption = typer.Option(
+    worker.DEFAULT_STREAM_INTERVAL, "--stream-interval",
+    help="Streamed text goes out every N tokens (1: each as it comes); the first token, speech and the end go "
+         "at once. More: less server overhead per token on a busy CPU.",
+)  # fmt: skip
 MaxFramesOption = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video.")
 CachedMediaOption = typer.Option(
     media_cache.DEFAULT_CACHED_MEDIA, "--cached-media",
@@ -74,6 +79,7 @@ def serve(
     max_queue: int = MaxQueueOption,
     max_request_mb: float = MaxRequestOption,
     cached_clients: int = CachedClientsOption,
+    stream_interval: int = StreamIntervalOption,
     no_voice: bool = typer.Option(False, "--no-voice", help="Do not load the speech generator and vocoder."),
     max_media_mb: float = MaxMediaOption,
     max_audio_s: float = MaxAudioOption,
@@ -101,7 +107,7 @@ def serve(
     """Serve Lyra over an OpenAI-compatible HTTP API."""
     from lyra_cli.engine import resolve_model
 
-    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients)
+    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients, stream_interval)
     require_server_packages()
     limits = media_limits(max_media_mb, max_audio_s, max_image_pixels, max_video_s, max_video_frames)
     if cached_media < 0:
@@ -130,10 +136,11 @@ class ServerSettings:
     max_queue: int
     max_request_bytes: int
     cached_clients: int
+    stream_interval: int = worker.DEFAULT_STREAM_INTERVAL
 
     @classmethod
     def checked(cls, host: str, port: int, api_key: str | None, max_queue: int, max_request_mb: float,
-                cached_clients: int) -> "ServerSettings":  # fmt: skip
+                cached_clients: int, stream_interval: int = worker.DEFAULT_STREAM_INTERVAL) -> "ServerSettings":  # fmt: skip
         api_key = api_key or None  # an empty $LYRA_API_KEY is no key
         if not is_loopback(host) and api_key is None:
             raise UsageError(
@@ -143,11 +150,12 @@ class ServerSettings:
         checks = [(0 <= port <= 65535, "--port", port, "0..65535"),
                   (max_queue >= 1, "--max-queue", max_queue, "≥ 1"),
                   (max_request_mb > 0, "--max-request-mb", max_request_mb, "> 0"),
-                  (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0")]  # fmt: skip
+                  (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0"),
+                  (stream_interval >= 1, "--stream-interval", stream_interval, "≥ 1")]  # fmt: skip
         for ok, flag, value, rule in checks:
             if not ok:
                 raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be {rule}")
-        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients)
+        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients, stream_interval)
 
 
 def require_server_packages() -> None:
@@ -269,6 +277,7 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, served
     name = served.name
     config = ServeConfig(model_id=name, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
                          max_queue=settings.max_queue, cached_clients=settings.cached_clients,
+                         stream_interval=settings.stream_interval,
                          media_limits=served.limits, speech_cache_dir=served.speech_cache_dir,
                          cached_media=served.cached_media)  # fmt: skip
     app = create_app(engine, config)

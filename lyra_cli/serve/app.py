@@ -31,7 +31,7 @@ from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
 from lyra_cli.serve.media import MediaLimits
 from lyra_cli.serve.media_cache import DEFAULT_CACHED_MEDIA, MediaCache
 from lyra_cli.serve.speech import AudioStore
-from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, Job, Worker
+from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL, Job, Worker
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,6 +52,7 @@ class ServeConfig:
     max_request_bytes: int = protocol.DEFAULT_MAX_REQUEST_MB * protocol.MB
     max_queue: int = DEFAULT_MAX_QUEUE
     cached_clients: int = DEFAULT_CACHED_CLIENTS
+    stream_interval: int = DEFAULT_STREAM_INTERVAL  # text deltas per wake-up of the event loop (worker.py)
     media_limits: MediaLimits = MediaLimits()
     speech_cache_dir: Path | None = None  # long recordings' speech tokens are cached here (None: not cached)
     cached_media: int = DEFAULT_CACHED_MEDIA  # encoded images and clips kept for later turns (0: none)
@@ -63,7 +64,7 @@ class Service:
     def __init__(self, engine: "Engine", config: ServeConfig) -> None:
         self.engine = engine
         self.config = config
-        self.worker = Worker(engine, config.max_queue, config.cached_clients)
+        self.worker = Worker(engine, config.max_queue, config.cached_clients, config.stream_interval)
         self.audio_store = AudioStore()  # spoken answers a later request may name by id
         self.speech_cache = internals.speech_cache(config.speech_cache_dir)
         self.media_cache = MediaCache(config.cached_media) if config.cached_media > 0 else None
@@ -212,12 +213,12 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         try:
             if not parsed.stream:
                 return JSONResponse(await chat.complete(job, answer, service.config.model_id))
-            first, events = await chat.first_event(job)
+            first, batches = await chat.first_event(job)
         except BaseException:
             watcher.cancel()
             job.cancel()
             raise
-        body = _watched(chat.stream(job, answer, service.config.model_id, first, events), watcher)
+        body = _watched(chat.stream(job, answer, service.config.model_id, first, batches), watcher)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/audio/transcriptions")

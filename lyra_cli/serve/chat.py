@@ -8,9 +8,8 @@ text, logprobs and usage are the same."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -221,17 +220,29 @@ class Answer:
         return self.logprobs if self.request.top_logprobs is not None else None
 
 
-async def job_events(job: Job) -> AsyncIterator[Any]:
-    """The job's engine events in order; its failure raised as the `ApiError` the client gets."""
+async def job_batches(job: Job) -> AsyncIterator[list[Any]]:
+    """The job's engine events in order, in batches of those that arrived together (never waiting for more
+    than the first); its failure raised as the `ApiError` the client gets, after the events before it."""
     while True:
-        item = await job.events.get()
-        if isinstance(item, Finished):
-            if item.error is not None:
-                raise api_error(item.error)
-            if item.cancelled:
-                raise ApiError(503, "the answer was cancelled (the server is stopping)", code="cancelled")
-            return
-        yield item
+        items = await job.events.take()
+        if not isinstance(items[-1], Finished):  # `Finished` is the last item a job posts
+            yield items
+            continue
+        *events, finished = items
+        if events:
+            yield events
+        if finished.error is not None:
+            raise api_error(finished.error)
+        if finished.cancelled:
+            raise ApiError(503, "the answer was cancelled (the server is stopping)", code="cancelled")
+        return
+
+
+async def job_events(job: Job) -> AsyncIterator[Any]:
+    """The job's engine events one by one (see `job_batches`)."""
+    async for batch in job_batches(job):
+        for event in batch:
+            yield event
 
 
 def api_error(error: BaseException) -> ApiError:
@@ -247,8 +258,8 @@ def api_error(error: BaseException) -> ApiError:
 
 async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
     """The non-streamed answer: every event consumed, one `chat.completion`."""
-    async for event in job_events(job):
-        answer.on_event(event)
+    async for batch in job_batches(job):
+        _consume(answer, batch)
         if answer.done:
             break
     job.cancel()  # a stop sequence ended it early: the worker drops the rest at its next step
@@ -258,45 +269,57 @@ async def complete(job: Job, answer: Answer, model: str) -> dict[str, Any]:
                                answer.reported_logprobs())  # fmt: skip
 
 
-async def first_event(job: Job) -> tuple[Any, AsyncIterator[Any]]:
-    """Wait for the job's first event, so that a request that fails before answering gets its status code
-    (headers are not sent yet); then the rest of the events."""
-    events = job_events(job)
-    first = await events.__anext__()  # a job always yields `Prefilled` before ending well
-    return first, events
+def _consume(answer: Answer, events: Sequence[Any]) -> list[dict[str, Any]]:
+    """The deltas of `events`, in order, up to the end of the answer (a stop sequence may end it early)."""
+    deltas = []
+    for event in events:
+        deltas += answer.on_event(event)
+        if answer.done:
+            break
+    return deltas
 
 
-async def stream(job: Job, answer: Answer, model: str, first: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """The streamed answer as server-sent events; the job is cancelled if the client goes away."""
+async def first_event(job: Job) -> tuple[list[Any], AsyncIterator[list[Any]]]:
+    """Wait for the job's first events, so that a request that fails before answering gets its status code
+    (headers are not sent yet); then the rest of the events, in batches (`job_batches`)."""
+    batches = job_batches(job)
+    first = await batches.__anext__()  # a job always yields `Prefilled` before ending well
+    return first, batches
+
+
+async def stream(job: Job, answer: Answer, model: str, first: list[Any],
+                 batches: AsyncIterator[list[Any]]) -> AsyncIterator[str]:  # fmt: skip
+    """The streamed answer as server-sent events; the job is cancelled if the client goes away. The events
+    that arrived together go out in one write (the first chunk at once, never waiting for more)."""
     cid = protocol.completion_id()
     usage_on = answer.request.include_usage
+    chunks = protocol.DeltaChunks(cid, model, include_usage=usage_on)
 
-    def sse(body: Mapping[str, Any]) -> str:
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    def sse_deltas(events: Sequence[Any]) -> list[str]:
+        return [chunks.sse({k: v for k, v in delta.items() if k != "logprobs"}, delta.get("logprobs"))
+                for delta in _consume(answer, events)]  # fmt: skip
 
     try:
-        yield sse(protocol.chunk(cid, model, {"role": "assistant", "content": ""}, include_usage=usage_on))
-        for delta in answer.on_event(first):
-            yield sse(_delta_chunk(cid, model, delta, usage_on))
-        async for event in events:
-            for delta in answer.on_event(event):
-                yield sse(_delta_chunk(cid, model, delta, usage_on))
-            if answer.done:
+        pending = [chunks.sse({"role": "assistant", "content": ""}), *sse_deltas(first)]
+        while not answer.done:
+            if pending:
+                yield "".join(pending)
+                pending = []
+            try:
+                batch = await batches.__anext__()
+            except StopAsyncIteration:
                 break
+            pending = sse_deltas(batch)
         job.cancel()  # ended by a stop sequence: the worker drops the rest
-        yield sse(protocol.chunk(cid, model, {}, finish=answer.finish_reason, include_usage=usage_on))
+        ending = protocol.chunk(cid, model, {}, finish=answer.finish_reason, include_usage=usage_on,
+                                created=chunks.created)  # fmt: skip
+        pending.append(protocol.sse(ending))
         if usage_on:
-            yield sse(protocol.usage_chunk(cid, model, answer.usage()))
-        yield SSE_DONE
+            pending.append(protocol.sse(protocol.usage_chunk(cid, model, answer.usage(), created=chunks.created)))
+        yield "".join([*pending, SSE_DONE])
     except ApiError as exc:  # the status line is sent: the error goes in the stream, as OpenAI does
-        yield sse(exc.body())
+        yield protocol.sse(exc.body())
     except Exception as exc:  # a fault of ours mid-stream: logged, and the client told, never the traceback
-        yield sse(api_error(exc).body())
+        yield protocol.sse(api_error(exc).body())
     finally:
         job.cancel()  # the client went away (or the answer ended): nothing more to compute
-
-
-def _delta_chunk(cid: str, model: str, delta: Mapping[str, Any], usage_on: bool) -> dict[str, Any]:
-    logprobs = delta.get("logprobs")
-    body = {k: v for k, v in delta.items() if k != "logprobs"}
-    return protocol.chunk(cid, model, body, logprobs=logprobs, include_usage=usage_on)

@@ -7,6 +7,7 @@ believes an option took effect when lyra ignored it. Errors name the field as th
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -393,23 +394,55 @@ def completion(
 
 def chunk(
     cid: str, model: str, delta: Mapping[str, Any], *, finish: str | None = None,
-    logprobs: Sequence[TokenLogprob] | None = None, include_usage: bool = False,
+    logprobs: Sequence[TokenLogprob] | None = None, include_usage: bool = False, created: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One `chat.completion.chunk` with a choice (`usage` null when the client asked for usage at the end)."""
-    choice = {
-        "index": 0,
-        "delta": dict(delta),
-        "logprobs": {"content": logprobs_content(logprobs), "refusal": None} if logprobs is not None else None,
-        "finish_reason": finish,
-    }
-    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+    """One `chat.completion.chunk` with a choice (`usage` null when the client asked for usage at the end);
+    `created` (unix seconds) is now unless given: all chunks of an answer carry the same one, as OpenAI's."""
+    choice = {"index": 0, "delta": dict(delta), "logprobs": _chunk_logprobs(logprobs), "finish_reason": finish}
+    return _chunk_body(cid, model, choice, include_usage, int(time.time()) if created is None else created)
+
+
+def _chunk_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    return {"content": logprobs_content(logprobs), "refusal": None} if logprobs is not None else None
+
+
+def _chunk_body(cid: str, model: str, choice: Any, include_usage: bool, created: int) -> dict[str, Any]:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [choice], "system_fingerprint": None}  # fmt: skip
     if include_usage:
         body["usage"] = None
     return body
 
 
-def usage_chunk(cid: str, model: str, usage_: Mapping[str, Any]) -> dict[str, Any]:
+_to_json = json.JSONEncoder(ensure_ascii=False).encode  # `json.dumps(..., ensure_ascii=False)`, built once
+
+
+def sse(body: Any) -> str:
+    """One server-sent event carrying `body` as JSON."""
+    return f"data: {_to_json(body)}\n\n"
+
+
+class DeltaChunks:
+    """The server-sent events of one streamed answer's delta chunks, each the text `sse(chunk(...))` gives
+    for the same delta: everything but the delta and its logprobs is the same in every chunk of an answer,
+    so it is rendered once, and each chunk encodes only what changes (it is sent once a token)."""
+
+    def __init__(self, cid: str, model: str, *, include_usage: bool, created: int | None = None) -> None:
+        self.created = int(time.time()) if created is None else created
+        # stand-ins for the delta and the logprobs, found again in the rendered text (a random name: no other
+        # string of the chunk can contain it)
+        delta, logprobs = (f"lyra-{what}-{secrets.token_hex(8)}" for what in ("delta", "logprobs"))
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+        template = sse(_chunk_body(cid, model, choice, include_usage, self.created))
+        self._head, rest = template.split(_to_json(delta))
+        self._middle, self._tail = rest.split(_to_json(logprobs))
+
+    def sse(self, delta: Mapping[str, Any], logprobs: Sequence[TokenLogprob] | None = None) -> str:
+        return f"{self._head}{_to_json(delta)}{self._middle}{_to_json(_chunk_logprobs(logprobs))}{self._tail}"
+
+
+def usage_chunk(cid: str, model: str, usage_: Mapping[str, Any], created: int | None = None) -> dict[str, Any]:
     """The extra last chunk of `stream_options.include_usage`: no choices, the whole request's usage."""
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+    created = int(time.time()) if created is None else created
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [], "usage": dict(usage_), "system_fingerprint": None}  # fmt: skip

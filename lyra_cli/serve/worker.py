@@ -1,8 +1,10 @@
 """Many clients, one model: a single thread runs engine jobs one at a time, first come first served.
 
 A job is a function of the engine that yields events (the engine's own, in order); its `close()`, if it has
-one, runs once the job ran or was dropped. The worker hands each event to the job's asyncio queue as it
-comes, so an HTTP response streams while the model generates.
+one, runs once the job ran or was dropped. The worker hands each event to the job's `Inbox` as it comes, so
+an HTTP response streams while the model generates; the event loop is woken only when the request's
+coroutine waits for events, and takes every event that arrived meanwhile at once (a wake-up per token, on
+the thread that decodes, was most of the server's cost per token).
 Cancelling a job (its client went away, a stop sequence matched, the server stops) ends it at its next
 event or prefill chunk: the worker closes the engine's iterator itself, on its own thread, which runs
 `Engine.respond`'s clean-up there (the unfinished turn leaves its conversation) before the next job starts.
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_CACHED_CLIENTS = 4  # prefix caches kept (each holds a prompt's keys and values on the model's device)
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+# text deltas per wake-up of the event loop: 1 sends every token as it comes; N > 1 lets N - 1 tokens wait
+# for the next, sent together (each wake-up costs the decoding thread ~0.2-0.3 ms on a busy 2-core CPU:
+# benchmarks/RESULTS.md). The first token, every audio chunk and the end are always sent at once.
+DEFAULT_STREAM_INTERVAL = 1
 
 
 class Cancelled(Exception):
@@ -50,15 +56,75 @@ class Finished:
     error: BaseException | None = None
 
 
+class Inbox:
+    """Items put by one thread, taken in order by coroutines of one event loop. `put` never blocks and
+    wakes the loop (`call_soon_threadsafe`: a self-pipe write) only when a coroutine waits and no wake-up is
+    on its way; while the reader is busy, items pile up without costing the writer anything, and `take`
+    returns them all at once. Nothing waits for more: a reader gets whatever has arrived."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None  # set while a coroutine waits and nothing woke it yet
+
+    def put(self, item: Any, *, wake: bool = True) -> None:
+        """From any thread. `wake` False: a waiting reader gets the item with the next one put with `wake`.
+        Raises `RuntimeError` when the event loop is closed (nobody will ever read)."""
+        if self._loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append(item)
+            if not wake:
+                return
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    async def take(self) -> list[Any]:
+        """Every item not taken yet, in order; waits for the first when there is none."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+            await self._wait()
+
+    async def get(self) -> Any:
+        """The next item (waits for it), as `asyncio.Queue.get`."""
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+            await self._wait()
+
+    async def _wait(self) -> None:
+        with self._lock:
+            if self._items:
+                return
+            waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            with self._lock:
+                if self._waiter is waiter:
+                    self._waiter = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # its coroutine may have been cancelled meanwhile
+        waiter.set_result(None)
+
+
 class Job:
-    """One request's engine work and the queue its events arrive on (read from the event loop)."""
+    """One request's engine work and the inbox its events arrive on (read from the event loop)."""
 
     def __init__(self, work: Work, client: str | None, loop: asyncio.AbstractEventLoop) -> None:
         """`client` names whose prefix cache the job continues (None: it starts and keeps none)."""
         self.work = work
         self.client = client
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = loop
+        self.events = Inbox(loop)
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -72,10 +138,10 @@ class Job:
         if self.cancelled:
             raise Cancelled()
 
-    def post(self, item: Any) -> None:
-        """From the worker thread: hand `item` to the request's coroutine."""
+    def post(self, item: Any, *, wake: bool = True) -> None:
+        """From the worker thread: hand `item` to the request's coroutine (`wake` False: with the next)."""
         try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.events.put(item, wake=wake)
         except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
             self.cancel()
 
@@ -106,9 +172,11 @@ class Worker:
     """The thread that owns the engine. `submit` refuses with a 503 when `max_queue` jobs already wait."""
 
     def __init__(self, engine: "Engine", max_queue: int = DEFAULT_MAX_QUEUE,
-                 cached_clients: int = DEFAULT_CACHED_CLIENTS) -> None:  # fmt: skip
+                 cached_clients: int = DEFAULT_CACHED_CLIENTS,
+                 stream_interval: int = DEFAULT_STREAM_INTERVAL) -> None:  # fmt: skip
         self.engine = engine
         self.max_queue = max_queue
+        self.stream_interval = stream_interval
         self.prefixes = PrefixCaches(cached_clients)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._running: Job | None = None
@@ -190,10 +258,11 @@ class Worker:
         events = None
         try:
             events = job.work(self.engine, job.check)
+            pacer = _Pacer(self.stream_interval)
             for event in events:
                 if job.cancelled:
                     return Finished(cancelled=True)
-                job.post(event)
+                job.post(event, wake=pacer.wake(event))
             return Finished(cancelled=job.cancelled)
         except Cancelled:
             return Finished(cancelled=True)
@@ -203,6 +272,31 @@ class Worker:
             if events is not None:
                 _close(events)
             self.prefixes.swap_out(self.engine, job.client)
+
+
+class _Pacer:
+    """Whether an event wakes the event loop: all but text deltas do, and the first text delta with text and
+    then one in every `interval` (the ones between wait for it)."""
+
+    def __init__(self, interval: int) -> None:
+        from lyra_cli.engine.run.events import TextDelta
+
+        self._text = TextDelta
+        self.interval = interval
+        self._held = -1  # text deltas since the last wake-up (-1: no text yet)
+
+    def wake(self, event: Any) -> bool:
+        if self.interval <= 1 or not isinstance(event, self._text):
+            self._held = min(self._held, 0)  # the texts held so far go with it (-1 stays: no text yet)
+            return True
+        if self._held < 0:  # the answer's first text wakes at once (a token of no text yet waits with it)
+            self._held = 0 if event.text else -1
+            return bool(event.text)
+        self._held += 1
+        if self._held >= self.interval:
+            self._held = 0
+            return True
+        return False
 
 
 def _release(work: Work) -> None:
