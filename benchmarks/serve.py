@@ -21,7 +21,7 @@ tokens/s over the wall time of the whole run) and the latency clients see while 
 
     python -m benchmarks.serve                               # tiny model, 1 and 4 clients
     python -m benchmarks.serve --threads 1                   # torch on one core, the other left to HTTP
-    python -m benchmarks.serve --stream-interval 4           # the server sends text every 4 tokens
+    python -m benchmarks.serve --stream-interval-ms 0         # the server sends every token as it comes
     python -m benchmarks.serve --clients 1 --requests 1 --warmup 0 --max-tokens 8 --out /tmp/serve.json
     python -m benchmarks.serve --model DIR --device cuda
 
@@ -79,10 +79,12 @@ class Timing:
 
 
 def start_server(model: str, device: str, port: int, log: Path, threads: int | None,
-                 stream_interval: int = 1) -> subprocess.Popen:  # fmt: skip
+                 stream_interval_ms: float | None = None) -> subprocess.Popen:  # fmt: skip
     cmd = [sys.executable, "-m", "lyra_cli.main", "serve", "--model", model, "--device", device,
            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-           "--stream-interval", str(stream_interval)]  # fmt: skip
+           "--cached-media", "0"]  # the in-process side decodes and encodes the media of every request: so does the server
+    if stream_interval_ms is not None:  # else the server's default
+        cmd += ["--stream-interval-ms", str(stream_interval_ms)]
     # this checkout first; the caller's path after it (e.g. optional packages to compare, such as uvloop)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if threads is not None:  # torch sizes its CPU thread pool from this when it starts
@@ -336,7 +338,7 @@ def measure(args: argparse.Namespace, engine: Any) -> tuple[dict[str, list[Timin
     """Every answer, by kind of client, and the table's rows."""
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"lyra-serve-benchmark-{port}.log"  # kept only when the server fails
-    proc = start_server(args.model, args.device, port, log, args.threads, args.stream_interval)
+    proc = start_server(args.model, args.device, port, log, args.threads, args.stream_interval_ms)
     try:
         url = f"http://127.0.0.1:{port}"
         model_id = served_model_id(url)
@@ -365,8 +367,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="the tiny model speaks its first chunk after 72 tokens of this answer")
     parser.add_argument("--threads", type=int, help="torch CPU threads of both the server and the in-process engine "
                         "(default: torch's, one per core)")  # fmt: skip
-    parser.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval (text "
-                        "tokens per event-loop wake-up)")  # fmt: skip
+    parser.add_argument("--stream-interval-ms", type=float, help="the server's --stream-interval-ms (default: "
+                        "the server's own)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
     args.clients = [int(n) for n in args.clients.split(",")]
@@ -389,7 +391,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "torch": torch.__version__, "device": args.device, "torch_threads": torch.get_num_threads()}  # fmt: skip
     report = {"machine": machine, "model": args.model, "max_tokens": args.max_tokens,
-              "stream_interval": args.stream_interval, "rows": rows,
+              "stream_interval_ms": args.stream_interval_ms, "rows": rows,
               "overhead_ms": overheads, "targets_ms": {"overhead": OVERHEAD_TARGET_MS,
                                                        "first_audio": FIRST_AUDIO_TARGET_MS},
               "answers_identical": same, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

@@ -62,7 +62,7 @@ def test_events_that_arrived_together_go_out_in_one_write(loop: asyncio.Abstract
 
     (piece,) = loop.run_until_complete(run())
     events = events_of(piece)
-    assert contents(events) == ["", "Hel", "lo", None]  # the role chunk, the text, the finish chunk
+    assert contents(events) == ["", "Hello", None]  # the role chunk, the text (one chunk: it came together), the finish chunk
     assert events[-3]["choices"][0]["finish_reason"] == "stop"
     assert events[-2]["usage"]["completion_tokens"] == 5 and events[-1] == "[DONE]"
     assert len({e["created"] for e in events[:-1]}) == 1 and len({e["id"] for e in events[:-1]}) == 1
@@ -85,7 +85,7 @@ def test_the_first_chunk_goes_out_before_the_answer_ends(loop: asyncio.AbstractE
 
     first, rest = loop.run_until_complete(run())
     assert contents(events_of(first)) == ["", "Hel"]
-    assert contents(events_of(rest)) == ["lo", "!", None] and rest.endswith(chat.SSE_DONE)
+    assert contents(events_of(rest)) == ["lo!", None] and rest.endswith(chat.SSE_DONE)  # what came together: one chunk
 
 
 def test_a_client_going_away_cancels_the_job(loop: asyncio.AbstractEventLoop) -> None:
@@ -115,3 +115,13 @@ def test_an_error_after_some_text_comes_in_the_stream_after_that_text(loop: asyn
     events = [e for piece in pieces for e in events_of(piece)]
     assert contents(events[:-1]) == ["", "Hel"]
     assert events[-1]["error"]["type"] and "boom" not in json.dumps(events[-1])  # a 500, never the exception text
+
+
+def test_text_deltas_that_arrived_together_are_one_chunk_and_audio_keeps_its_place() -> None:
+    from lyra_cli.serve.chat import joined_text
+
+    audio = {"audio": {"data": "AAAA", "transcript": "a b"}}
+    deltas = [{"content": "a", "logprobs": ["la"]}, {"content": " b", "logprobs": ["lb"]}, audio,
+              {"content": " c", "logprobs": None}, {"content": " d", "logprobs": None}]  # fmt: skip
+    assert joined_text(deltas) == [{"content": "a b", "logprobs": ["la", "lb"]}, audio, {"content": " c d", "logprobs": None}]
+    assert joined_text([]) == [] and joined_text([audio, audio]) == [audio, audio]

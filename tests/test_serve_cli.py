@@ -44,7 +44,7 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
 
 
 @pytest.mark.parametrize("flags", [["--max-queue", "0"], ["--port", "70000"], ["--max-request-mb", "0"],
-                                   ["--max-audio-s", "-1"], ["--cached-clients", "-1"], ["--stream-interval", "0"]])  # fmt: skip
+                                   ["--max-audio-s", "-1"], ["--cached-clients", "-1"], ["--stream-interval-ms", "-1"]])  # fmt: skip
 def test_bad_settings_are_usage_errors(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["serve", *flags]) == 2
     assert flags[0] in capsys.readouterr().err

@@ -239,30 +239,36 @@ def test_a_job_whose_event_loop_closed_is_cancelled() -> None:
     assert job.cancelled
 
 
-def test_the_pacer_wakes_for_the_first_text_every_nth_and_everything_else() -> None:
+def test_the_pacer_wakes_for_the_first_text_then_once_an_interval_and_for_everything_else() -> None:
     from lyra_cli.engine.run.events import AudioChunk, Prefilled, TextDelta
     from lyra_cli.serve.worker import _Pacer
 
     audio = AudioChunk(np.zeros(4, dtype=np.float32), 16_000, 0.0)
-    events = [Prefilled(3, 3, 0.0), TextDelta(""), *[TextDelta(f"t{i}") for i in range(6)], audio, TextDelta("u0"),
-              TextDelta("u1")]  # fmt: skip
-    pacer = _Pacer(3)
-    woken = [event.text if isinstance(event, TextDelta) else type(event).__name__
-             for event in events if pacer.wake(event)]  # fmt: skip
-    # a token of no text yet waits for t0; t1, t2 wait for t3; t4, t5 go with the audio chunk, which restarts the count; u0, u1 wait for what follows
-    assert woken == ["Prefilled", "t0", "t3", "AudioChunk"]
-    assert all(_Pacer(1).wake(event) for event in events)
+    # (event, when it comes, in ms): tokens 5 ms apart, then two 30 ms apart (a slower stretch)
+    timeline = [(Prefilled(3, 3, 0.0), 0), (TextDelta(""), 5), *[(TextDelta(f"t{i}"), 10 + 5 * i) for i in range(6)],
+                (audio, 40), (TextDelta("u0"), 45), (TextDelta("u1"), 50), (TextDelta("s0"), 80), (TextDelta("s1"), 110)]
+    now = [0.0]
+    pacer = _Pacer(20, clock=lambda: now[0])  # a clock in milliseconds, so the interval is too
+    woken = []
+    for event, at_ms in timeline:
+        now[0] = at_ms
+        if pacer.wake(event):
+            woken.append(event.text if isinstance(event, TextDelta) else type(event).__name__)
+    # a token of no text yet waits for t0 (10 ms); t1..t3 wait for t4 (30 ms, 20 ms on); t5 goes with the audio
+    # chunk (40 ms), which restarts the interval; u0, u1 wait for s0 (80 ms); s1 comes 30 ms later: at once
+    assert woken == ["Prefilled", "t0", "t4", "AudioChunk", "s0", "s1"]
+    assert all(_Pacer(0).wake(event) for event, _ in timeline)
 
 
-@pytest.mark.parametrize("interval", [1, 4])
+@pytest.mark.parametrize("interval_ms", [0, 1000])
 def test_with_a_stream_interval_every_event_still_arrives_in_order(loop: asyncio.AbstractEventLoop,
-                                                                    interval: int) -> None:  # fmt: skip
+                                                                    interval_ms: float) -> None:  # fmt: skip
     from lyra_cli.engine.run.events import TextDelta
 
     def texts(_engine: Any, _check: Any) -> Iterator[Any]:
-        yield from (TextDelta(f"t{i}") for i in range(10))  # the last two held: the end brings them
+        yield from (TextDelta(f"t{i}") for i in range(10))  # all but the first held: the end brings them
 
-    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4, stream_interval=interval)
+    worker = Worker(SimpleNamespace(_prefix=None), max_queue=4, stream_interval_ms=interval_ms)
     calls = counting_wakeups(loop)
     job = worker.submit(Job(texts, "a", loop))
 
@@ -274,6 +280,6 @@ def test_with_a_stream_interval_every_event_still_arrives_in_order(loop: asyncio
 
     items = loop.run_until_complete(collect())
     assert [i.text for i in items[:-1]] == [f"t{i}" for i in range(10)] and items[-1] == Finished()
-    # only the posts that may wake can: t0, t4, t8 and the end with 4; all 11 with 1
-    assert len(calls) <= (4 if interval == 4 else 11)
+    # only the posts that may wake can: t0 and the end within a long interval; all 11 with none
+    assert len(calls) <= (2 if interval_ms else 11)
     worker.stop()

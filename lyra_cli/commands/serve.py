@@ -57,9 +57,9 @@ CachedClientsOption = typer.Option(
     help="Clients whose last prompt's KV cache is kept for their next turn (0: none).",
 )  # fmt: skip
 StreamIntervalOption = typer.Option(
-    worker.DEFAULT_STREAM_INTERVAL, "--stream-interval",
-    help="Streamed text goes out every N tokens (1: each as it comes); the first token, speech and the end go "
-         "at once. More: less server overhead per token on a busy CPU.",
+    worker.DEFAULT_STREAM_INTERVAL_MS, "--stream-interval-ms",
+    help="Streamed text goes out at most this often, in milliseconds (0: each token as it comes); the first "
+         "token, speech and the end go at once. Tokens further apart than this always go out one by one.",
 )  # fmt: skip
 MaxFramesOption = typer.Option(media.DEFAULT_MAX_VIDEO_FRAMES, "--max-video-frames", help="Most frames in a video.")
 CachedMediaOption = typer.Option(
@@ -79,7 +79,7 @@ def serve(
     max_queue: int = MaxQueueOption,
     max_request_mb: float = MaxRequestOption,
     cached_clients: int = CachedClientsOption,
-    stream_interval: int = StreamIntervalOption,
+    stream_interval_ms: float = StreamIntervalOption,
     no_voice: bool = typer.Option(False, "--no-voice", help="Do not load the speech generator and vocoder."),
     max_media_mb: float = MaxMediaOption,
     max_audio_s: float = MaxAudioOption,
@@ -107,7 +107,7 @@ def serve(
     """Serve Lyra over an OpenAI-compatible HTTP API."""
     from lyra_cli.engine import resolve_model
 
-    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients, stream_interval)
+    settings = ServerSettings.checked(host, port, api_key, max_queue, max_request_mb, cached_clients, stream_interval_ms)
     require_server_packages()
     limits = media_limits(max_media_mb, max_audio_s, max_image_pixels, max_video_s, max_video_frames)
     if cached_media < 0:
@@ -136,11 +136,11 @@ class ServerSettings:
     max_queue: int
     max_request_bytes: int
     cached_clients: int
-    stream_interval: int = worker.DEFAULT_STREAM_INTERVAL
+    stream_interval_ms: float = worker.DEFAULT_STREAM_INTERVAL_MS
 
     @classmethod
     def checked(cls, host: str, port: int, api_key: str | None, max_queue: int, max_request_mb: float,
-                cached_clients: int, stream_interval: int = worker.DEFAULT_STREAM_INTERVAL) -> "ServerSettings":  # fmt: skip
+                cached_clients: int, stream_interval_ms: float = worker.DEFAULT_STREAM_INTERVAL_MS) -> "ServerSettings":  # fmt: skip
         api_key = api_key or None  # an empty $LYRA_API_KEY is no key
         if not is_loopback(host) and api_key is None:
             raise UsageError(
@@ -151,11 +151,11 @@ class ServerSettings:
                   (max_queue >= 1, "--max-queue", max_queue, "≥ 1"),
                   (max_request_mb > 0, "--max-request-mb", max_request_mb, "> 0"),
                   (cached_clients >= 0, "--cached-clients", cached_clients, "≥ 0"),
-                  (stream_interval >= 1, "--stream-interval", stream_interval, "≥ 1")]  # fmt: skip
+                  (stream_interval_ms >= 0, "--stream-interval-ms", stream_interval_ms, "≥ 0 (0: every token)")]  # fmt: skip
         for ok, flag, value, rule in checks:
             if not ok:
                 raise UsageError(f"bad {flag} value `{value}`", f"{flag} must be {rule}")
-        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients, stream_interval)
+        return cls(host, port, api_key, max_queue, int(max_request_mb * protocol.MB), cached_clients, stream_interval_ms)
 
 
 def require_server_packages() -> None:
@@ -277,7 +277,7 @@ def _run(engine: "Engine", settings: ServerSettings, sock: socket.socket, served
     name = served.name
     config = ServeConfig(model_id=name, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
                          max_queue=settings.max_queue, cached_clients=settings.cached_clients,
-                         stream_interval=settings.stream_interval,
+                         stream_interval_ms=settings.stream_interval_ms,
                          media_limits=served.limits, speech_cache_dir=served.speech_cache_dir,
                          cached_media=served.cached_media)  # fmt: skip
     app = create_app(engine, config)

@@ -31,7 +31,7 @@ from lyra_cli.serve.errors import INTERNAL_ERROR, ApiError
 from lyra_cli.serve.media import MediaLimits
 from lyra_cli.serve.media_cache import DEFAULT_CACHED_MEDIA, MediaCache
 from lyra_cli.serve.speech import AudioStore
-from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL, Job, Worker
+from lyra_cli.serve.worker import DEFAULT_CACHED_CLIENTS, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_MS, Job, Worker
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,7 +52,7 @@ class ServeConfig:
     max_request_bytes: int = protocol.DEFAULT_MAX_REQUEST_MB * protocol.MB
     max_queue: int = DEFAULT_MAX_QUEUE
     cached_clients: int = DEFAULT_CACHED_CLIENTS
-    stream_interval: int = DEFAULT_STREAM_INTERVAL  # text deltas per wake-up of the event loop (worker.py)
+    stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS  # streamed text wakes the event loop at most this often
     media_limits: MediaLimits = MediaLimits()
     speech_cache_dir: Path | None = None  # long recordings' speech tokens are cached here (None: not cached)
     cached_media: int = DEFAULT_CACHED_MEDIA  # encoded images and clips kept for later turns (0: none)
@@ -64,7 +64,7 @@ class Service:
     def __init__(self, engine: "Engine", config: ServeConfig) -> None:
         self.engine = engine
         self.config = config
-        self.worker = Worker(engine, config.max_queue, config.cached_clients, config.stream_interval)
+        self.worker = Worker(engine, config.max_queue, config.cached_clients, config.stream_interval_ms)
         self.audio_store = AudioStore()  # spoken answers a later request may name by id
         self.speech_cache = internals.speech_cache(config.speech_cache_dir)
         self.media_cache = MediaCache(config.cached_media) if config.cached_media > 0 else None

@@ -9,7 +9,7 @@ text, logprobs and usage are the same."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -287,6 +287,26 @@ async def first_event(job: Job) -> tuple[list[Any], AsyncIterator[list[Any]]]:
     return first, batches
 
 
+def joined_text(deltas: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Text deltas that follow each other as one (texts and logprobs joined, as OpenAI's chunks may carry
+    several tokens): the tokens that arrived together cost the client one chunk to parse. Audio deltas keep
+    their place between them."""
+    joined: list[Mapping[str, Any]] = []
+    for delta in deltas:
+        previous = joined[-1] if joined else None
+        if previous is not None and _is_text(previous) and _is_text(delta):
+            logprobs = previous.get("logprobs"), delta.get("logprobs")
+            joined[-1] = {"content": previous["content"] + delta["content"],
+                          "logprobs": None if logprobs == (None, None) else [*(logprobs[0] or ()), *(logprobs[1] or ())]}  # fmt: skip
+        else:
+            joined.append(delta)
+    return joined
+
+
+def _is_text(delta: Mapping[str, Any]) -> bool:
+    return "content" in delta and set(delta) <= {"content", "logprobs"}
+
+
 async def stream(job: Job, answer: Answer, model: str, first: list[Any],
                  batches: AsyncIterator[list[Any]]) -> AsyncIterator[str]:  # fmt: skip
     """The streamed answer as server-sent events; the job is cancelled if the client goes away. The events
@@ -297,7 +317,7 @@ async def stream(job: Job, answer: Answer, model: str, first: list[Any],
 
     def sse_deltas(events: Sequence[Any]) -> list[str]:
         return [chunks.sse({k: v for k, v in delta.items() if k != "logprobs"}, delta.get("logprobs"))
-                for delta in _consume(answer, events)]  # fmt: skip
+                for delta in joined_text(_consume(answer, events))]  # fmt: skip
 
     try:
         pending = [chunks.sse({"role": "assistant", "content": ""}), *sse_deltas(first)]

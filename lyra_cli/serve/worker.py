@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,10 @@ RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 # text deltas per wake-up of the event loop: 1 sends every token as it comes; N > 1 lets N - 1 tokens wait
 # for the next, sent together (each wake-up costs the decoding thread ~0.2-0.3 ms on a busy 2-core CPU:
 # benchmarks/RESULTS.md). The first token, every audio chunk and the end are always sent at once.
-DEFAULT_STREAM_INTERVAL = 1
+# Streamed text wakes the HTTP side at most this often (ms); speech, the first text and the end at once. Each
+# wake-up costs the decoding thread the GIL twice (benchmarks/serve_wakeups.py): a model faster than one token
+# per interval (the tiny one on a CPU: ~5 ms) sends its text in small groups, a slower one token by token.
+DEFAULT_STREAM_INTERVAL_MS = 20.0
 
 
 class Cancelled(Exception):
@@ -173,10 +177,10 @@ class Worker:
 
     def __init__(self, engine: "Engine", max_queue: int = DEFAULT_MAX_QUEUE,
                  cached_clients: int = DEFAULT_CACHED_CLIENTS,
-                 stream_interval: int = DEFAULT_STREAM_INTERVAL) -> None:  # fmt: skip
+                 stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS) -> None:  # fmt: skip
         self.engine = engine
         self.max_queue = max_queue
-        self.stream_interval = stream_interval
+        self.stream_interval_ms = stream_interval_ms
         self.prefixes = PrefixCaches(cached_clients)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._running: Job | None = None
@@ -258,7 +262,7 @@ class Worker:
         events = None
         try:
             events = job.work(self.engine, job.check)
-            pacer = _Pacer(self.stream_interval)
+            pacer = _Pacer(self.stream_interval_ms / 1000)
             for event in events:
                 if job.cancelled:
                     return Finished(cancelled=True)
@@ -275,26 +279,34 @@ class Worker:
 
 
 class _Pacer:
-    """Whether an event wakes the event loop: all but text deltas do, and the first text delta with text and
-    then one in every `interval` (the ones between wait for it)."""
+    """Whether an event wakes the event loop: everything but text does (speech, the prefill, the end), and
+    text when it is the answer's first, or when `interval_s` passed since the last wake-up; text that came
+    sooner rides on the next one. So text is held at most until the next event after `interval_s`, and not
+    at all when tokens come further apart than that."""
 
-    def __init__(self, interval: int) -> None:
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.perf_counter) -> None:
         from lyra_cli.engine.run.events import TextDelta
 
         self._text = TextDelta
-        self.interval = interval
-        self._held = -1  # text deltas since the last wake-up (-1: no text yet)
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None  # when text last woke the loop (None: no text yet)
 
     def wake(self, event: Any) -> bool:
-        if self.interval <= 1 or not isinstance(event, self._text):
-            self._held = min(self._held, 0)  # the texts held so far go with it (-1 stays: no text yet)
+        if self.interval_s <= 0:
             return True
-        if self._held < 0:  # the answer's first text wakes at once (a token of no text yet waits with it)
-            self._held = 0 if event.text else -1
-            return bool(event.text)
-        self._held += 1
-        if self._held >= self.interval:
-            self._held = 0
+        now = self._clock()
+        if not isinstance(event, self._text):
+            if self._last is not None:
+                self._last = now  # the text held so far goes with it
+            return True
+        if self._last is None:  # the answer's first text wakes at once (a token of no text yet waits with it)
+            if not event.text:
+                return False
+            self._last = now
+            return True
+        if now - self._last >= self.interval_s:
+            self._last = now
             return True
         return False
 
