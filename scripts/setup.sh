@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # 2.13.0 is the version this project is tested with; on CPU-only machines pip picks the CPU build.
   .venv/bin/python -m pip install -q "torch==${LYRA_TORCH_VERSION:-2.13.0}"
 fi
-torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+torch_version=$(.venv/bin/python -W ignore -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==${torch_version}" > .venv/constraints.txt
 .venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[${extras}]"
 case ",${extras}," in
