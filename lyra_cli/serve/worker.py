@@ -15,6 +15,7 @@ a conversation continued by the same client prefills only what is new, whoever e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -232,10 +233,10 @@ class Worker:
 
     def stop(self) -> None:
         self.cancel_all()
-        try:
+        # cancelled jobs drain at once, so the end marker fits; a stuck queue is not worth waiting for (the
+        # thread is a daemon: it ends with the process)
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=1)
-        except queue.Full:  # cancelled jobs drain at once; a stuck queue is not worth waiting for
-            pass
 
     def _loop(self) -> None:
         while True:
