@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,13 +79,11 @@ class Timing:
 # ------------------------------------------------------------------------------------------ server side
 
 
-def start_server(model: str, device: str, port: int, log: Path, threads: int | None,
-                 stream_interval_ms: float | None = None) -> subprocess.Popen:  # fmt: skip
+def start_server(model: str, device: str, port: int, log: Path, *, threads: int | None = None,
+                 flags: Sequence[str] = ()) -> subprocess.Popen:  # fmt: skip
+    """`lyra serve` on loopback `port` with `flags`, its output in `log`, once `/health` answers."""
     cmd = [sys.executable, "-m", "lyra_cli.main", "serve", "--model", model, "--device", device,
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-           "--cached-media", "0"]  # the in-process side decodes and encodes the media of every request: so does the server
-    if stream_interval_ms is not None:  # else the server's default
-        cmd += ["--stream-interval-ms", str(stream_interval_ms)]
+           "--host", "127.0.0.1", "--port", str(port), *flags]  # fmt: skip
     # this checkout first; the caller's path after it (e.g. optional packages to compare, such as uvloop)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if threads is not None:  # torch sizes its CPU thread pool from this when it starts
@@ -338,7 +337,11 @@ def measure(args: argparse.Namespace, engine: Any) -> tuple[dict[str, list[Timin
     """Every answer, by kind of client, and the table's rows."""
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"lyra-serve-benchmark-{port}.log"  # kept only when the server fails
-    proc = start_server(args.model, args.device, port, log, args.threads, args.stream_interval_ms)
+    # the in-process side decodes and encodes the media of every request: so does the server (--cached-media 0)
+    flags = ["--api-key", API_KEY, "--cached-media", "0"]
+    if args.stream_interval_ms is not None:  # else the server's default
+        flags += ["--stream-interval-ms", str(args.stream_interval_ms)]
+    proc = start_server(args.model, args.device, port, log, threads=args.threads, flags=flags)
     try:
         url = f"http://127.0.0.1:{port}"
         model_id = served_model_id(url)

@@ -27,15 +27,14 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from benchmarks.serve import free_port, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -43,32 +42,6 @@ IMAGE = REAL / "extreme_ironing.jpg"
 SPEECH = REAL / "extreme_ironing.mp3"
 SERVER_START_S = 300.0
 MODES = {"cache on": [], "cache off": ["--cached-media", "0"]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(model: str, device: str, flags: list[str], log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "lyra_cli.main", "serve", "--model", model, "--device", device, "--no-voice",
-           "--port", str(port), *flags]  # fmt: skip
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=sink,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`lyra serve` exited with {proc.returncode}; its output is in {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc, port
-        except OSError:  # not listening yet, or loading the model
-            time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError(f"`lyra serve` did not answer /health within {SERVER_START_S:.0f} s; see {log}")
 
 
 def post(port: int, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -121,7 +94,9 @@ def main() -> None:
     servers = {}
     try:
         for mode, flags in MODES.items():
-            servers[mode] = start_server(args.model, args.device, flags, logs / f"{mode.replace(' ', '-')}.log")
+            port = free_port()
+            log = logs / f"{mode.replace(' ', '-')}.log"
+            servers[mode] = start_server(args.model, args.device, port, log, flags=["--no-voice", *flags]), port
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         answers: dict[str, set[str]] = {mode: set() for mode in MODES}
         first: dict[str, float] = {}
